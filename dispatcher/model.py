@@ -1,0 +1,98 @@
+"""The values that flow between the pieces: records in, attempt outcomes, envelopes out.
+
+Nothing here knows about HTTP libraries, files or time; every piece imports from here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """One valid record, ready to send.
+
+    ``body`` is the payload already encoded as JSON (by orjson, once, when read);
+    ``None`` means the request carries no body at all.
+    """
+
+    key: str
+    source: str
+    line: int
+    workflow: str
+    instance_id: str
+    event_type: str
+    body: bytes | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Invalid:
+    """A line that could not become an :class:`Event`; it gets an error envelope, unsent.
+
+    ``rule`` is a short stable name (``bad_json``, ``missing_field``, ``instance_id_pattern``,
+    ``body_too_large``...); ``message`` is for people and names the field and the rule.
+    The path fields hold whatever could be read from the line, else ``None``.
+    """
+
+    key: str
+    source: str
+    line: int
+    rule: str
+    message: str
+    workflow: str | None = None
+    instance_id: str | None = None
+    event_type: str | None = None
+
+
+Record = Event | Invalid
+
+
+class Delivery(enum.StrEnum):
+    """What became of a record, as its envelope tells it."""
+
+    CONFIRMED = "confirmed"  # the API said success
+    REJECTED = "rejected"  # the API's last answer was an error
+    NOT_SENT = "not_sent"  # no request left: invalid input, or stopped before sending
+    UNKNOWN = "unknown"  # the last request left but no answer came back
+
+
+class ErrorKind(enum.StrEnum):
+    """Our own error kinds; transport maps every aiohttp exception to one of these."""
+
+    HTTP = "http"  # the server answered with a non-2xx status
+    TIMEOUT = "timeout"  # the request left, no answer in time
+    CONNECTION = "connection"  # the connection broke after the request left
+    CONNECT = "connect"  # could not connect: the request never left
+    INVALID = "invalid"  # the input line was rejected before sending
+    STOPPED = "stopped"  # the run stopped before this record got an answer
+    RATE_LIMITED = "rate_limited"  # gave up on 429s (Retry-After longer than allowed)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimitInfo:
+    """What the ``Ratelimit`` / ``Ratelimit-Policy`` headers said, when present."""
+
+    remaining: int | None = None  # r=
+    reset: float | None = None  # t= seconds until the window resets
+    quota: int | None = None  # q=
+    window: float | None = None  # w= seconds
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """The result of one attempt at sending one event, as transport reports it.
+
+    ``status`` is ``None`` when no HTTP answer came back; then ``error_kind`` says why and
+    ``sent`` says whether the request may have reached the server.
+    """
+
+    status: int | None
+    ok: bool
+    sent: bool
+    latency_s: float
+    error_kind: ErrorKind | None = None
+    cf_code: int | None = None
+    message: str | None = None
+    retry_after: float | None = None
+    ratelimit: RateLimitInfo | None = None
