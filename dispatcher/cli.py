@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "send": ("dispatcher.send_cmd", "send events from JSONL, CSV or id-list files"),
+    "demo": ("dispatcher.demo_cmd", "run the whole job against the embedded emulator"),
     "emulate": ("dispatcher.emulator.cli", "serve the Cloudflare Workflows API emulator"),
 }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,3 +97,36 @@ class Outcome:
     message: str | None = None
     retry_after: float | None = None
     ratelimit: RateLimitInfo | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnvelopeError:
+    """Why a record did not end confirmed: our kind, Cloudflare's code when it sent one."""
+
+    kind: ErrorKind
+    code: int | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Envelope:
+    """The one result written for one input record, after its final attempt.
+
+    orjson serialises it directly (dataclass, enums and datetimes), field order as here.
+    """
+
+    key: str
+    source: str
+    line: int
+    workflow: str | None
+    instance_id: str | None
+    event_type: str | None
+    ok: bool
+    status: int | None
+    attempts: int
+    delivery: Delivery
+    error: EnvelopeError | None
+    started_at: datetime | None
+    finished_at: datetime
+    latency_ms: float | None
+    elapsed_ms: float

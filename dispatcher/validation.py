@@ -23,7 +23,9 @@ class RuleViolation(ValueError):
 
 def _check_name(field: str, value: object, max_len: int, *, pattern: bool) -> None:
     if not isinstance(value, str):
-        raise RuleViolation(f"{field}_type", f"{field} must be a string, got {type(value).__name__}")
+        raise RuleViolation(
+            f"{field}_type", f"{field} must be a string, got {type(value).__name__}"
+        )
     if not 1 <= len(value) <= max_len:
         raise RuleViolation(
             f"{field}_length", f"{field} must be 1..{max_len} characters, got {len(value)}"

@@ -1,0 +1,204 @@
+"""The engine: source → bounded stream → fixed pool of workers → bounded stream → results.
+
+Every task lives in one task group. Stages end by closing their send side, so the
+results stream ends exactly when the last worker has written its last envelope.
+The engine knows no file formats and no HTTP library: it gets batches of records, a
+transport, a rate gate and a retry policy, and emits one envelope per record it finishes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterable, Callable
+from datetime import UTC, datetime
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from dispatcher import envelopes
+from dispatcher.gate import RateGate
+from dispatcher.model import Envelope, ErrorKind, Event, Invalid, Outcome, Record
+from dispatcher.policy import Final, RetryPolicy
+from dispatcher.stats import RunStats
+from dispatcher.transport import Transport
+
+# 401/403 before any success means the credentials are wrong for every record: stop early.
+_AUTH_STATUSES = frozenset({401, 403})
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Engine:
+    """One run's worker pool. Use :meth:`run` once; :meth:`stop` asks it to wind down."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        gate: RateGate,
+        policy: RetryPolicy,
+        concurrency: int,
+        queue_size: int | None = None,
+        stats: RunStats | None = None,
+        rng: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._transport = transport
+        self._gate = gate
+        self._policy = policy
+        self._concurrency = concurrency
+        self._queue_size = queue_size if queue_size is not None else concurrency * 4
+        self._rng = rng
+        self._clock = clock
+        self.stats = stats if stats is not None else RunStats()
+        self._stopping = False
+        self._stop_event = anyio.Event()
+        self._source_scope: anyio.CancelScope | None = None
+        self._wait_scopes: set[anyio.CancelScope] = set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop(self, reason: str) -> None:
+        """Stop reading and starting records; requests already in flight finish.
+
+        Records not yet attempted get no envelope: they are left for a later run.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        self.stats.stop_reason = reason
+        self._stop_event.set()
+        if self._source_scope is not None:
+            self._source_scope.cancel()
+        for scope in list(self._wait_scopes):
+            scope.cancel()
+
+    async def run(
+        self, batches: AsyncIterable[list[Record]], out: MemoryObjectSendStream[Envelope]
+    ) -> None:
+        """Send every record of ``batches``; emit envelopes to ``out`` and close it."""
+        send_work, recv_work = anyio.create_memory_object_stream[Event](self._queue_size)
+        try:
+            async with out, anyio.create_task_group() as tg:
+                for _ in range(self._concurrency):
+                    tg.start_soon(self._worker, recv_work.clone(), out.clone())
+                recv_work.close()
+                await self._source(batches, send_work, out)
+        finally:
+            self.stats.finished = time.monotonic()
+
+    async def _source(
+        self,
+        batches: AsyncIterable[list[Record]],
+        work: MemoryObjectSendStream[Event],
+        out: MemoryObjectSendStream[Envelope],
+    ) -> None:
+        async with work:
+            with anyio.CancelScope() as scope:
+                self._source_scope = scope
+                if self._stopping:
+                    return
+                async for batch in batches:
+                    for record in batch:
+                        if isinstance(record, Invalid):
+                            env = envelopes.for_invalid(record, _now())
+                            self.stats.record(env)
+                            await out.send(env)
+                        else:
+                            await work.send(record)
+                    if self._stopping:
+                        return
+
+    async def _worker(
+        self, work: MemoryObjectReceiveStream[Event], out: MemoryObjectSendStream[Envelope]
+    ) -> None:
+        async with work, out:
+            async for event in work:
+                if self._stopping:
+                    # Drain without sending: these are left for a later run.
+                    continue
+                env = await self._deliver(event)
+                if env is not None:
+                    self.stats.record(env)
+                    await out.send(env)
+
+    async def _wait(self, seconds: float | None) -> bool:
+        """Wait at the gate (``None``) or for a backoff; False if the run stopped meanwhile."""
+        with anyio.CancelScope() as scope:
+            self._wait_scopes.add(scope)
+            try:
+                if self._stopping:
+                    return False
+                if seconds is None:
+                    await self._gate.acquire()
+                else:
+                    await anyio.sleep(seconds)
+            finally:
+                self._wait_scopes.discard(scope)
+        return not scope.cancelled_caught and not self._stopping
+
+    async def _deliver(self, event: Event) -> Envelope | None:
+        started_at = _now()
+        t0 = self._clock()
+        attempts = 0
+        rate_limited = 0
+        last: Outcome | None = None
+        stats = self.stats
+        while True:
+            if not await self._wait(None):
+                break
+            stats.attempts += 1
+            if attempts:
+                stats.retries += 1
+            stats.in_flight += 1
+            try:
+                outcome = await self._transport.send(event)
+            finally:
+                stats.in_flight -= 1
+            attempts += 1
+            last = outcome
+            if outcome.status == 429:
+                rate_limited += 1
+                stats.rate_limited += 1
+            elif outcome.status in _AUTH_STATUSES and stats.confirmed == 0:
+                self.stop(
+                    f"credentials rejected (HTTP {outcome.status}: "
+                    f"{outcome.message or 'no message'}); check the token and that it "
+                    "has the Workers Scripts Write permission"
+                )
+            decision = self._policy.decide(outcome, attempts, rate_limited, self._rng)
+            if isinstance(decision, Final):
+                gave_up = ErrorKind.RATE_LIMITED if decision.reason == "rate_limited" else None
+                return envelopes.for_outcome(
+                    event,
+                    outcome,
+                    attempts=attempts,
+                    started_at=started_at,
+                    finished_at=_now(),
+                    elapsed_s=self._clock() - t0,
+                    gave_up=gave_up,
+                )
+            if self._stopping:
+                break
+            if decision.pause_all:
+                # A 429 is account-wide: every worker waits, not only this one.
+                self._gate.pause_for(decision.delay)
+            elif not await self._wait(decision.delay):
+                break
+        if last is None:
+            return None  # never attempted: left for a later run, no envelope
+        return envelopes.for_outcome(
+            event,
+            last,
+            attempts=attempts,
+            started_at=started_at,
+            finished_at=_now(),
+            elapsed_s=self._clock() - t0,
+        )

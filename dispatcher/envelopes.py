@@ -1,0 +1,100 @@
+"""Turning a record's fate into its one envelope (pure functions, no I/O)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind, Event, Invalid, Outcome
+
+
+def delivery_of(outcome: Outcome) -> Delivery:
+    """What the last attempt tells of the record's delivery."""
+    if outcome.ok:
+        return Delivery.CONFIRMED
+    if outcome.status is not None:
+        return Delivery.REJECTED
+    # No answer: if the request may have left, it may have arrived.
+    return Delivery.UNKNOWN if outcome.sent else Delivery.NOT_SENT
+
+
+def for_invalid(record: Invalid, now: datetime) -> Envelope:
+    return Envelope(
+        key=record.key,
+        source=record.source,
+        line=record.line,
+        workflow=record.workflow,
+        instance_id=record.instance_id,
+        event_type=record.event_type,
+        ok=False,
+        status=None,
+        attempts=0,
+        delivery=Delivery.NOT_SENT,
+        error=EnvelopeError(kind=ErrorKind.INVALID, code=None, message=record.message),
+        started_at=None,
+        finished_at=now,
+        latency_ms=None,
+        elapsed_ms=0.0,
+    )
+
+
+def for_outcome(
+    event: Event,
+    outcome: Outcome,
+    *,
+    attempts: int,
+    started_at: datetime,
+    finished_at: datetime,
+    elapsed_s: float,
+    gave_up: ErrorKind | None = None,
+) -> Envelope:
+    """The envelope after the final attempt.
+
+    ``gave_up`` overrides the error kind when the policy, not the answer, ended the record
+    (``rate_limited``: the Retry-After asked was longer than the run allows).
+    """
+    error = None
+    if not outcome.ok:
+        kind = gave_up or outcome.error_kind or ErrorKind.HTTP
+        error = EnvelopeError(
+            kind=kind, code=outcome.cf_code, message=outcome.message or "request failed"
+        )
+    return Envelope(
+        key=event.key,
+        source=event.source,
+        line=event.line,
+        workflow=event.workflow,
+        instance_id=event.instance_id,
+        event_type=event.event_type,
+        ok=outcome.ok,
+        status=outcome.status,
+        attempts=attempts,
+        delivery=delivery_of(outcome),
+        error=error,
+        started_at=started_at,
+        finished_at=finished_at,
+        latency_ms=round(outcome.latency_s * 1000.0, 3),
+        elapsed_ms=round(elapsed_s * 1000.0, 3),
+    )
+
+
+def for_unsent(
+    event: Event, *, kind: ErrorKind, message: str, started_at: datetime | None, now: datetime
+) -> Envelope:
+    """A record that ends without any request having left (e.g. stopped while waiting)."""
+    return Envelope(
+        key=event.key,
+        source=event.source,
+        line=event.line,
+        workflow=event.workflow,
+        instance_id=event.instance_id,
+        event_type=event.event_type,
+        ok=False,
+        status=None,
+        attempts=0,
+        delivery=Delivery.NOT_SENT,
+        error=EnvelopeError(kind=kind, code=None, message=message),
+        started_at=started_at,
+        finished_at=now,
+        latency_ms=None,
+        elapsed_ms=0.0,
+    )

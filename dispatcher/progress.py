@@ -1,0 +1,85 @@
+"""What a person sees during and after a run: live progress and the closing summary."""
+
+from __future__ import annotations
+
+import sys
+from typing import Final, Literal, TextIO
+
+import anyio
+
+from dispatcher.stats import RunStats
+
+LINE_INTERVAL: Final = 5.0  # seconds between plain progress lines when stderr is no terminal
+BAR_INTERVAL: Final = 0.25
+
+ProgressMode = Literal["auto", "bar", "lines", "off"]
+
+
+def status_line(stats: RunStats) -> str:
+    elapsed = stats.elapsed()
+    return (
+        f"{stats.records:,} done ({stats.confirmed:,} ok, {stats.failed:,} failed), "
+        f"{stats.in_flight} in flight, {stats.attempts / elapsed:,.1f} req/s, "
+        f"{stats.retries:,} retries, {stats.rate_limited:,} 429s, {elapsed:,.0f}s"
+    )
+
+
+def resolve_mode(mode: ProgressMode, quiet: bool, stream: TextIO) -> ProgressMode:
+    if quiet:
+        return "off"
+    if mode == "auto":
+        return "bar" if stream.isatty() else "lines"
+    return mode
+
+
+async def show_progress(stats: RunStats, mode: ProgressMode, stream: TextIO = sys.stderr) -> None:
+    """Run until cancelled: a live line on a terminal, or a plain line every few seconds."""
+    if mode == "off":
+        await anyio.sleep_forever()
+    if mode == "lines":
+        while True:
+            await anyio.sleep(LINE_INTERVAL)
+            print(f"dispatcher: {status_line(stats)}", file=stream, flush=True)
+    # Imported here: rich costs ~50 ms to import and only terminals need it.
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    console = Console(file=stream)
+    with Live(Text(status_line(stats)), console=console, transient=True) as live:
+        while True:
+            await anyio.sleep(BAR_INTERVAL)
+            live.update(Text(f"⠿ {status_line(stats)}"))
+
+
+def _table(title: str, counts: dict[str, int]) -> list[str]:
+    if not counts:
+        return []
+    parts = ", ".join(f"{k}: {v:,}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return [f"  {title:<11}{parts}"]
+
+
+def format_summary(stats: RunStats, results: str) -> str:
+    elapsed = stats.elapsed()
+    lines = ["", "dispatcher: run summary"]
+    lines.append(
+        f"  records    {stats.records:,} ({stats.confirmed:,} confirmed, {stats.failed:,} not)"
+    )
+    lines += _table("delivery", dict(stats.deliveries))
+    lines += _table("status", dict(stats.statuses))
+    lines += _table("errors", dict(stats.errors))
+    lines.append(
+        f"  requests   {stats.attempts:,} ({stats.retries:,} retries, "
+        f"{stats.rate_limited:,} answered 429)"
+    )
+    mean = stats.latency_sum_ms / stats.latency_count if stats.latency_count else 0.0
+    lines.append(
+        f"  rate       {stats.attempts / elapsed:,.1f} requests/s, "
+        f"{stats.confirmed / elapsed:,.1f} confirmed/s; mean latency {mean:,.1f} ms"
+    )
+    lines.append(f"  wall time  {elapsed:,.2f} s")
+    lines.append(f"  results    {'stdout' if results == '-' else results}")
+    if stats.stop_reason is not None:
+        lines.append(f"  stopped    {stats.stop_reason}")
+        lines.append("             records not attempted have no envelope: run again to send them")
+    return "\n".join(lines)

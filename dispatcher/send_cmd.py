@@ -1,0 +1,118 @@
+"""`dispatcher send`: the main job from the shell, with signals, progress and a summary.
+
+Exit codes: 0 every record confirmed, 1 some failed, 2 usage or config error, 3 stopped
+early, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Final
+
+import anyio
+
+from dispatcher import runner
+from dispatcher.config import add_send_arguments, load_send_settings
+from dispatcher.engine import Engine
+from dispatcher.progress import format_summary, resolve_mode, show_progress
+from dispatcher.records import InputError
+from dispatcher.settings import ConfigError, SendSettings
+from dispatcher.sinks import open_sink
+from dispatcher.stats import RunStats
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_STOPPED: Final = 3
+EXIT_INTERRUPTED: Final = 130
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_send_arguments(parser)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace an existing results file instead of refusing to run",
+    )
+
+
+def exit_code(stats: RunStats) -> int:
+    if stats.interrupted:
+        return EXIT_INTERRUPTED
+    if stats.stop_reason is not None:
+        return EXIT_STOPPED
+    return EXIT_OK if stats.failed == 0 else EXIT_FAILED
+
+
+async def _watch_signals(engine: Engine, hard_stop: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not engine.stopping:
+                engine.stats.interrupted = True
+                engine.stop(f"{name}: stopped reading, finishing requests in flight")
+                print(
+                    f"\ndispatcher: {name} received: finishing requests in flight "
+                    "(again to stop at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                engine.stats.interrupted = True
+                hard_stop.cancel()
+                return
+
+
+async def _main(settings: SendSettings, overwrite: bool) -> RunStats:
+    mode = resolve_mode(settings.progress, settings.quiet, sys.stderr)
+    sink = open_sink(settings.results, truncate=overwrite)
+    engines: list[Engine] = []
+    run_scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+
+        def hook(engine: Engine) -> None:
+            engines.append(engine)
+            tg.start_soon(_watch_signals, engine, run_scope)
+            tg.start_soon(show_progress, engine.stats, mode)
+
+        with run_scope:
+            await runner.run(settings, sink=sink, engine_hook=hook)
+        tg.cancel_scope.cancel()
+    stats = engines[0].stats if engines else RunStats()
+    if run_scope.cancelled_caught:
+        stats.interrupted = True
+    return stats
+
+
+def _results_in_the_way(path: str) -> bool:
+    return path != "-" and os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_send_settings(args, os.environ)
+        runner.check_inputs(settings)
+    except (ConfigError, InputError) as exc:
+        print(f"dispatcher send: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    overwrite = bool(args.overwrite)
+    if not overwrite and _results_in_the_way(settings.results):
+        print(
+            f"dispatcher send: error: --results {settings.results} already holds results; "
+            "pass --overwrite to replace it, or choose another --results path",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        stats = anyio.run(_main, settings, overwrite, backend="asyncio")
+    except KeyboardInterrupt:
+        # Ctrl-C before the run had installed its own handler: nothing was sent yet.
+        print("dispatcher send: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not settings.quiet:
+        print(format_summary(stats, settings.results), file=sys.stderr, flush=True)
+    return exit_code(stats)

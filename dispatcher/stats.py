@@ -1,0 +1,53 @@
+"""Run-wide counters, updated by the engine, read by the progress view and the summary."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from dispatcher.model import Delivery, Envelope
+
+
+@dataclass(slots=True)
+class RunStats:
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    records: int = 0  # envelopes written
+    attempts: int = 0  # requests that left or tried to
+    retries: int = 0
+    rate_limited: int = 0  # 429 answers
+    in_flight: int = 0
+    deliveries: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)  # final status; "none" without answer
+    errors: Counter[str] = field(default_factory=Counter)  # "kind" or "kind/code"
+    stop_reason: str | None = None
+    interrupted: bool = False
+    # Latencies of the last attempts, kept only as a running sum for the summary's mean.
+    latency_sum_ms: float = 0.0
+    latency_count: int = 0
+
+    def record(self, env: Envelope) -> None:
+        self.records += 1
+        self.deliveries[env.delivery.value] += 1
+        self.statuses["none" if env.status is None else str(env.status)] += 1
+        if env.error is not None:
+            label = env.error.kind.value
+            if env.error.code is not None:
+                label = f"{label}/{env.error.code}"
+            self.errors[label] += 1
+        if env.latency_ms is not None:
+            self.latency_sum_ms += env.latency_ms
+            self.latency_count += 1
+
+    @property
+    def confirmed(self) -> int:
+        return self.deliveries[Delivery.CONFIRMED.value]
+
+    @property
+    def failed(self) -> int:
+        return self.records - self.confirmed
+
+    def elapsed(self) -> float:
+        end = self.finished if self.finished is not None else time.monotonic()
+        return max(end - self.started, 1e-9)

@@ -1,0 +1,233 @@
+"""Transport: one HTTP attempt for one event, and nothing else.
+
+Builds the URL (percent-encoded segments) and the auth headers once per run, owns the one
+``aiohttp.ClientSession`` with its keep-alive pool, and maps every aiohttp exception to our
+own :class:`~dispatcher.model.ErrorKind` at this one boundary. It knows nothing of retries
+or rates: those are the policy's and the gate's.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Protocol, Self
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from dispatcher.model import ErrorKind, Event, Outcome
+from dispatcher.policy import parse_ratelimit, parse_retry_after
+
+USER_AGENT: Final = "dispatcher/0.1 (+cloudflare-workflows-events)"
+_JSON_HEADERS: Final = {"Content-Type": "application/json"}
+# Bodies of error answers can be large HTML pages from a proxy; keep only a readable head.
+_MAX_MESSAGE_CHARS: Final = 300
+
+
+class Transport(Protocol):
+    """What the engine needs from a transport: one attempt, mapped to an :class:`Outcome`."""
+
+    async def send(self, event: Event) -> Outcome: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransportConfig:
+    """Everything a transport needs, built once per run."""
+
+    base_url: str
+    account_id: str
+    auth_headers: Mapping[str, str]
+    timeout: float = 30.0
+    connect_timeout: float = 10.0
+    pool_size: int = 8
+
+    def __repr__(self) -> str:
+        # auth_headers hold the secret: never print them.
+        return (
+            f"TransportConfig(base_url={self.base_url!r}, account_id={self.account_id!r}, "
+            f"auth_headers=<redacted>, timeout={self.timeout}, "
+            f"connect_timeout={self.connect_timeout}, pool_size={self.pool_size})"
+        )
+
+
+def _seg(value: str) -> str:
+    # Every character outside the unreserved set is encoded, "/" included: an id must stay
+    # one path segment whatever it holds.
+    return quote(value, safe="")
+
+
+class UrlBuilder:
+    """Builds event URLs with the per-run prefix computed once and workflow parts cached."""
+
+    __slots__ = ("_prefix", "_workflow_parts")
+
+    def __init__(self, base_url: str, account_id: str) -> None:
+        self._prefix = f"{base_url.rstrip('/')}/accounts/{_seg(account_id)}/workflows/"
+        self._workflow_parts: dict[str, str] = {}
+
+    def __call__(self, workflow: str, instance_id: str, event_type: str) -> str:
+        part = self._workflow_parts.get(workflow)
+        if part is None:
+            part = self._workflow_parts[workflow] = f"{self._prefix}{_seg(workflow)}/instances/"
+        return f"{part}{_seg(instance_id)}/events/{_seg(event_type)}"
+
+
+def _error_from_body(raw: bytes) -> tuple[bool | None, int | None, str | None]:
+    """Read ``success`` and the first error of a Cloudflare envelope; tolerate non-JSON."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw[:_MAX_MESSAGE_CHARS].decode("utf-8", "replace").strip()
+        return None, None, text or None
+    if not isinstance(doc, dict):
+        return None, None, None
+    success = doc.get("success")
+    errors = doc.get("errors")
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        code = errors[0].get("code")
+        message = errors[0].get("message")
+        return (
+            success if isinstance(success, bool) else None,
+            code if isinstance(code, int) else None,
+            str(message)[:_MAX_MESSAGE_CHARS] if message is not None else None,
+        )
+    return (success if isinstance(success, bool) else None), None, None
+
+
+def outcome_from_response(
+    status: int, raw: bytes, headers: CIMultiDictProxy[str] | CIMultiDict[str], latency_s: float
+) -> Outcome:
+    """Map one HTTP answer to an :class:`Outcome` (pure; the transport's mapping rule)."""
+    ratelimit = None
+    rl = headers.get("Ratelimit")
+    rlp = headers.get("Ratelimit-Policy")
+    if rl is not None or rlp is not None:
+        ratelimit = parse_ratelimit(rl, rlp)
+    if 200 <= status < 300:
+        success, code, message = _error_from_body(raw)
+        if success is not False:
+            return Outcome(
+                status=status, ok=True, sent=True, latency_s=latency_s, ratelimit=ratelimit
+            )
+        return Outcome(
+            status=status,
+            ok=False,
+            sent=True,
+            latency_s=latency_s,
+            error_kind=ErrorKind.HTTP,
+            cf_code=code,
+            message=message or "the API answered success: false",
+            ratelimit=ratelimit,
+        )
+    _, code, message = _error_from_body(raw)
+    retry_after = parse_retry_after(headers.get("Retry-After")) if status == 429 else None
+    return Outcome(
+        status=status,
+        ok=False,
+        sent=True,
+        latency_s=latency_s,
+        error_kind=ErrorKind.HTTP,
+        cf_code=code,
+        message=message or f"HTTP {status}",
+        retry_after=retry_after,
+        ratelimit=ratelimit,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class HttpTransport:
+    """The real transport: one keep-alive ``ClientSession`` for the whole run."""
+
+    __slots__ = ("_config", "_headers", "_session", "_timeout", "_url")
+
+    def __init__(self, config: TransportConfig, *, session: aiohttp.ClientSession | None = None):
+        self._config = config
+        self._url = UrlBuilder(config.base_url, config.account_id)
+        self._headers = {"User-Agent": USER_AGENT, **config.auth_headers}
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout, connect=config.connect_timeout)
+        self._session = session
+
+    def __repr__(self) -> str:
+        return f"HttpTransport({self._config!r})"
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._config.pool_size,
+            # TLS verification stays on: the default context verifies certificates.
+            ssl=ssl.create_default_context(),
+            ttl_dns_cache=300,
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            timeout=self._timeout,
+            raise_for_status=False,
+        )
+
+    async def __aenter__(self) -> Self:
+        if self._session is None:
+            self._session = self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, event: Event) -> Outcome:
+        session = self._session
+        if session is None:
+            session = self._session = self._open()
+        # Our segments are already percent-encoded; yarl must not re-encode them.
+        url = URL(self._url(event.workflow, event.instance_id, event.event_type), encoded=True)
+        body = event.body
+        started = time.perf_counter()
+        try:
+            async with session.post(
+                url, data=body, headers=_JSON_HEADERS if body is not None else None
+            ) as resp:
+                raw = await resp.read()
+                return outcome_from_response(
+                    resp.status, raw, resp.headers, time.perf_counter() - started
+                )
+        except aiohttp.ConnectionTimeoutError as exc:
+            # Timed out while connecting: the request never left.
+            return self._failure(ErrorKind.CONNECT, False, started, exc)
+        except aiohttp.ClientConnectorError as exc:
+            return self._failure(ErrorKind.CONNECT, False, started, exc)
+        except TimeoutError as exc:
+            return self._failure(ErrorKind.TIMEOUT, True, started, exc)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            # The connection broke after the request may have been written.
+            return self._failure(ErrorKind.CONNECTION, True, started, exc)
+
+    @staticmethod
+    def _failure(kind: ErrorKind, sent: bool, started: float, exc: BaseException) -> Outcome:
+        return Outcome(
+            status=None,
+            ok=False,
+            sent=sent,
+            latency_s=time.perf_counter() - started,
+            error_kind=kind,
+            message=_describe(exc),
+        )
