@@ -46,6 +46,8 @@ from dispatcher.settings import (
     DEFAULT_BASE_URL,
     DEFAULT_CONCURRENCY,
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_ERROR_WINDOW,
+    DEFAULT_GRACE,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_RETRY_WAIT,
     DEFAULT_PROGRESS,
@@ -59,6 +61,7 @@ from dispatcher.settings import (
     RateSetting,
     SendSettings,
     parse_duration,
+    parse_fraction,
     parse_rate,
 )
 from dispatcher.validation import MAX_BODY_BYTES
@@ -254,6 +257,60 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"progress display; auto: a bar on a terminal, lines otherwise "
         f"(default: {DEFAULT_PROGRESS})",
     )
+    resume = parser.add_argument_group("resume and stopping")
+    resume.add_argument(
+        "--overwrite",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replace an existing results file (default: refuse to touch it)",
+    )
+    resume.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read the existing results and send only what they do not settle: "
+        "records already confirmed are skipped (default: off)",
+    )
+    resume.add_argument(
+        "--retry-failed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --resume, also re-send records whose envelope is an error with delivery "
+        "rejected or not_sent; invalid lines stay invalid (implies --resume)",
+    )
+    resume.add_argument(
+        "--resend-unknown",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --resume, also re-send records whose delivery is unknown: they may have "
+        "arrived, so this may send them twice (implies --resume)",
+    )
+    resume.add_argument(
+        "--grace",
+        default=None,
+        metavar="DURATION",
+        help="after Ctrl-C or SIGTERM, how long requests in flight may take to finish "
+        f"(default: {_seconds_text(DEFAULT_GRACE)})",
+    )
+    resume.add_argument(
+        "--max-failures",
+        default=None,
+        metavar="N",
+        help="stop (exit 3) once N sent records have failed (default: never)",
+    )
+    resume.add_argument(
+        "--max-error-rate",
+        default=None,
+        metavar="P",
+        help="stop (exit 3) once more than P (5%% or 0.05) of the last --error-window "
+        "sent records failed (default: never)",
+    )
+    resume.add_argument(
+        "--error-window",
+        default=None,
+        metavar="N",
+        help=f"records over which --max-error-rate is taken (default: {DEFAULT_ERROR_WINDOW})",
+    )
     parser.add_argument(
         "--config",
         default=None,
@@ -338,6 +395,18 @@ def _to_rate(raw: _Raw) -> RateSetting:
     raise _wrong_type(raw, "a rate such as '4/s' or '1200/5m', or requests per second")
 
 
+def _to_fraction(raw: _Raw) -> float:
+    value = raw.value
+    try:
+        if isinstance(value, str):
+            return parse_fraction(value)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return parse_fraction(str(value))
+    except ValueError as exc:
+        raise ConfigError(raw.where, str(exc)) from None
+    raise _wrong_type(raw, "a percentage such as '5%' or a fraction")
+
+
 def _to_choice(choices: tuple[str, ...]) -> Callable[[_Raw], str]:
     def convert(raw: _Raw) -> str:
         if not isinstance(raw.value, str):
@@ -375,6 +444,14 @@ _KEYS: Final = (
     _Key(name="results", flag="--results", convert=_to_str),
     _Key(name="quiet", flag="--quiet", convert=_to_bool),
     _Key(name="progress", flag="--progress", convert=_to_choice(_PROGRESS)),
+    _Key(name="overwrite", flag="--overwrite", convert=_to_bool),
+    _Key(name="resume", flag="--resume", convert=_to_bool),
+    _Key(name="retry_failed", flag="--retry-failed", convert=_to_bool),
+    _Key(name="resend_unknown", flag="--resend-unknown", convert=_to_bool),
+    _Key(name="grace", flag="--grace", convert=_to_seconds),
+    _Key(name="max_failures", flag="--max-failures", convert=_to_int),
+    _Key(name="max_error_rate", flag="--max-error-rate", convert=_to_fraction),
+    _Key(name="error_window", flag="--error-window", convert=_to_int),
 )
 # Settings read by hand below: two spellings of one value, or a path to a secret.
 _BODY_KEYS: Final = {"body": "--body", "body_file": "--body-file"}

@@ -83,8 +83,9 @@ async def _demo(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             results=str(results),
             quiet=args.quiet,
+            overwrite=True,
         )
-        stats = await _main(settings, overwrite=True)
+        stats = await _main(settings)
         accepted = emu.log.total_accepted()
         distinct = len(emu.log.accepted)
         twice = len(emu.log.duplicates())

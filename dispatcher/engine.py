@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import anyio
@@ -31,6 +33,41 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StopRules:
+    """When failures stop a run early (exit 3), leaving the rest for ``--resume``.
+
+    Failures are sent records whose final envelope is not confirmed; invalid input lines
+    do not count (they say nothing about the API).
+    """
+
+    max_failures: int | None = None
+    max_error_rate: float | None = None  # a fraction, 0 < rate <= 1
+    window: int = 100  # the error rate is taken over this many most recent sent records
+
+    def __post_init__(self) -> None:
+        if self.max_failures is not None and self.max_failures < 1:
+            raise ValueError("--max-failures must be at least 1")
+        if self.max_error_rate is not None and not 0 < self.max_error_rate <= 1:
+            raise ValueError("--max-error-rate must be above 0% and at most 100%")
+        if self.window < 1:
+            raise ValueError("--error-window must be at least 1")
+
+
+class _Active:
+    """A record between its first attempt and its envelope (for a hard stop's accounting)."""
+
+    __slots__ = ("attempts", "event", "in_flight", "last", "started_at", "t0")
+
+    def __init__(self, event: Event, started_at: datetime, t0: float) -> None:
+        self.event = event
+        self.started_at = started_at
+        self.t0 = t0
+        self.attempts = 0
+        self.in_flight = False
+        self.last: Outcome | None = None
+
+
 class Engine:
     """One run's worker pool. Use :meth:`run` once; :meth:`stop` asks it to wind down."""
 
@@ -45,6 +82,8 @@ class Engine:
         stats: RunStats | None = None,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
+        stop_rules: StopRules | None = None,
+        mark_started: Callable[[Event], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -60,6 +99,71 @@ class Engine:
         self._stop_event = anyio.Event()
         self._source_scope: anyio.CancelScope | None = None
         self._wait_scopes: set[anyio.CancelScope] = set()
+        self._rules = stop_rules if stop_rules is not None else StopRules()
+        self._recent: deque[bool] = deque(maxlen=self._rules.window)
+        self._recent_failed = 0
+        self._send_failures = 0
+        # Told of each record just before its first request leaves (the crash journal).
+        self._mark_started = mark_started
+        self._active: dict[int, _Active] = {}
+
+    def active_keys(self) -> list[str]:
+        """Keys of records attempted but not yet finished (what the journal must keep)."""
+        return [a.event.key for a in self._active.values()]
+
+    def abandoned(self) -> list[Envelope]:
+        """Envelopes for records cut off by a hard stop, after the engine was cancelled.
+
+        A request in flight may have arrived: ``unknown``. A record between retries ends
+        with its last answer. Records never attempted get none: they are left for later.
+        """
+        now = _now()
+        out: list[Envelope] = []
+        for active in self._active.values():
+            event = active.event
+            if active.in_flight or active.last is None:
+                env = envelopes.for_cut_off(
+                    event,
+                    attempts=active.attempts,
+                    started_at=active.started_at,
+                    now=now,
+                    elapsed_s=self._clock() - active.t0,
+                )
+            else:
+                env = envelopes.for_outcome(
+                    event,
+                    active.last,
+                    attempts=active.attempts,
+                    started_at=active.started_at,
+                    finished_at=now,
+                    elapsed_s=self._clock() - active.t0,
+                )
+            out.append(env)
+        self._active.clear()
+        return out
+
+    def _check_stop_rules(self, env: Envelope) -> None:
+        rules = self._rules
+        failed = not env.ok
+        if failed:
+            self._send_failures += 1
+        if rules.max_failures is not None and self._send_failures >= rules.max_failures:
+            self.stop(f"--max-failures {rules.max_failures} reached")
+            return
+        if rules.max_error_rate is None:
+            return
+        recent = self._recent
+        if len(recent) == recent.maxlen and recent[0]:
+            self._recent_failed -= 1
+        recent.append(failed)
+        self._recent_failed += failed
+        if len(recent) == recent.maxlen:
+            rate = self._recent_failed / len(recent)
+            if rate > rules.max_error_rate:
+                self.stop(
+                    f"--max-error-rate {rules.max_error_rate:.1%} exceeded: "
+                    f"{rate:.1%} of the last {len(recent)} sent records failed"
+                )
 
     @property
     def stopping(self) -> bool:
@@ -127,6 +231,7 @@ class Engine:
                 env = await self._deliver(event)
                 if env is not None:
                     self.stats.record(env)
+                    self._check_stop_rules(env)
                     await out.send(env)
 
     async def _wait(self, seconds: float | None) -> bool:
@@ -147,58 +252,69 @@ class Engine:
     async def _deliver(self, event: Event) -> Envelope | None:
         started_at = _now()
         t0 = self._clock()
-        attempts = 0
         rate_limited = 0
-        last: Outcome | None = None
         stats = self.stats
-        while True:
-            if not await self._wait(None):
-                break
-            stats.attempts += 1
-            if attempts:
-                stats.retries += 1
-            stats.in_flight += 1
-            try:
-                outcome = await self._transport.send(event)
-            finally:
-                stats.in_flight -= 1
-            attempts += 1
-            last = outcome
-            if outcome.status == 429:
-                rate_limited += 1
-                stats.rate_limited += 1
-            elif outcome.status in _AUTH_STATUSES and stats.confirmed == 0:
-                self.stop(
-                    f"credentials rejected (HTTP {outcome.status}: "
-                    f"{outcome.message or 'no message'}); check the token and that it "
-                    "has the Workers Scripts Write permission"
-                )
-            decision = self._policy.decide(outcome, attempts, rate_limited, self._rng)
-            if isinstance(decision, Final):
-                gave_up = ErrorKind.RATE_LIMITED if decision.reason == "rate_limited" else None
-                return envelopes.for_outcome(
-                    event,
-                    outcome,
-                    attempts=attempts,
-                    started_at=started_at,
-                    finished_at=_now(),
-                    elapsed_s=self._clock() - t0,
-                    gave_up=gave_up,
-                )
-            if self._stopping:
-                break
-            if decision.pause_all:
-                # A 429 is account-wide: every worker waits, not only this one.
-                self._gate.pause_for(decision.delay)
-            elif not await self._wait(decision.delay):
-                break
-        if last is None:
-            return None  # never attempted: left for a later run, no envelope
-        return envelopes.for_outcome(
-            event,
-            last,
-            attempts=attempts,
-            started_at=started_at,
-            finished_at=_now(),
-            elapsed_s=self._clock() - t0,
-        )
+        active = _Active(event, started_at, t0)
+        slot = id(active)
+        try:
+            while True:
+                if not await self._wait(None):
+                    break
+                if active.attempts == 0:
+                    self._active[slot] = active
+                    if self._mark_started is not None:
+                        self._mark_started(event)
+                else:
+                    stats.retries += 1
+                stats.attempts += 1
+                stats.in_flight += 1
+                active.in_flight = True
+                try:
+                    outcome = await self._transport.send(event)
+                finally:
+                    stats.in_flight -= 1
+                active.in_flight = False
+                active.attempts += 1
+                active.last = outcome
+                if outcome.status == 429:
+                    rate_limited += 1
+                    stats.rate_limited += 1
+                elif outcome.status in _AUTH_STATUSES and stats.confirmed == 0:
+                    self.stop(
+                        f"credentials rejected (HTTP {outcome.status}: "
+                        f"{outcome.message or 'no message'}); check the token and that it "
+                        "has the Workers Scripts Write permission"
+                    )
+                decision = self._policy.decide(outcome, active.attempts, rate_limited, self._rng)
+                if isinstance(decision, Final):
+                    gave_up = ErrorKind.RATE_LIMITED if decision.reason == "rate_limited" else None
+                    return envelopes.for_outcome(
+                        event,
+                        outcome,
+                        attempts=active.attempts,
+                        started_at=started_at,
+                        finished_at=_now(),
+                        elapsed_s=self._clock() - t0,
+                        gave_up=gave_up,
+                    )
+                if self._stopping:
+                    break
+                if decision.pause_all:
+                    # A 429 is account-wide: every worker waits, not only this one.
+                    self._gate.pause_for(decision.delay)
+                elif not await self._wait(decision.delay):
+                    break
+            if active.last is None:
+                return None  # never attempted: left for a later run, no envelope
+            return envelopes.for_outcome(
+                event,
+                active.last,
+                attempts=active.attempts,
+                started_at=started_at,
+                finished_at=_now(),
+                elapsed_s=self._clock() - t0,
+            )
+        finally:
+            # On a hard stop (cancellation) the record stays listed for abandoned().
+            if not active.in_flight:
+                self._active.pop(slot, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from dispatcher.journal import Started
 from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind, Event, Invalid, Outcome
 
 
@@ -94,6 +95,60 @@ def for_unsent(
         delivery=Delivery.NOT_SENT,
         error=EnvelopeError(kind=kind, code=None, message=message),
         started_at=started_at,
+        finished_at=now,
+        latency_ms=None,
+        elapsed_ms=0.0,
+    )
+
+
+def for_cut_off(
+    event: Event, *, attempts: int, started_at: datetime, now: datetime, elapsed_s: float
+) -> Envelope:
+    """A record whose request was in flight when the run was stopped hard: it may have
+    arrived, so its delivery is ``unknown`` and a re-send is a possible duplicate."""
+    return Envelope(
+        key=event.key,
+        source=event.source,
+        line=event.line,
+        workflow=event.workflow,
+        instance_id=event.instance_id,
+        event_type=event.event_type,
+        ok=False,
+        status=None,
+        attempts=attempts + 1,
+        delivery=Delivery.UNKNOWN,
+        error=EnvelopeError(
+            kind=ErrorKind.STOPPED,
+            code=None,
+            message="the run was stopped while this request was in flight; it may have arrived",
+        ),
+        started_at=started_at,
+        finished_at=now,
+        latency_ms=None,
+        elapsed_ms=round(elapsed_s * 1000.0, 3),
+    )
+
+
+def for_crashed(rec: Started, now: datetime) -> Envelope:
+    """A record a crashed run had started without its envelope reaching the disk."""
+    return Envelope(
+        key=rec.key,
+        source=rec.source,
+        line=rec.line,
+        workflow=rec.workflow,
+        instance_id=rec.instance_id,
+        event_type=rec.event_type,
+        ok=False,
+        status=None,
+        attempts=1,
+        delivery=Delivery.UNKNOWN,
+        error=EnvelopeError(
+            kind=ErrorKind.STOPPED,
+            code=None,
+            message="an earlier run crashed after this record's request may have left; "
+            "it may have arrived (--resend-unknown sends it again)",
+        ),
+        started_at=None,
         finished_at=now,
         latency_ms=None,
         elapsed_ms=0.0,

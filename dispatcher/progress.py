@@ -77,6 +77,20 @@ def format_summary(stats: RunStats, results: str) -> str:
         f"  rate       {stats.attempts / elapsed:,.1f} requests/s, "
         f"{stats.confirmed / elapsed:,.1f} confirmed/s; mean latency {mean:,.1f} ms"
     )
+    if stats.skipped:
+        hints = {
+            "confirmed": "already confirmed",
+            "failed": "failed before; --retry-failed sends them again",
+            "unknown": "delivery unknown; --resend-unknown sends them again",
+            "invalid": "invalid input; fix the lines to send them",
+        }
+        for reason, count in sorted(stats.skipped.items()):
+            lines.append(f"  skipped    {count:,} {hints.get(reason, reason)}")
+    if stats.crashed_unknown:
+        lines.append(
+            f"  crashed    {stats.crashed_unknown:,} records in flight when an earlier run "
+            "died now say delivery unknown"
+        )
     lines.append(f"  wall time  {elapsed:,.2f} s")
     lines.append(f"  results    {'stdout' if results == '-' else results}")
     if stats.stop_reason is not None:

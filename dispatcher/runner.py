@@ -7,21 +7,28 @@ summary.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
+from datetime import UTC, datetime
 from typing import Final
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from dispatcher.engine import Engine
+from dispatcher import envelopes
+from dispatcher.engine import Engine, StopRules
 from dispatcher.gate import RateGate
-from dispatcher.model import Envelope, Record
+from dispatcher.journal import Journal, read_crashed
+from dispatcher.journal import path_for as journal_path_for
+from dispatcher.ledger import KeyState, load_ledger, repair_jsonl_tail
+from dispatcher.model import Delivery, Envelope, ErrorKind, Invalid, Record
 from dispatcher.policy import RetryPolicy
 from dispatcher.records import KeyDeriver, ReadOptions, detect_format, read_batches
 from dispatcher.settings import ConfigError, SendSettings
 from dispatcher.sinks import Sink, open_sink
+from dispatcher.sqlite_sink import is_sqlite_path
 from dispatcher.stats import RunStats
 from dispatcher.transport import HttpTransport, Transport, TransportConfig
 
@@ -116,6 +123,14 @@ async def _batched(
         yield batch
 
 
+def stop_rules_for(settings: SendSettings) -> StopRules:
+    return StopRules(
+        max_failures=settings.max_failures,
+        max_error_rate=settings.max_error_rate,
+        window=settings.error_window,
+    )
+
+
 def engine_for(
     settings: SendSettings,
     transport: Transport,
@@ -167,28 +182,116 @@ async def dispatch(
                 await tx.aclose()
 
 
-async def drain_to_sink(receive: MemoryObjectReceiveStream[Envelope], sink: Sink) -> None:
-    """Write every envelope to the sink; flush and fsync at least once a second."""
-    async with receive:
-        last_flush = anyio.current_time()
-        while True:
-            with anyio.move_on_after(FLUSH_INTERVAL):
+async def drain_to_sink(
+    receive: MemoryObjectReceiveStream[Envelope], sink: Sink, journal: Journal | None = None
+) -> None:
+    """Write every envelope to the sink; flush and fsync at least once a second.
+
+    The stream is left open: after a hard stop the caller takes what is still in it.
+    """
+
+    def write(env: Envelope) -> None:
+        sink.write(env)
+        if journal is not None:
+            journal.written(env.key)
+
+    last_flush = anyio.current_time()
+    while True:
+        with anyio.move_on_after(FLUSH_INTERVAL):
+            try:
+                env = await receive.receive()
+            except anyio.EndOfStream:
+                break
+            write(env)
+            # Take whatever else is ready without waiting, as one batch.
+            while True:
                 try:
-                    env = await receive.receive()
-                except anyio.EndOfStream:
+                    write(receive.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream):
                     break
-                sink.write(env)
-                # Take whatever else is ready without waiting, as one batch.
-                while True:
-                    try:
-                        sink.write(receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-            now = anyio.current_time()
-            if now - last_flush >= FLUSH_INTERVAL:
-                await sink.flush()
-                last_flush = now
+        now = anyio.current_time()
+        if now - last_flush >= FLUSH_INTERVAL:
+            await sink.flush()
+            if journal is not None:
+                # Only now are those envelopes durable: the journal can forget them.
+                journal.compact()
+            last_flush = now
     await sink.flush()
+
+
+def _skip_reason(record: Record, state: KeyState | None, settings: SendSettings) -> str | None:
+    """Why resume leaves this record alone, or None to send it."""
+    if state is None:
+        return None
+    if state.delivery is Delivery.CONFIRMED:
+        return "confirmed"
+    if state.error_kind is ErrorKind.INVALID:
+        # Invalid lines stay invalid until the input is fixed (then their key changes,
+        # or, with an explicit id, they come back as a valid record and are sent).
+        return "invalid" if isinstance(record, Invalid) else None
+    if state.delivery is Delivery.UNKNOWN:
+        return None if settings.resend_unknown else "unknown"
+    return None if settings.retry_failed else "failed"
+
+
+async def _resumed(
+    batches: AsyncIterator[list[Record]],
+    ledger: dict[str, KeyState],
+    settings: SendSettings,
+    stats: RunStats,
+) -> AsyncGenerator[list[Record], None]:
+    skipped = stats.skipped
+    async for batch in batches:
+        kept = []
+        for record in batch:
+            reason = _skip_reason(record, ledger.get(record.key), settings)
+            if reason is None:
+                kept.append(record)
+            else:
+                skipped[reason] += 1
+        if kept:
+            yield kept
+
+
+def settle_crashed_run(settings: SendSettings, sink: Sink, ledger: dict[str, KeyState]) -> int:
+    """Give every record a crashed run had started, and not confirmed, an ``unknown`` envelope.
+
+    Returns how many. The records' requests may have arrived: only ``--resend-unknown``
+    sends them again.
+    """
+    path = journal_path_for(settings.results)
+    crashed = read_crashed(path) if path is not None else None
+    if crashed is None:
+        return 0
+    _, started = crashed
+    now = datetime.now(UTC)
+    count = 0
+    for rec in started:
+        state = ledger.get(rec.key)
+        if state is not None and state.delivery is Delivery.CONFIRMED:
+            continue
+        sink.write(envelopes.for_crashed(rec, now))
+        ledger[rec.key] = KeyState(
+            delivery=Delivery.UNKNOWN, ok=False, error_kind=ErrorKind.STOPPED
+        )
+        count += 1
+    return count
+
+
+def prepare_results(settings: SendSettings, stats: RunStats) -> tuple[Sink, dict[str, KeyState]]:
+    """Open the results sink for this run; on resume, read what earlier runs settled."""
+    path = settings.results
+    journal = journal_path_for(path)
+    if not settings.resume:
+        if journal is not None and os.path.exists(journal):
+            os.unlink(journal)  # --overwrite (or no earlier results): a stale journal
+        return open_sink(path, truncate=settings.overwrite), {}
+    if not is_sqlite_path(path):
+        repair_jsonl_tail(path)
+    ledger = load_ledger(path, on_torn=lambda torn: None)
+    sink = open_sink(path)
+    stats.crashed_unknown = settle_crashed_run(settings, sink, ledger)
+    return sink, ledger
 
 
 async def run(
@@ -202,24 +305,60 @@ async def run(
     """One whole run: read the inputs, send, write every envelope to the results sink.
 
     Returns the run's statistics. ``engine_hook`` sees the engine before it starts (the CLI
-    uses it to wire signals and progress).
+    uses it to wire signals and progress). Cancelling the call is a hard stop: records in
+    flight get an envelope saying delivery ``unknown``, records not attempted get none.
     """
     check_inputs(settings)
+    stats = RunStats()
+    if sink is None:
+        out, ledger = prepare_results(settings, stats)
+    else:
+        out, ledger = sink, {}
     own_transport = transport is None
     tx: Transport = transport_for(settings) if transport is None else transport
-    out = sink if sink is not None else open_sink(settings.results)
-    engine = engine_for(settings, tx, policy=policy)
+    jpath = journal_path_for(settings.results) if sink is None else None
+    journal = Journal(jpath) if jpath is not None else None
+    engine = Engine(
+        transport=tx,
+        gate=gate_for(settings),
+        policy=policy if policy is not None else policy_for(settings),
+        concurrency=settings.concurrency,
+        stats=stats,
+        stop_rules=stop_rules_for(settings),
+        mark_started=journal.mark if journal is not None else None,
+    )
     if engine_hook is not None:
         engine_hook(engine)
     send, receive = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)
+    batches: AsyncGenerator[list[Record], None] = input_batches(settings)
+    if settings.resume:
+        batches = _resumed(batches, ledger, settings, stats)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(drain_to_sink, receive, out)
-            async with aclosing(input_batches(settings)) as batches:
+            tg.start_soon(drain_to_sink, receive, out, journal)
+            async with aclosing(batches):
                 await engine.run(batches, send)
     finally:
         with anyio.CancelScope(shield=True):
+            # After a hard stop: what the workers had finished but not yet handed over,
+            # then what they were in the middle of.
+            while True:
+                try:
+                    env = receive.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+                out.write(env)
+                if journal is not None:
+                    journal.written(env.key)
+            for env in engine.abandoned():
+                stats.record(env)
+                out.write(env)
+                if journal is not None:
+                    journal.written(env.key)
+            receive.close()
             await out.aclose()
+            if journal is not None:
+                journal.close()
             if own_transport:
                 await tx.aclose()
-    return engine.stats
+    return stats

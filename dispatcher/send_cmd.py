@@ -17,10 +17,10 @@ import anyio
 from dispatcher import runner
 from dispatcher.config import add_send_arguments, load_send_settings
 from dispatcher.engine import Engine
+from dispatcher.ledger import LedgerError
 from dispatcher.progress import format_summary, resolve_mode, show_progress
 from dispatcher.records import InputError
 from dispatcher.settings import ConfigError, SendSettings
-from dispatcher.sinks import open_sink
 from dispatcher.stats import RunStats
 
 EXIT_OK: Final = 0
@@ -32,12 +32,6 @@ EXIT_INTERRUPTED: Final = 130
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_send_arguments(parser)
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        default=None,
-        help="replace an existing results file instead of refusing to run",
-    )
 
 
 def exit_code(stats: RunStats) -> int:
@@ -45,42 +39,58 @@ def exit_code(stats: RunStats) -> int:
         return EXIT_INTERRUPTED
     if stats.stop_reason is not None:
         return EXIT_STOPPED
-    return EXIT_OK if stats.failed == 0 else EXIT_FAILED
+    # Records a resumed run skipped still count: their earlier envelopes say they failed.
+    unsettled = sum(n for reason, n in stats.skipped.items() if reason != "confirmed")
+    return EXIT_OK if stats.failed == 0 and unsettled == 0 else EXIT_FAILED
 
 
-async def _watch_signals(engine: Engine, hard_stop: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if not engine.stopping:
+async def _grace_then_stop(grace: float, hard_stop: anyio.CancelScope) -> None:
+    await anyio.sleep(grace)
+    print(
+        f"dispatcher: requests still in flight after --grace {grace:g}s: stopping now",
+        file=sys.stderr,
+        flush=True,
+    )
+    hard_stop.cancel()
+
+
+async def _watch_signals(engine: Engine, hard_stop: anyio.CancelScope, grace: float) -> None:
+    seen = 0
+    async with anyio.create_task_group() as tg:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
                 engine.stats.interrupted = True
-                engine.stop(f"{name}: stopped reading, finishing requests in flight")
-                print(
-                    f"\ndispatcher: {name} received: finishing requests in flight "
-                    "(again to stop at once)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            else:
-                engine.stats.interrupted = True
-                hard_stop.cancel()
-                return
+                seen += 1
+                if seen == 1:
+                    engine.stop(f"{name}: stopped reading, finished the requests in flight")
+                    print(
+                        f"\ndispatcher: {name}: finishing requests in flight for up to "
+                        f"{grace:g}s (again to stop at once)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    tg.start_soon(_grace_then_stop, grace, hard_stop)
+                else:
+                    print(f"\ndispatcher: {name} again: stopping now", file=sys.stderr)
+                    hard_stop.cancel()
+                    tg.cancel_scope.cancel()
+                    return
 
 
-async def _main(settings: SendSettings, overwrite: bool) -> RunStats:
+async def _main(settings: SendSettings) -> RunStats:
     mode = resolve_mode(settings.progress, settings.quiet, sys.stderr)
-    sink = open_sink(settings.results, truncate=overwrite)
     engines: list[Engine] = []
     run_scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
 
         def hook(engine: Engine) -> None:
             engines.append(engine)
-            tg.start_soon(_watch_signals, engine, run_scope)
+            tg.start_soon(_watch_signals, engine, run_scope, settings.grace)
             tg.start_soon(show_progress, engine.stats, mode)
 
         with run_scope:
-            await runner.run(settings, sink=sink, engine_hook=hook)
+            await runner.run(settings, engine_hook=hook)
         tg.cancel_scope.cancel()
     stats = engines[0].stats if engines else RunStats()
     if run_scope.cancelled_caught:
@@ -99,16 +109,19 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, InputError) as exc:
         print(f"dispatcher send: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    overwrite = bool(args.overwrite)
-    if not overwrite and _results_in_the_way(settings.results):
+    if not (settings.overwrite or settings.resume) and _results_in_the_way(settings.results):
         print(
             f"dispatcher send: error: --results {settings.results} already holds results; "
-            "pass --overwrite to replace it, or choose another --results path",
+            "pass --resume to continue that run, --overwrite to replace it, or choose "
+            "another --results path",
             file=sys.stderr,
         )
         return EXIT_USAGE
     try:
-        stats = anyio.run(_main, settings, overwrite, backend="asyncio")
+        stats = anyio.run(_main, settings, backend="asyncio")
+    except LedgerError as exc:
+        print(f"dispatcher send: error: cannot resume: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         # Ctrl-C before the run had installed its own handler: nothing was sent yet.
         print("dispatcher send: interrupted", file=sys.stderr)

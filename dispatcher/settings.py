@@ -31,6 +31,8 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_ERROR_WINDOW",
+    "DEFAULT_GRACE",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MAX_RETRY_WAIT",
     "DEFAULT_PROGRESS",
@@ -46,6 +48,7 @@ __all__ = [
     "RateSetting",
     "SendSettings",
     "parse_duration",
+    "parse_fraction",
     "parse_rate",
 ]
 
@@ -131,6 +134,18 @@ RateSetting: TypeAlias = Rate | Literal["unlimited", "auto"]
 picks and adapts the rate from the server's ``Ratelimit`` headers."""
 
 
+def parse_fraction(text: str) -> float:
+    """``5%`` or ``0.05`` → 0.05; must be above 0 and at most 1."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ValueError(f"expected a percentage such as 5% or a fraction, got {text!r}") from None
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise ValueError(f"must be above 0% and at most 100%, got {text!r}")
+    return value
+
+
 def parse_duration(text: str) -> float:
     """Seconds from ``"30"``, ``"30s"``, ``"200ms"``, ``"5m"``, ``"1h"``, ``"1.5s"``.
 
@@ -204,6 +219,8 @@ DEFAULT_TIMEOUT: Final = 30.0  # the whole request, connect to last byte
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 DEFAULT_RESULTS: Final = "results.jsonl"
 DEFAULT_PROGRESS: Final = "auto"
+DEFAULT_GRACE: Final = 30.0  # seconds requests in flight get to finish after Ctrl-C
+DEFAULT_ERROR_WINDOW: Final = 100  # records over which --max-error-rate is taken
 
 Format: TypeAlias = Literal["jsonl", "csv", "ids"]
 Progress: TypeAlias = Literal["auto", "bar", "lines", "off"]
@@ -375,6 +392,14 @@ class SendSettings:
     results: str = DEFAULT_RESULTS  # path, or "-" for stdout
     quiet: bool = False
     progress: Progress = DEFAULT_PROGRESS
+    overwrite: bool = False  # replace an existing results file
+    resume: bool = False  # skip records the existing results already settle
+    retry_failed: bool = False  # on resume, re-send rejected and not_sent records
+    resend_unknown: bool = False  # on resume, re-send records whose delivery is unknown
+    grace: float = DEFAULT_GRACE
+    max_failures: int | None = None
+    max_error_rate: float | None = None  # a fraction in (0, 1]
+    error_window: int = DEFAULT_ERROR_WINDOW
 
     def __post_init__(self) -> None:
         self._check_inputs()
@@ -383,7 +408,14 @@ class SendSettings:
         self._check_path_parts()
         if self.body is not None:
             self._check_body(self.body)
-        for name in ("validate_ids", "quiet"):
+        for name in (
+            "validate_ids",
+            "quiet",
+            "overwrite",
+            "resume",
+            "retry_failed",
+            "resend_unknown",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, "must be true or false")
         if not isinstance(self.account_id, str) or _ACCOUNT_ID.fullmatch(self.account_id) is None:
@@ -410,6 +442,25 @@ class SendSettings:
             object.__setattr__(self, name, seconds)
         self._check_results()
         _check_choice("progress", self.progress, _PROGRESS)
+        object.__setattr__(self, "grace", _check_seconds("grace", self.grace, allow_zero=True))
+        if self.max_failures is not None:
+            _check_int("max_failures", self.max_failures, 1)
+        if self.max_error_rate is not None and (
+            isinstance(self.max_error_rate, bool)
+            or not isinstance(self.max_error_rate, int | float)
+            or not 0 < self.max_error_rate <= 1
+        ):
+            raise ConfigError(
+                "max_error_rate", f"must be above 0% and at most 100%, got {self.max_error_rate!r}"
+            )
+        _check_int("error_window", self.error_window, 1)
+        if self.resume and self.overwrite:
+            raise ConfigError("overwrite", "cannot be combined with --resume")
+        if (self.retry_failed or self.resend_unknown) and not self.resume:
+            # Both only make sense against earlier results: they imply --resume.
+            object.__setattr__(self, "resume", True)
+        if self.resume and self.results == "-":
+            raise ConfigError("resume", "needs a results file to resume from, not stdout")
 
     def _check_inputs(self) -> None:
         # Empty is allowed: dispatch() takes its records from the caller, not from files.

@@ -21,6 +21,8 @@ class RunStats:
     deliveries: Counter[str] = field(default_factory=Counter)
     statuses: Counter[str] = field(default_factory=Counter)  # final status; "none" without answer
     errors: Counter[str] = field(default_factory=Counter)  # "kind" or "kind/code"
+    skipped: Counter[str] = field(default_factory=Counter)  # resume: reason -> records
+    crashed_unknown: int = 0  # records a crashed run had started, now marked unknown
     stop_reason: str | None = None
     interrupted: bool = False
     # Latencies of the last attempts, kept only as a running sum for the summary's mean.

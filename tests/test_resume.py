@@ -1,0 +1,235 @@
+"""Crash safety and resume, on real subprocesses against the in-process emulator."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+from anyio.abc import Process
+
+from dispatcher.emulator import Emulator, EmulatorConfig, Faults
+from dispatcher.ledger import load_ledger
+
+TOKEN = "tok-resume-test-77aa01"
+
+
+def env_for(emu: Emulator) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")}
+    env.update(
+        CLOUDFLARE_API_TOKEN=TOKEN, CLOUDFLARE_ACCOUNT_ID="acc", CLOUDFLARE_BASE_URL=emu.base_url
+    )
+    return env
+
+
+def write_input(path: Path, ids: list[str]) -> Path:
+    path.write_bytes(
+        b"".join(
+            orjson.dumps({"instance_id": i, "event_type": "evt", "body": {"id": i}}) + b"\n"
+            for i in ids
+        )
+    )
+    return path
+
+
+def cmd(src: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "dispatcher",
+        "send",
+        str(src),
+        "--workflow",
+        "wf",
+        "--results",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+async def run_cli(args: list[str], env: dict[str, str]) -> int:
+    result = await anyio.run_process(args, env=env, check=False)
+    return result.returncode
+
+
+def all_lines(path: Path) -> list[dict[str, Any]]:
+    """Every complete line, in order (a torn last line is not a line)."""
+    lines = path.read_bytes().split(b"\n")
+    return [orjson.loads(line) for line in lines[:-1] if line.strip()]
+
+
+def final_by_key(path: Path) -> dict[str, dict[str, Any]]:
+    final: dict[str, dict[str, Any]] = {}
+    for env in all_lines(path):
+        final[env["key"]] = env
+    return final
+
+
+async def start(args: list[str], env: dict[str, str]) -> Process:
+    return await anyio.open_process(args, env=env)
+
+
+async def test_kill_9_then_resume_loses_nothing(tmp_path: Path) -> None:
+    ids = [f"r{k}" for k in range(300)]
+    src = write_input(tmp_path / "in.jsonl", ids)
+    out = tmp_path / "out.jsonl"
+    rng = random.Random(1234)
+    # Latency keeps requests in flight at every moment, so kills land mid-request.
+    cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults.parse([], latency="5..40ms"))
+    async with Emulator(cfg) as emu:
+        env = env_for(emu)
+        first = True
+        for _ in range(3):
+            extra = ["--rate", "250/s", "--concurrency", "8"]
+            args = cmd(src, out, *extra, *([] if first else ["--resume", "--resend-unknown"]))
+            first = False
+            proc = await start(args, env)
+            await anyio.sleep(rng.uniform(1.0, 2.5))
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        for _ in range(5):
+            code = await run_cli(
+                cmd(src, out, "--rate", "unlimited", "--resume", "--resend-unknown"), env
+            )
+            if code == 0:
+                break
+        assert code == 0
+        accepted: dict[str, int] = defaultdict(int)
+        for (_, instance, _, _), times in emu.log.accepted.items():
+            accepted[instance] += len(times)
+    final = final_by_key(out)
+    assert sorted(e["instance_id"] for e in final.values()) == sorted(ids)
+    assert all(e["delivery"] == "confirmed" for e in final.values())
+    assert set(accepted) == set(ids)
+    said_unknown = {e["instance_id"] for e in all_lines(out) if e["delivery"] == "unknown"}
+    twice = {i for i, n in accepted.items() if n > 1}
+    assert twice <= said_unknown
+    assert not (tmp_path / "out.jsonl.inflight").exists()
+    # The ledger reads the file the same way.
+    ledger = load_ledger(str(out))
+    assert len(ledger) == 300
+    assert all(state.ok for state in ledger.values())
+
+
+async def test_ctrl_c_drains_in_flight_then_resume_finishes(tmp_path: Path) -> None:
+    ids = [f"c{k}" for k in range(200)]
+    src = write_input(tmp_path / "in.jsonl", ids)
+    out = tmp_path / "out.jsonl"
+    cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults.parse([], latency="300ms"))
+    async with Emulator(cfg) as emu:
+        env = env_for(emu)
+        proc = await start(cmd(src, out, "--rate", "40/s", "--concurrency", "8"), env)
+        await anyio.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(10):
+            code = await proc.wait()
+        assert code == 130
+        first = final_by_key(out)
+        accepted_after_first = {k[1] for k in emu.log.accepted}
+        assert 0 < len(first) < 200
+        # Requests in flight at Ctrl-C finished and were written: every record the
+        # emulator accepted has a confirmed envelope, and nothing else was confirmed.
+        assert {e["instance_id"] for e in first.values() if e["ok"]} == accepted_after_first
+        assert all(e["delivery"] == "confirmed" for e in first.values())
+        assert not (tmp_path / "out.jsonl.inflight").exists()
+
+        code = await run_cli(cmd(src, out, "--rate", "unlimited", "--resume"), env)
+        assert code == 0
+        counts = {k[1]: len(v) for k, v in emu.log.accepted.items()}
+    final = final_by_key(out)
+    assert len(final) == 200
+    assert all(e["ok"] for e in final.values())
+    assert counts == dict.fromkeys(ids, 1)  # nothing sent twice
+
+
+async def test_second_ctrl_c_stops_at_once_with_unknown_for_in_flight(tmp_path: Path) -> None:
+    ids = [f"h{k}" for k in range(50)]
+    src = write_input(tmp_path / "in.jsonl", ids)
+    out = tmp_path / "out.jsonl"
+    cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults.parse([], latency="20s"))
+    async with Emulator(cfg) as emu:
+        proc = await start(cmd(src, out, "--rate", "unlimited", "--concurrency", "4"), env_for(emu))
+        await anyio.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        await anyio.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(8):
+            code = await proc.wait()
+    assert code == 130
+    envs = all_lines(out)
+    assert len(envs) == 4
+    for env in envs:
+        assert env["delivery"] == "unknown"
+        assert env["error"]["kind"] == "stopped"
+    assert not (tmp_path / "out.jsonl.inflight").exists()
+
+
+async def test_max_failures_stops_early(tmp_path: Path) -> None:
+    ids = [f"f{k}" for k in range(200)]
+    src = write_input(tmp_path / "in.jsonl", ids)
+    out = tmp_path / "out.jsonl"
+    cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, known_instances=frozenset(ids[:10]))
+    async with Emulator(cfg) as emu:
+        code = await run_cli(
+            cmd(src, out, "--rate", "unlimited", "--concurrency", "2", "--max-failures", "5"),
+            env_for(emu),
+        )
+    assert code == 3
+    envs = all_lines(out)
+    failed = [e for e in envs if not e["ok"]]
+    assert 5 <= len(failed) <= 5 + 2
+    assert len(envs) < 200
+
+
+async def test_max_error_rate_stops_early(tmp_path: Path) -> None:
+    ids = [f"e{k}" for k in range(300)]
+    src = write_input(tmp_path / "in.jsonl", ids)
+    out = tmp_path / "out.jsonl"
+    # The first 50 are fine; from then on every other instance is unknown: 50% errors.
+    known = frozenset(ids[:50]) | frozenset(ids[50::2])
+    cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, known_instances=known)
+    async with Emulator(cfg) as emu:
+        code = await run_cli(
+            cmd(
+                src,
+                out,
+                *("--rate", "unlimited", "--concurrency", "1"),
+                *("--max-error-rate", "30%", "--error-window", "20"),
+            ),
+            env_for(emu),
+        )
+    assert code == 3
+    envs = all_lines(out)
+    assert 50 < len(envs) < 300
+
+
+async def test_resume_after_reorder_skips_the_same_records(tmp_path: Path) -> None:
+    ids = [f"o{k}" for k in range(60)]
+    src = write_input(tmp_path / "in.jsonl", ids)
+    out = tmp_path / "out.jsonl"
+    known = frozenset(ids[::3])
+    cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, known_instances=known)
+    async with Emulator(cfg) as emu:
+        env = env_for(emu)
+        assert await run_cli(cmd(src, out, "--rate", "unlimited"), env) == 1
+        before = sum(emu.log.status_counts.values())
+        shuffled = ids[:]
+        random.Random(5).shuffle(shuffled)
+        write_input(src, shuffled)
+        # Confirmed ones are skipped; failed ones too, without --retry-failed.
+        assert await run_cli(cmd(src, out, "--rate", "unlimited", "--resume"), env) == 1
+        assert sum(emu.log.status_counts.values()) == before
+        # --retry-failed sends exactly the failed ones again.
+        assert await run_cli(cmd(src, out, "--rate", "unlimited", "--retry-failed"), env) == 1
+        again = [r.instance_id for r in emu.log.requests][before:]
+    assert sorted(again) == sorted(i for i in ids if i not in known)
+    final = final_by_key(out)
+    assert len(final) == 60
+    assert {e["instance_id"] for e in final.values() if e["ok"]} == set(known)
