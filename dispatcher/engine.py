@@ -21,6 +21,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from dispatcher import envelopes
 from dispatcher.gate import RateGate
 from dispatcher.model import Envelope, ErrorKind, Event, Invalid, Outcome, Record
+from dispatcher.pacing import Pacer
 from dispatcher.policy import Final, RetryPolicy
 from dispatcher.stats import RunStats
 from dispatcher.transport import Transport
@@ -84,6 +85,7 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         stop_rules: StopRules | None = None,
         mark_started: Callable[[Event], None] | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -106,6 +108,7 @@ class Engine:
         # Told of each record just before its first request leaves (the crash journal).
         self._mark_started = mark_started
         self._active: dict[int, _Active] = {}
+        self._pacer = pacer
 
     def active_keys(self) -> list[str]:
         """Keys of records attempted but not yet finished (what the journal must keep)."""
@@ -276,6 +279,8 @@ class Engine:
                 active.in_flight = False
                 active.attempts += 1
                 active.last = outcome
+                if self._pacer is not None:
+                    self._pacer.observe(outcome, stats.in_flight)
                 if outcome.status == 429:
                     rate_limited += 1
                     stats.rate_limited += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -24,9 +25,10 @@ from dispatcher.journal import Journal, read_crashed
 from dispatcher.journal import path_for as journal_path_for
 from dispatcher.ledger import KeyState, load_ledger, repair_jsonl_tail
 from dispatcher.model import Delivery, Envelope, ErrorKind, Invalid, Record
+from dispatcher.pacing import Pacer
 from dispatcher.policy import RetryPolicy
 from dispatcher.records import KeyDeriver, ReadOptions, detect_format, read_batches
-from dispatcher.settings import ConfigError, SendSettings
+from dispatcher.settings import ConfigError, Rate, SendSettings
 from dispatcher.sinks import Sink, open_sink
 from dispatcher.sqlite_sink import is_sqlite_path
 from dispatcher.stats import RunStats
@@ -40,13 +42,13 @@ def policy_for(settings: SendSettings) -> RetryPolicy:
     return RetryPolicy(max_attempts=settings.max_attempts, max_retry_wait=settings.max_retry_wait)
 
 
-def gate_for(settings: SendSettings) -> RateGate:
+def gate_for(settings: SendSettings) -> tuple[RateGate, Pacer]:
+    """The run's gate and the pacer that adapts it to the server's rate headers."""
     rate = settings.rate
-    if rate == "unlimited":
-        return RateGate(None)
-    if rate == "auto":
-        raise ConfigError("--rate", "'auto' is not available yet; give a rate such as 4/s")
-    return RateGate(rate.per_second)
+    requested = rate.per_second if isinstance(rate, Rate) else None
+    gate = RateGate(requested)
+    pacer = Pacer(gate, requested, auto=rate == "auto", clock=time.monotonic)
+    return gate, pacer
 
 
 def transport_for(settings: SendSettings) -> HttpTransport:
@@ -139,9 +141,11 @@ def engine_for(
     rng: Callable[[], float] | None = None,
     policy: RetryPolicy | None = None,
 ) -> Engine:
+    gate, pacer = gate_for(settings)
     return Engine(
         transport=transport,
-        gate=gate_for(settings),
+        gate=gate,
+        pacer=pacer,
         policy=policy if policy is not None else policy_for(settings),
         concurrency=settings.concurrency,
         stats=stats,
@@ -318,9 +322,11 @@ async def run(
     tx: Transport = transport_for(settings) if transport is None else transport
     jpath = journal_path_for(settings.results) if sink is None else None
     journal = Journal(jpath) if jpath is not None else None
+    gate, pacer = gate_for(settings)
     engine = Engine(
         transport=tx,
-        gate=gate_for(settings),
+        gate=gate,
+        pacer=pacer,
         policy=policy if policy is not None else policy_for(settings),
         concurrency=settings.concurrency,
         stats=stats,
