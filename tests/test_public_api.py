@@ -1,0 +1,52 @@
+"""The public API is exactly what `dispatcher.__all__` lists, and the README's example runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+import dispatcher
+from dispatcher.emulator import Emulator, EmulatorConfig
+
+
+def test_all_is_exactly_the_public_names() -> None:
+    public = {name for name in vars(dispatcher) if not name.startswith("_")}
+    modules = {name for name in public if type(getattr(dispatcher, name)).__name__ == "module"}
+    assert sorted(public - modules - {"annotations"}) == sorted(dispatcher.__all__)
+    for name in dispatcher.__all__:
+        assert getattr(dispatcher, name) is not None
+
+
+async def test_readme_python_api(tmp_path: Path) -> None:
+    src = tmp_path / "events.jsonl"
+    src.write_bytes(orjson.dumps({"instance_id": "order-1", "event_type": "approval"}) + b"\n")
+    async with Emulator(EmulatorConfig(tokens=("t0k",), limit=None)) as emu:
+        settings = dispatcher.SendSettings(
+            inputs=(str(src),),
+            workflow="order-pipeline",
+            account_id="acc",
+            base_url=emu.base_url,
+            credentials=dispatcher.Credentials(token="t0k"),
+            rate=dispatcher.parse_rate("50/s"),
+            results=str(tmp_path / "results.jsonl"),
+        )
+        stats = await dispatcher.run(settings)
+        assert (stats.confirmed, stats.failed) == (1, 0)
+        keys = dispatcher.KeyDeriver()
+        records = [
+            dispatcher.event_from_mapping(
+                {
+                    "workflow": "order-pipeline",
+                    "instance_id": f"order-{i}",
+                    "event_type": "approval",
+                    "body": {"ok": True},
+                    "id": f"k{i}",
+                },
+                keys,
+            )
+            for i in range(20)
+        ]
+        got = [env async for env in dispatcher.dispatch(records, settings)]
+    assert sorted(e.key for e in got) == sorted(f"k{i}" for i in range(20))
+    assert {e.delivery for e in got} == {dispatcher.Delivery.CONFIRMED}
