@@ -321,6 +321,10 @@ async def run(
     own_transport = transport is None
     tx: Transport = transport_for(settings) if transport is None else transport
     jpath = journal_path_for(settings.results) if sink is None else None
+    if stats.crashed_unknown:
+        # The crashed run's journal is about to be replaced: the envelopes that stand in
+        # for it must be on disk first, or a second crash would forget them.
+        await out.flush()
     journal = Journal(jpath) if jpath is not None else None
     gate, pacer = gate_for(settings)
     engine = Engine(

@@ -89,5 +89,14 @@ class JsonlSink:
 
 
 def open_sink(path: str, *, truncate: bool = False) -> Sink:
-    """Choose the sink from the path (JSONL for now; ``-`` is stdout)."""
+    """Choose the sink from the path: SQLite for ``.sqlite``/``.sqlite3``/``.db``
+    (case-insensitive), else JSONL (``-`` is stdout).
+
+    ``truncate`` empties earlier results: the JSONL file, or the SQLite ``envelopes`` table.
+    """
+    # Imported here so JSONL and stdout runs never load sqlite3.
+    from dispatcher.sqlite_sink import SqliteSink, is_sqlite_path
+
+    if path != "-" and is_sqlite_path(path):
+        return SqliteSink(path, truncate=truncate)
     return JsonlSink(path, truncate=truncate)

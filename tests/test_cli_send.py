@@ -145,9 +145,7 @@ async def test_usage_errors_name_the_flag(tmp_path: Path) -> None:
         code, _, err = await send([str(src), "--workflow", "wf"], env)
         assert code == 2
         assert "CLOUDFLARE_API_TOKEN" in err
-        code, _, err = await send(
-            [str(tmp_path / "nope.jsonl"), "--workflow", "wf"], env_for(emu)
-        )
+        code, _, err = await send([str(tmp_path / "nope.jsonl"), "--workflow", "wf"], env_for(emu))
         assert code == 2
         assert "nope.jsonl" in err
         assert sum(emu.log.status_counts.values()) == 0

@@ -513,8 +513,9 @@ def test_each_commented_example_is_valid(tmp_path: Path) -> None:
         path = tmp_path / "example.toml"
         path.write_text("\n".join(edited))
         load("--config", str(path))
-    # All at once too, but for the two that need a real file (and exclude each other).
-    skip = ("# body_file", "# token_file")
+    # All at once too, but for the two that need a real file (and exclude each other),
+    # and overwrite, which contradicts resume.
+    skip = ("# body_file", "# token_file", "# overwrite")
     everything = [
         line.removeprefix("# ") if i in examples and not line.startswith(skip) else line
         for i, line in enumerate(lines)

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
 from dispatcher import runner
@@ -78,13 +79,20 @@ async def test_all_delivered_despite_faults(tmp_path: Path) -> None:
 
 
 async def test_429_pauses_every_worker(tmp_path: Path) -> None:
-    # 10 requests per second, then a 1 s lockout: the first 429 must silence every worker.
+    # Another client of the same account has just spent the budget (10 per second) and
+    # locked it out for a second: the run's first answers are 429s, and the first of
+    # them must silence every worker until Retry-After has passed.
     cfg = EmulatorConfig(tokens=(TOKEN,), limit=Limit.parse("10/1s"), lockout=1.0)
     src = write_jsonl(tmp_path / "in.jsonl", events(25))
     out = tmp_path / "out.jsonl"
     async with Emulator(cfg) as emu:
+        url = f"{emu.base_url}/accounts/acc/workflows/wf/instances/other/events/evt"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(11):
+                async with session.post(url, headers={"Authorization": f"Bearer {TOKEN}"}):
+                    pass
         stats = await runner.run(settings_for(emu, [src], out, concurrency=6))
-        requests = list(emu.log.requests)
+        requests = [r for r in emu.log.requests if r.instance_id != "other"]
     envs = read_results(out)
     assert len(envs) == 25
     assert all(e["delivery"] == "confirmed" for e in envs)
