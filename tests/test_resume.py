@@ -13,10 +13,11 @@ from typing import Any
 
 import anyio
 import orjson
+import pytest
 from anyio.abc import Process
 
 from dispatcher.emulator import Emulator, EmulatorConfig, Faults
-from dispatcher.ledger import load_ledger
+from dispatcher.ledger import load_ledger, read_envelopes
 
 TOKEN = "tok-resume-test-77aa01"
 
@@ -213,10 +214,11 @@ async def test_max_error_rate_stops_early(tmp_path: Path) -> None:
     assert 50 < len(envs) < 300
 
 
-async def test_resume_after_reorder_skips_the_same_records(tmp_path: Path) -> None:
+@pytest.mark.parametrize("results", ["out.jsonl", "out.sqlite"])
+async def test_resume_after_reorder_skips_the_same_records(tmp_path: Path, results: str) -> None:
     ids = [f"o{k}" for k in range(60)]
     src = write_input(tmp_path / "in.jsonl", ids)
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / results
     known = frozenset(ids[::3])
     cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, known_instances=known)
     async with Emulator(cfg) as emu:
@@ -233,6 +235,6 @@ async def test_resume_after_reorder_skips_the_same_records(tmp_path: Path) -> No
         assert await run_cli(cmd(src, out, "--rate", "unlimited", "--retry-failed"), env) == 1
         again = [str(r.instance_id) for r in emu.log.requests][before:]
     assert sorted(again) == sorted(i for i in ids if i not in known)
-    final = final_by_key(out)
+    final = list(read_envelopes(str(out)))
     assert len(final) == 60
-    assert {e["instance_id"] for e in final.values() if e["ok"]} == set(known)
+    assert {e.instance_id for e in final if e.ok} == set(known)
