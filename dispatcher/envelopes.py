@@ -3,9 +3,57 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Protocol
 
-from dispatcher.journal import Started
 from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind, Event, Invalid, Outcome
+
+
+class _Where(Protocol):
+    """What names a record in its envelope (an Event, an Invalid, a journal entry)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def line(self) -> int: ...
+    @property
+    def workflow(self) -> str | None: ...
+    @property
+    def instance_id(self) -> str | None: ...
+    @property
+    def event_type(self) -> str | None: ...
+
+
+def _failed(
+    record: _Where,
+    *,
+    delivery: Delivery,
+    kind: ErrorKind,
+    message: str,
+    attempts: int,
+    started_at: datetime | None,
+    finished_at: datetime,
+    elapsed_s: float = 0.0,
+) -> Envelope:
+    """An envelope for a record that ended without any answer from the API."""
+    return Envelope(
+        key=record.key,
+        source=record.source,
+        line=record.line,
+        workflow=record.workflow,
+        instance_id=record.instance_id,
+        event_type=record.event_type,
+        ok=False,
+        status=None,
+        attempts=attempts,
+        delivery=delivery,
+        error=EnvelopeError(kind=kind, code=None, message=message),
+        started_at=started_at,
+        finished_at=finished_at,
+        latency_ms=None,
+        elapsed_ms=round(elapsed_s * 1000.0, 3),
+    )
 
 
 def delivery_of(outcome: Outcome) -> Delivery:
@@ -19,22 +67,14 @@ def delivery_of(outcome: Outcome) -> Delivery:
 
 
 def for_invalid(record: Invalid, now: datetime) -> Envelope:
-    return Envelope(
-        key=record.key,
-        source=record.source,
-        line=record.line,
-        workflow=record.workflow,
-        instance_id=record.instance_id,
-        event_type=record.event_type,
-        ok=False,
-        status=None,
-        attempts=0,
+    return _failed(
+        record,
         delivery=Delivery.NOT_SENT,
-        error=EnvelopeError(kind=ErrorKind.INVALID, code=None, message=record.message),
+        kind=ErrorKind.INVALID,
+        message=record.message,
+        attempts=0,
         started_at=None,
         finished_at=now,
-        latency_ms=None,
-        elapsed_ms=0.0,
     )
 
 
@@ -78,78 +118,32 @@ def for_outcome(
     )
 
 
-def for_unsent(
-    event: Event, *, kind: ErrorKind, message: str, started_at: datetime | None, now: datetime
-) -> Envelope:
-    """A record that ends without any request having left (e.g. stopped while waiting)."""
-    return Envelope(
-        key=event.key,
-        source=event.source,
-        line=event.line,
-        workflow=event.workflow,
-        instance_id=event.instance_id,
-        event_type=event.event_type,
-        ok=False,
-        status=None,
-        attempts=0,
-        delivery=Delivery.NOT_SENT,
-        error=EnvelopeError(kind=kind, code=None, message=message),
-        started_at=started_at,
-        finished_at=now,
-        latency_ms=None,
-        elapsed_ms=0.0,
-    )
-
-
 def for_cut_off(
     event: Event, *, attempts: int, started_at: datetime, now: datetime, elapsed_s: float
 ) -> Envelope:
     """A record whose request was in flight when the run was stopped hard: it may have
     arrived, so its delivery is ``unknown`` and a re-send is a possible duplicate."""
-    return Envelope(
-        key=event.key,
-        source=event.source,
-        line=event.line,
-        workflow=event.workflow,
-        instance_id=event.instance_id,
-        event_type=event.event_type,
-        ok=False,
-        status=None,
-        attempts=attempts + 1,
+    return _failed(
+        event,
         delivery=Delivery.UNKNOWN,
-        error=EnvelopeError(
-            kind=ErrorKind.STOPPED,
-            code=None,
-            message="the run was stopped while this request was in flight; it may have arrived",
-        ),
+        kind=ErrorKind.STOPPED,
+        message="the run was stopped while this request was in flight; it may have arrived",
+        attempts=attempts + 1,
         started_at=started_at,
         finished_at=now,
-        latency_ms=None,
-        elapsed_ms=round(elapsed_s * 1000.0, 3),
+        elapsed_s=elapsed_s,
     )
 
 
-def for_crashed(rec: Started, now: datetime) -> Envelope:
+def for_crashed(record: _Where, now: datetime) -> Envelope:
     """A record a crashed run had started without its envelope reaching the disk."""
-    return Envelope(
-        key=rec.key,
-        source=rec.source,
-        line=rec.line,
-        workflow=rec.workflow,
-        instance_id=rec.instance_id,
-        event_type=rec.event_type,
-        ok=False,
-        status=None,
-        attempts=1,
+    return _failed(
+        record,
         delivery=Delivery.UNKNOWN,
-        error=EnvelopeError(
-            kind=ErrorKind.STOPPED,
-            code=None,
-            message="an earlier run crashed after this record's request may have left; "
-            "it may have arrived (--resend-unknown sends it again)",
-        ),
+        kind=ErrorKind.STOPPED,
+        message="an earlier run crashed after this record's request may have left; "
+        "it may have arrived (--resend-unknown sends it again)",
+        attempts=1,
         started_at=None,
         finished_at=now,
-        latency_ms=None,
-        elapsed_ms=0.0,
     )

@@ -28,6 +28,7 @@ USER_AGENT: Final = "dispatcher/0.1 (+cloudflare-workflows-events)"
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
 # Bodies of error answers can be large HTML pages from a proxy; keep only a readable head.
 _MAX_MESSAGE_CHARS: Final = 300
+_SUCCESS_TRUE: Final = b'"success":true'
 
 
 class Transport(Protocol):
@@ -111,24 +112,13 @@ def outcome_from_response(
     rlp = headers.get("Ratelimit-Policy")
     if rl is not None or rlp is not None:
         ratelimit = parse_ratelimit(rl, rlp)
-    if 200 <= status < 300:
-        success, code, message = _error_from_body(raw)
-        if success is not False:
-            return Outcome(
-                status=status, ok=True, sent=True, latency_s=latency_s, ratelimit=ratelimit
-            )
-        return Outcome(
-            status=status,
-            ok=False,
-            sent=True,
-            latency_s=latency_s,
-            error_kind=ErrorKind.HTTP,
-            cf_code=code,
-            message=message or "the API answered success: false",
-            ratelimit=ratelimit,
-        )
-    _, code, message = _error_from_body(raw)
-    retry_after = parse_retry_after(headers.get("Retry-After")) if status == 429 else None
+    ok_status = 200 <= status < 300
+    # The common case, checked without parsing: this endpoint's result holds no booleans.
+    if ok_status and _SUCCESS_TRUE in raw:
+        return Outcome(status=status, ok=True, sent=True, latency_s=latency_s, ratelimit=ratelimit)
+    success, code, message = _error_from_body(raw)
+    if ok_status and success is not False:
+        return Outcome(status=status, ok=True, sent=True, latency_s=latency_s, ratelimit=ratelimit)
     return Outcome(
         status=status,
         ok=False,
@@ -136,8 +126,8 @@ def outcome_from_response(
         latency_s=latency_s,
         error_kind=ErrorKind.HTTP,
         cf_code=code,
-        message=message or f"HTTP {status}",
-        retry_after=retry_after,
+        message=message or ("the API answered success: false" if ok_status else f"HTTP {status}"),
+        retry_after=parse_retry_after(headers.get("Retry-After")) if status == 429 else None,
         ratelimit=ratelimit,
     )
 
