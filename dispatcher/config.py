@@ -211,6 +211,14 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
         f"(env DISPATCHER_CONCURRENCY; default: {DEFAULT_CONCURRENCY})",
     )
     pace.add_argument(
+        "--processes",
+        default=None,
+        metavar="N",
+        help="worker processes sharing the input and dividing the rate between them; more "
+        "than 1 helps only when one process keeps a core busy and more cores are free "
+        "(default: 1)",
+    )
+    pace.add_argument(
         "--max-attempts",
         default=None,
         metavar="N",
@@ -452,6 +460,7 @@ _KEYS: Final = (
     _Key(name="max_failures", flag="--max-failures", convert=_to_int),
     _Key(name="max_error_rate", flag="--max-error-rate", convert=_to_fraction),
     _Key(name="error_window", flag="--error-window", convert=_to_int),
+    _Key(name="processes", flag="--processes", convert=_to_int),
 )
 # Settings read by hand below: two spellings of one value, or a path to a secret.
 _BODY_KEYS: Final = {"body": "--body", "body_file": "--body-file"}

@@ -55,6 +55,43 @@ class StopRules:
             raise ValueError("--error-window must be at least 1")
 
 
+class FailureWatch:
+    """Applies :class:`StopRules` to a stream of envelopes of sent records."""
+
+    __slots__ = ("_failures", "_recent", "_recent_failed", "_rules")
+
+    def __init__(self, rules: StopRules) -> None:
+        self._rules = rules
+        self._recent: deque[bool] = deque(maxlen=rules.window)
+        self._recent_failed = 0
+        self._failures = 0
+
+    def check(self, env: Envelope) -> str | None:
+        """Take one envelope into account; the reason to stop, if a rule is now broken."""
+        if env.attempts == 0:
+            return None  # invalid input or never sent: says nothing about the API
+        rules = self._rules
+        failed = not env.ok
+        self._failures += failed
+        if rules.max_failures is not None and self._failures >= rules.max_failures:
+            return f"--max-failures {rules.max_failures} reached"
+        if rules.max_error_rate is None:
+            return None
+        recent = self._recent
+        if len(recent) == recent.maxlen and recent[0]:
+            self._recent_failed -= 1
+        recent.append(failed)
+        self._recent_failed += failed
+        if len(recent) == recent.maxlen:
+            rate = self._recent_failed / len(recent)
+            if rate > rules.max_error_rate:
+                return (
+                    f"--max-error-rate {rules.max_error_rate:.1%} exceeded: "
+                    f"{rate:.1%} of the last {len(recent)} sent records failed"
+                )
+        return None
+
+
 class _Active:
     """A record between its first attempt and its envelope (for a hard stop's accounting)."""
 
@@ -102,9 +139,7 @@ class Engine:
         self._source_scope: anyio.CancelScope | None = None
         self._wait_scopes: set[anyio.CancelScope] = set()
         self._rules = stop_rules if stop_rules is not None else StopRules()
-        self._recent: deque[bool] = deque(maxlen=self._rules.window)
-        self._recent_failed = 0
-        self._send_failures = 0
+        self._watch = FailureWatch(self._rules)
         # Told of each record just before its first request leaves (the crash journal).
         self._mark_started = mark_started
         self._active: dict[int, _Active] = {}
@@ -146,27 +181,9 @@ class Engine:
         return out
 
     def _check_stop_rules(self, env: Envelope) -> None:
-        rules = self._rules
-        failed = not env.ok
-        if failed:
-            self._send_failures += 1
-        if rules.max_failures is not None and self._send_failures >= rules.max_failures:
-            self.stop(f"--max-failures {rules.max_failures} reached")
-            return
-        if rules.max_error_rate is None:
-            return
-        recent = self._recent
-        if len(recent) == recent.maxlen and recent[0]:
-            self._recent_failed -= 1
-        recent.append(failed)
-        self._recent_failed += failed
-        if len(recent) == recent.maxlen:
-            rate = self._recent_failed / len(recent)
-            if rate > rules.max_error_rate:
-                self.stop(
-                    f"--max-error-rate {rules.max_error_rate:.1%} exceeded: "
-                    f"{rate:.1%} of the last {len(recent)} sent records failed"
-                )
+        reason = self._watch.check(env)
+        if reason is not None:
+            self.stop(reason)
 
     @property
     def stopping(self) -> bool:

@@ -77,10 +77,14 @@ class Journal:
         os.close(self._fd)
         self._fd = fd
 
-    def close(self) -> None:
-        """End of run: delete the journal if every record marked has its envelope."""
+    def close(self, *, delete: bool = True) -> None:
+        """End of run: delete the journal if every record marked has its envelope.
+
+        ``delete=False`` keeps it whatever: a ``--processes`` worker's envelopes are
+        written by its parent, which removes the journal once they are on disk.
+        """
         os.close(self._fd)
-        if not self._pending:
+        if delete and not self._pending:
             os.unlink(self._path)
 
 

@@ -7,9 +7,13 @@ summary.
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import importlib.util
 import os
 import random
 import time
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -36,6 +40,11 @@ from dispatcher.transport import HttpTransport, Transport, TransportConfig
 
 FLUSH_INTERVAL: Final = 1.0  # seconds between sink flush+fsync during a run
 _BATCH: Final = 1000
+
+
+def backend_options() -> dict[str, object]:
+    """anyio's asyncio backend options: uvloop when installed (``dispatcher[speed]``)."""
+    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
 
 
 def policy_for(settings: SendSettings) -> RetryPolicy:
@@ -261,34 +270,46 @@ def settle_crashed_run(settings: SendSettings, sink: Sink, ledger: dict[str, Key
     """Give every record a crashed run had started, and not confirmed, an ``unknown`` envelope.
 
     Returns how many. The records' requests may have arrived: only ``--resend-unknown``
-    sends them again.
+    sends them again. Reads the journal of a one-process run and those of ``--processes``
+    workers (``<results>.inflight.<i>``).
     """
     path = journal_path_for(settings.results)
-    crashed = read_crashed(path) if path is not None else None
-    if crashed is None:
+    if path is None:
         return 0
-    _, started = crashed
     now = datetime.now(UTC)
     count = 0
-    for rec in started:
-        state = ledger.get(rec.key)
-        if state is not None and state.delivery is Delivery.CONFIRMED:
+    for journal in [path, *sorted(glob.glob(glob.escape(path) + ".*[0-9]"))]:
+        crashed = read_crashed(journal)
+        if crashed is None:
             continue
-        sink.write(envelopes.for_crashed(rec, now))
-        ledger[rec.key] = KeyState(
-            delivery=Delivery.UNKNOWN, ok=False, error_kind=ErrorKind.STOPPED
-        )
-        count += 1
+        for rec in crashed[1]:
+            state = ledger.get(rec.key)
+            if state is not None and state.delivery is Delivery.CONFIRMED:
+                continue
+            sink.write(envelopes.for_crashed(rec, now))
+            ledger[rec.key] = _CRASHED
+            count += 1
     return count
+
+
+_CRASHED: Final = KeyState(delivery=Delivery.UNKNOWN, ok=False, error_kind=ErrorKind.STOPPED)
+
+
+def remove_journals(results: str) -> None:
+    """Forget the journals beside ``results``: every record they name has its envelope."""
+    path = journal_path_for(results)
+    if path is None:
+        return
+    for journal in [path, *glob.glob(glob.escape(path) + ".*[0-9]")]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(journal)
 
 
 def prepare_results(settings: SendSettings, stats: RunStats) -> tuple[Sink, dict[str, KeyState]]:
     """Open the results sink for this run; on resume, read what earlier runs settled."""
     path = settings.results
-    journal = journal_path_for(path)
     if not settings.resume:
-        if journal is not None and os.path.exists(journal):
-            os.unlink(journal)  # --overwrite (or no earlier results): a stale journal
+        remove_journals(path)  # --overwrite (or no earlier results): stale journals
         return open_sink(path, truncate=settings.overwrite), {}
     if not is_sqlite_path(path):
         repair_jsonl_tail(path)
@@ -298,6 +319,21 @@ def prepare_results(settings: SendSettings, stats: RunStats) -> tuple[Sink, dict
     return sink, ledger
 
 
+def in_shard(key: str, shard: tuple[int, int]) -> bool:
+    """Whether ``key`` belongs to worker ``shard[0]`` of ``shard[1]`` (stable across runs)."""
+    index, count = shard
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % count == index
+
+
+async def _sharded(
+    batches: AsyncIterator[list[Record]], shard: tuple[int, int]
+) -> AsyncGenerator[list[Record], None]:
+    async for batch in batches:
+        kept = [record for record in batch if in_shard(record.key, shard)]
+        if kept:
+            yield kept
+
+
 async def run(
     settings: SendSettings,
     *,
@@ -305,27 +341,43 @@ async def run(
     sink: Sink | None = None,
     policy: RetryPolicy | None = None,
     engine_hook: Callable[[Engine], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> RunStats:
     """One whole run: read the inputs, send, write every envelope to the results sink.
 
     Returns the run's statistics. ``engine_hook`` sees the engine before it starts (the CLI
     uses it to wire signals and progress). Cancelling the call is a hard stop: records in
     flight get an envelope saying delivery ``unknown``, records not attempted get none.
+
+    ``shard=(i, n)`` makes this run worker ``i`` of ``n`` (``--processes``): it sends only
+    its share of the records and writes envelopes to ``sink``; the parent owns the
+    results file, so this run reads it (to resume) but never writes it, and keeps its own
+    journal, ``<results>.inflight.<i>``, for the parent to remove once all is written.
     """
     check_inputs(settings)
     stats = RunStats()
-    if sink is None:
+    if shard is not None:
+        if sink is None:
+            raise ValueError("a shard writes to the sink its parent gives it")
+        out = sink
+        ledger = load_ledger(settings.results, on_torn=lambda torn: None) if settings.resume else {}
+        jpath = journal_path_for(settings.results)
+        jpath = None if jpath is None else f"{jpath}.{shard[0]}"
+    elif sink is None:
         out, ledger = prepare_results(settings, stats)
+        jpath = journal_path_for(settings.results)
     else:
-        out, ledger = sink, {}
+        out, ledger, jpath = sink, {}, None
     own_transport = transport is None
     tx: Transport = transport_for(settings) if transport is None else transport
-    jpath = journal_path_for(settings.results) if sink is None else None
     if stats.crashed_unknown:
         # The crashed run's journal is about to be replaced: the envelopes that stand in
         # for it must be on disk first, or a second crash would forget them.
         await out.flush()
     journal = Journal(jpath) if jpath is not None else None
+    # A shard's envelopes reach the disk only in its parent: its journal is never
+    # compacted, and stays until the parent has written everything.
+    tracked = journal if shard is None else None
     gate, pacer = gate_for(settings)
     engine = Engine(
         transport=tx,
@@ -341,11 +393,13 @@ async def run(
         engine_hook(engine)
     send, receive = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)
     batches: AsyncGenerator[list[Record], None] = input_batches(settings)
+    if shard is not None:
+        batches = _sharded(batches, shard)
     if settings.resume:
         batches = _resumed(batches, ledger, settings, stats)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(drain_to_sink, receive, out, journal)
+            tg.start_soon(drain_to_sink, receive, out, tracked)
             async with aclosing(batches):
                 await engine.run(batches, send)
     finally:
@@ -358,17 +412,17 @@ async def run(
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
                 out.write(env)
-                if journal is not None:
-                    journal.written(env.key)
+                if tracked is not None:
+                    tracked.written(env.key)
             for env in engine.abandoned():
                 stats.record(env)
                 out.write(env)
-                if journal is not None:
-                    journal.written(env.key)
+                if tracked is not None:
+                    tracked.written(env.key)
             receive.close()
             await out.aclose()
             if journal is not None:
-                journal.close()
+                journal.close(delete=tracked is not None)
             if own_transport:
                 await tx.aclose()
     return stats

@@ -7,6 +7,7 @@ early, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -18,7 +19,8 @@ from dispatcher import runner
 from dispatcher.config import add_send_arguments, load_send_settings
 from dispatcher.engine import Engine
 from dispatcher.ledger import LedgerError
-from dispatcher.progress import format_summary, resolve_mode, show_progress
+from dispatcher.multiproc import run_parallel
+from dispatcher.progress import ProgressMode, format_summary, resolve_mode, show_progress
 from dispatcher.records import InputError
 from dispatcher.settings import ConfigError, SendSettings
 from dispatcher.stats import RunStats
@@ -54,7 +56,10 @@ async def _grace_then_stop(grace: float, hard_stop: anyio.CancelScope) -> None:
     hard_stop.cancel()
 
 
-async def _watch_signals(engine: Engine, hard_stop: anyio.CancelScope, grace: float) -> None:
+async def watch_signals(
+    engine: Engine, hard_stop: anyio.CancelScope, grace: float, announce: bool = True
+) -> None:
+    """First SIGINT/SIGTERM: stop reading, drain for ``grace`` s; second: stop at once."""
     seen = 0
     async with anyio.create_task_group() as tg:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -64,15 +69,17 @@ async def _watch_signals(engine: Engine, hard_stop: anyio.CancelScope, grace: fl
                 seen += 1
                 if seen == 1:
                     engine.stop(f"{name}: stopped reading, finished the requests in flight")
-                    print(
-                        f"\ndispatcher: {name}: finishing requests in flight for up to "
-                        f"{grace:g}s (again to stop at once)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    if announce:
+                        print(
+                            f"\ndispatcher: {name}: finishing requests in flight for up to "
+                            f"{grace:g}s (again to stop at once)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                     tg.start_soon(_grace_then_stop, grace, hard_stop)
                 else:
-                    print(f"\ndispatcher: {name} again: stopping now", file=sys.stderr)
+                    if announce:
+                        print(f"\ndispatcher: {name} again: stopping now", file=sys.stderr)
                     hard_stop.cancel()
                     tg.cancel_scope.cancel()
                     return
@@ -80,13 +87,15 @@ async def _watch_signals(engine: Engine, hard_stop: anyio.CancelScope, grace: fl
 
 async def _main(settings: SendSettings) -> RunStats:
     mode = resolve_mode(settings.progress, settings.quiet, sys.stderr)
+    if settings.processes > 1:
+        return await run_parallel(settings, show=functools.partial(_show, mode=mode))
     engines: list[Engine] = []
     run_scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
 
         def hook(engine: Engine) -> None:
             engines.append(engine)
-            tg.start_soon(_watch_signals, engine, run_scope, settings.grace)
+            tg.start_soon(watch_signals, engine, run_scope, settings.grace)
             tg.start_soon(show_progress, engine.stats, mode)
 
         with run_scope:
@@ -96,6 +105,10 @@ async def _main(settings: SendSettings) -> RunStats:
     if run_scope.cancelled_caught:
         stats.interrupted = True
     return stats
+
+
+async def _show(stats: RunStats, *, mode: ProgressMode) -> None:
+    await show_progress(stats, mode)
 
 
 def _results_in_the_way(path: str) -> bool:
@@ -118,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
-        stats = anyio.run(_main, settings, backend="asyncio")
+        stats = anyio.run(
+            _main, settings, backend="asyncio", backend_options=runner.backend_options()
+        )
     except LedgerError as exc:
         print(f"dispatcher send: error: cannot resume: {exc}", file=sys.stderr)
         return EXIT_USAGE

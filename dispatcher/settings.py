@@ -221,6 +221,7 @@ DEFAULT_RESULTS: Final = "results.jsonl"
 DEFAULT_PROGRESS: Final = "auto"
 DEFAULT_GRACE: Final = 30.0  # seconds requests in flight get to finish after Ctrl-C
 DEFAULT_ERROR_WINDOW: Final = 100  # records over which --max-error-rate is taken
+MAX_PROCESSES: Final = 64
 
 Format: TypeAlias = Literal["jsonl", "csv", "ids"]
 Progress: TypeAlias = Literal["auto", "bar", "lines", "off"]
@@ -400,6 +401,7 @@ class SendSettings:
     max_failures: int | None = None
     max_error_rate: float | None = None  # a fraction in (0, 1]
     error_window: int = DEFAULT_ERROR_WINDOW
+    processes: int = 1  # worker processes sharing the input and the rate budget
 
     def __post_init__(self) -> None:
         self._check_inputs()
@@ -454,6 +456,9 @@ class SendSettings:
                 "max_error_rate", f"must be above 0% and at most 100%, got {self.max_error_rate!r}"
             )
         _check_int("error_window", self.error_window, 1)
+        _check_int("processes", self.processes, 1, MAX_PROCESSES)
+        if self.processes > 1 and self.results == "-":
+            raise ConfigError("processes", "needs a results file, not stdout")
         if self.resume and self.overwrite:
             raise ConfigError("overwrite", "cannot be combined with --resume")
         if (self.retry_failed or self.resend_unknown) and not self.resume:

@@ -59,6 +59,11 @@ class JsonlSink:
         if len(self._buf) >= _WRITE_THRESHOLD:
             self._write_through()
 
+    def write_raw(self, line: bytes) -> None:
+        """A line that is not an envelope (a ``--processes`` worker's counters)."""
+        self._buf += line
+        self._write_through()
+
     def write_many(self, envs: Iterable[Envelope]) -> None:
         for env in envs:
             self.write(env)

@@ -1,0 +1,110 @@
+"""--processes: the work split over worker processes, merged into one results file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import orjson
+
+from dispatcher.emulator import Emulator, EmulatorConfig, Faults
+from dispatcher.multiproc import worker_settings
+from dispatcher.runner import in_shard
+from dispatcher.settings import Credentials, Rate, SendSettings
+
+TOKEN = "tok-multiproc-51d0"
+
+
+def env_for(emu: Emulator) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")}
+    env.update(
+        CLOUDFLARE_API_TOKEN=TOKEN, CLOUDFLARE_ACCOUNT_ID="acc", CLOUDFLARE_BASE_URL=emu.base_url
+    )
+    return env
+
+
+def write_input(path: Path, n: int) -> Path:
+    lines = [orjson.dumps({"instance_id": f"m{k}", "event_type": "e", "body": k}) for k in range(n)]
+    path.write_bytes(b"\n".join([*lines, b"{broken"]) + b"\n")
+    return path
+
+
+def test_worker_share_divides_the_rate_and_leaves_thresholds_to_the_parent() -> None:
+    settings = SendSettings(
+        inputs=("a.jsonl",),
+        account_id="acc",
+        credentials=Credentials(token=TOKEN),
+        rate=Rate(count=1200, per=300.0),
+        processes=3,
+        max_failures=10,
+    )
+    share = worker_settings(settings)
+    assert share.rate == Rate(count=400, per=300.0)
+    assert share.processes == 1
+    assert share.max_failures is None
+
+
+def test_shards_cover_every_key_once() -> None:
+    keys = [f"key-{k}" for k in range(1000)]
+    owners = Counter(sum(in_shard(key, (i, 3)) for i in range(3)) for key in keys)
+    assert owners == {1: 1000}
+
+
+async def test_two_processes_send_everything_once_into_one_file(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 400)
+    out = tmp_path / "out.jsonl"
+    cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults.parse(["500=10%"], first=1))
+    async with Emulator(cfg) as emu:
+        result = await anyio.run_process(
+            [
+                sys.executable,
+                *("-m", "dispatcher", "send", str(src), "--workflow", "wf"),
+                *("--rate", "unlimited", "--processes", "2", "--results", str(out)),
+            ],
+            env=env_for(emu),
+            check=False,
+        )
+        accepted = {k[1]: len(v) for k, v in emu.log.accepted.items()}
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr  # the broken line
+    envs = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert len(envs) == 401
+    assert len({e["key"] for e in envs}) == 401
+    assert Counter(e["delivery"] for e in envs) == {"confirmed": 400, "not_sent": 1}
+    assert accepted == {f"m{k}": 1 for k in range(400)}
+    assert "400 confirmed" in stderr
+    assert "retries" in stderr
+    assert TOKEN not in stderr
+    assert not any(name.startswith("out.jsonl.inflight") for name in os.listdir(tmp_path))
+
+
+async def test_ctrl_c_reaches_every_worker(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 300)
+    out = tmp_path / "out.jsonl"
+    cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults.parse([], latency="200ms"))
+    async with Emulator(cfg) as emu:
+        proc = await anyio.open_process(
+            [
+                sys.executable,
+                *("-m", "dispatcher", "send", str(src), "--workflow", "wf", "--quiet"),
+                *("--rate", "40/s", "--processes", "2", "--results", str(out)),
+            ],
+            env=env_for(emu),
+        )
+        with anyio.fail_after(20):  # let both workers get going, however slow they start
+            while len(emu.log.accepted) < 20:
+                await anyio.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(15):
+            code = await proc.wait()
+        accepted = {k[1] for k in emu.log.accepted}
+    assert code == 130
+    envs = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert 0 < len(envs) < 301
+    # Whatever the emulator accepted has its confirmed envelope: nothing in flight was lost.
+    assert {e["instance_id"] for e in envs if e["ok"]} == accepted
+    assert not any(name.startswith("out.jsonl.inflight") for name in os.listdir(tmp_path))
