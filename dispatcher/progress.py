@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Final, Literal, TextIO
 
 import anyio
@@ -24,6 +25,15 @@ def status_line(stats: RunStats) -> str:
     )
 
 
+def bar_status(stats: RunStats) -> str:
+    """The text beside the bar, which shows the counts already."""
+    return (
+        f"{stats.failed:,} failed · {stats.in_flight} in flight · "
+        f"{stats.attempts / stats.elapsed():,.0f} req/s · {stats.retries:,} retries · "
+        f"{stats.rate_limited:,} 429s"
+    )
+
+
 def resolve_mode(mode: ProgressMode, quiet: bool, stream: TextIO) -> ProgressMode:
     if quiet:
         return "off"
@@ -32,8 +42,28 @@ def resolve_mode(mode: ProgressMode, quiet: bool, stream: TextIO) -> ProgressMod
     return mode
 
 
-async def show_progress(stats: RunStats, mode: ProgressMode, stream: TextIO = sys.stderr) -> None:
-    """Run until cancelled: a live line on a terminal, or a plain line every few seconds."""
+def count_lines(paths: Sequence[str]) -> int | None:
+    """Roughly how many records the inputs hold (lines; None when one is stdin)."""
+    if "-" in paths:
+        return None
+    total = 0
+    for path in paths:
+        last = b"\n"
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                total += chunk.count(b"\n")
+                last = chunk[-1:]
+        total += last != b"\n"
+    return total
+
+
+async def show_progress(
+    stats: RunStats,
+    mode: ProgressMode,
+    stream: TextIO = sys.stderr,
+    inputs: Sequence[str] = (),
+) -> None:
+    """Run until cancelled: a live bar on a terminal, or a plain line every few seconds."""
     if mode == "off":
         await anyio.sleep_forever()
     if mode == "lines":
@@ -42,14 +72,38 @@ async def show_progress(stats: RunStats, mode: ProgressMode, stream: TextIO = sy
             print(f"dispatcher: {status_line(stats)}", file=stream, flush=True)
     # Imported here: rich costs ~50 ms to import and only terminals need it.
     from rich.console import Console
-    from rich.live import Live
-    from rich.text import Text
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    console = Console(file=stream)
-    with Live(Text(status_line(stats)), console=console, transient=True) as live:
-        while True:
-            await anyio.sleep(BAR_INTERVAL)
-            live.update(Text(f"⠿ {status_line(stats)}"))
+    columns = (
+        SpinnerColumn(),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+    with Progress(*columns, console=Console(file=stream), transient=True) as progress:
+        task = progress.add_task("send", total=None, status="")
+        async with anyio.create_task_group() as tg:
+
+            async def total() -> None:
+                # Counting lines reads the inputs once more: in a thread, while sending.
+                lines = await anyio.to_thread.run_sync(count_lines, inputs, abandon_on_cancel=True)
+                if lines:
+                    progress.update(task, total=lines)
+
+            if inputs:
+                tg.start_soon(total)
+            while True:
+                done = stats.records + sum(stats.skipped.values())
+                progress.update(task, completed=done, status=bar_status(stats))
+                await anyio.sleep(BAR_INTERVAL)
 
 
 def _table(title: str, counts: dict[str, int]) -> list[str]:

@@ -88,7 +88,8 @@ async def watch_signals(
 async def _main(settings: SendSettings) -> RunStats:
     mode = resolve_mode(settings.progress, settings.quiet, sys.stderr)
     if settings.processes > 1:
-        return await run_parallel(settings, show=functools.partial(_show, mode=mode))
+        show = functools.partial(_show, mode=mode, inputs=settings.inputs)
+        return await run_parallel(settings, show=show)
     engines: list[Engine] = []
     run_scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
@@ -96,7 +97,7 @@ async def _main(settings: SendSettings) -> RunStats:
         def hook(engine: Engine) -> None:
             engines.append(engine)
             tg.start_soon(watch_signals, engine, run_scope, settings.grace)
-            tg.start_soon(show_progress, engine.stats, mode)
+            tg.start_soon(show_progress, engine.stats, mode, sys.stderr, settings.inputs)
 
         with run_scope:
             await runner.run(settings, engine_hook=hook)
@@ -107,8 +108,8 @@ async def _main(settings: SendSettings) -> RunStats:
     return stats
 
 
-async def _show(stats: RunStats, *, mode: ProgressMode) -> None:
-    await show_progress(stats, mode)
+async def _show(stats: RunStats, *, mode: ProgressMode, inputs: tuple[str, ...]) -> None:
+    await show_progress(stats, mode, sys.stderr, inputs)
 
 
 def _results_in_the_way(path: str) -> bool:
