@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "send": ("dispatcher.send_cmd", "send events from JSONL, CSV or id-list files"),
     "demo": ("dispatcher.demo_cmd", "run the whole job against the embedded emulator"),
     "emulate": ("dispatcher.emulator.cli", "serve the Cloudflare Workflows API emulator"),
+    "report": ("dispatcher.report_cmd", "summarise results files: outcomes, latency, throughput"),
+    "load": ("dispatcher.load_cmd", "load-test a workflow at a known arrival rate"),
 }
 
 

@@ -232,7 +232,7 @@ async def drain_to_sink(
     await sink.flush()
 
 
-def _skip_reason(record: Record, state: KeyState | None, settings: SendSettings) -> str | None:
+def skip_reason(record: Record, state: KeyState | None, settings: SendSettings) -> str | None:
     """Why resume leaves this record alone, or None to send it."""
     if state is None:
         return None
@@ -257,7 +257,7 @@ async def _resumed(
     async for batch in batches:
         kept = []
         for record in batch:
-            reason = _skip_reason(record, ledger.get(record.key), settings)
+            reason = skip_reason(record, ledger.get(record.key), settings)
             if reason is None:
                 kept.append(record)
             else:

@@ -17,6 +17,7 @@ import anyio
 
 from dispatcher import runner
 from dispatcher.config import add_send_arguments, load_send_settings
+from dispatcher.dryrun import add_dry_run_argument, dry_run
 from dispatcher.engine import Engine
 from dispatcher.ledger import LedgerError
 from dispatcher.multiproc import run_parallel
@@ -34,6 +35,7 @@ EXIT_INTERRUPTED: Final = 130
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_send_arguments(parser)
+    add_dry_run_argument(parser)
 
 
 def exit_code(stats: RunStats) -> int:
@@ -123,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, InputError) as exc:
         print(f"dispatcher send: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.dry_run:
+        return dry_run(settings, sys.stdout)
     if not (settings.overwrite or settings.resume) and _results_in_the_way(settings.results):
         print(
             f"dispatcher send: error: --results {settings.results} already holds results; "
