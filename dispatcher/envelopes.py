@@ -71,7 +71,8 @@ def for_invalid(record: Invalid, now: datetime) -> Envelope:
         record,
         delivery=Delivery.NOT_SENT,
         kind=ErrorKind.INVALID,
-        message=record.message,
+        # Names file, line and rule, so the message alone says what to fix where.
+        message=f"{record.source}:{record.line}: [{record.rule}] {record.message}",
         attempts=0,
         started_at=None,
         finished_at=now,

@@ -149,6 +149,7 @@ async def test_invalid_lines_reported_with_line_numbers(tmp_path: Path) -> None:
         assert envs[line]["error"]["kind"] == "invalid"
         assert envs[line]["source"] == str(src)
         assert envs[line]["attempts"] == 0
+    assert envs[2]["error"]["message"].startswith(f"{src}:2: [bad_json] ")
     assert "instance_id" in envs[3]["error"]["message"]
     assert "instance_id" in envs[4]["error"]["message"]
     assert sent == {"ok1", "ok2"}
