@@ -101,7 +101,8 @@ class Started:
 
 
 def _line(event: Event) -> bytes:
-    return orjson.dumps(
+    # Held until the envelope is written: an exact-size copy, not orjson's 4 KiB buffer.
+    line = orjson.dumps(
         {
             "key": event.key,
             "source": event.source,
@@ -112,6 +113,7 @@ def _line(event: Event) -> bytes:
         },
         option=orjson.OPT_APPEND_NEWLINE,
     )
+    return bytes(memoryview(line))
 
 
 def read_crashed(path: str) -> tuple[datetime, Iterator[Started]] | None:

@@ -590,13 +590,13 @@ def test_raw_and_content_keys_never_share_counts() -> None:
 def test_fingerprint_table_counts_through_growth() -> None:
     table = FingerprintTable(initial_slots=4)
     rng = random.Random(1)
-    values = list({rng.getrandbits(64) | 1 for _ in range(5000)})
+    values = list({rng.getrandbits(64) | 1 for _ in range(20000)})
     assert [table.add(v) for v in values] == [0] * len(values)
     assert [table.add(v) for v in values[:100]] == [1] * 100
     assert [table.add(v) for v in values[:10]] == [2] * 10
     assert len(table) == len(values)
-    # A table at most half full and at least a quarter full once grown.
-    assert 16 <= table.nbytes / len(table) <= 32
+    # Shards at most half full and, grown, at least a quarter full on average.
+    assert 16 <= table.nbytes / len(table) <= 40
     assert table.add(0) == 0  # 0 stands for 1 internally; it is the first sighting of either
     assert table.add(1) == 1
 
