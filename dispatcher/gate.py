@@ -157,6 +157,17 @@ class RateGate:
         self._paused_s += until - max(now, self._paused_until)
         self._paused_until = until
 
+    def ready(self) -> bool:
+        """Whether :meth:`acquire` would return at once, without suspending.
+
+        Lets a caller skip the bookkeeping it needs around a wait (a cancel scope) in the
+        common case of an open gate.
+        """
+        if self._now() < self._paused_until:
+            return False
+        limiter = self._limiter
+        return limiter is None or (not self._bucket_waiters and limiter.has_capacity())
+
     async def acquire(self) -> None:
         """Wait until the run is not paused and the bucket has room, then take one slot."""
         while True:

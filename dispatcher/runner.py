@@ -202,33 +202,36 @@ async def drain_to_sink(
 
     The stream is left open: after a hard stop the caller takes what is still in it.
     """
-
-    def write(env: Envelope) -> None:
-        sink.write(env)
-        if journal is not None:
-            journal.written(env.key)
-
-    last_flush = anyio.current_time()
+    last_flush = time.monotonic()
+    dirty = False
     while True:
-        with anyio.move_on_after(FLUSH_INTERVAL):
+        try:
+            env = receive.receive_nowait()
+        except anyio.EndOfStream:
+            break
+        except anyio.WouldBlock:
+            # Nothing ready: wait, but not past the next flush if something is unflushed.
+            # (A timeout scope only here: one per envelope would cost more than the write.)
+            timeout = max(0.0, last_flush + FLUSH_INTERVAL - time.monotonic()) if dirty else None
             try:
-                env = await receive.receive()
+                with anyio.fail_after(timeout):
+                    env = await receive.receive()
+            except TimeoutError:
+                env = None
             except anyio.EndOfStream:
                 break
-            write(env)
-            # Take whatever else is ready without waiting, as one batch.
-            while True:
-                try:
-                    write(receive.receive_nowait())
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
-        now = anyio.current_time()
-        if now - last_flush >= FLUSH_INTERVAL:
+        if env is not None:
+            sink.write(env)
+            dirty = True
+            if journal is not None:
+                journal.written(env.key)
+        if dirty and time.monotonic() - last_flush >= FLUSH_INTERVAL:
             await sink.flush()
             if journal is not None:
                 # Only now are those envelopes durable: the journal can forget them.
                 journal.compact()
-            last_flush = now
+            last_flush = time.monotonic()
+            dirty = False
     await sink.flush()
 
 
