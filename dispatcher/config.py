@@ -54,6 +54,7 @@ from dispatcher.settings import (
     DEFAULT_RATE,
     DEFAULT_RESULTS,
     DEFAULT_TIMEOUT,
+    HTTP_CLIENTS,
     MAX_CONCURRENCY,
     ConfigError,
     Credentials,
@@ -217,6 +218,13 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
         help="worker processes sharing the input and dividing the rate between them; more "
         "than 1 helps only when one process keeps a core busy and more cores are free "
         "(default: 1)",
+    )
+    pace.add_argument(
+        "--http-client",
+        choices=HTTP_CLIENTS,
+        default=None,
+        help="fast: dispatcher's own lean HTTP/1.1 client (4-5x less CPU per request); "
+        "aiohttp: the general-purpose one (env DISPATCHER_HTTP_CLIENT; default: fast)",
     )
     pace.add_argument(
         "--max-attempts",
@@ -461,6 +469,12 @@ _KEYS: Final = (
     _Key(name="max_error_rate", flag="--max-error-rate", convert=_to_fraction),
     _Key(name="error_window", flag="--error-window", convert=_to_int),
     _Key(name="processes", flag="--processes", convert=_to_int),
+    _Key(
+        name="http_client",
+        flag="--http-client",
+        convert=_to_choice(HTTP_CLIENTS),
+        env="DISPATCHER_HTTP_CLIENT",
+    ),
 )
 # Settings read by hand below: two spellings of one value, or a path to a secret.
 _BODY_KEYS: Final = {"body": "--body", "body_file": "--body-file"}

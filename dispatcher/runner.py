@@ -24,6 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher import envelopes
 from dispatcher.engine import Engine, StopRules
+from dispatcher.fasthttp import FastTransport
 from dispatcher.gate import RateGate
 from dispatcher.journal import Journal, read_crashed
 from dispatcher.journal import path_for as journal_path_for
@@ -60,17 +61,19 @@ def gate_for(settings: SendSettings) -> tuple[RateGate, Pacer]:
     return gate, pacer
 
 
-def transport_for(settings: SendSettings) -> HttpTransport:
-    return HttpTransport(
-        TransportConfig(
-            base_url=settings.base_url,
-            account_id=settings.account_id,
-            auth_headers=settings.credentials.headers(),
-            timeout=settings.timeout,
-            connect_timeout=settings.connect_timeout,
-            pool_size=settings.concurrency,
-        )
+def transport_for(settings: SendSettings) -> Transport:
+    """The run's transport: the lean HTTP/1.1 client, or aiohttp (``--http-client``)."""
+    config = TransportConfig(
+        base_url=settings.base_url,
+        account_id=settings.account_id,
+        auth_headers=settings.credentials.headers(),
+        timeout=settings.timeout,
+        connect_timeout=settings.connect_timeout,
+        pool_size=settings.concurrency,
     )
+    if settings.http_client == "aiohttp":
+        return HttpTransport(config)
+    return FastTransport(config)
 
 
 def read_options(settings: SendSettings) -> ReadOptions:

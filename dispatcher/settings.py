@@ -158,7 +158,11 @@ def parse_duration(text: str) -> float:
             f"invalid duration {text!r}: expected a number of seconds or a number with "
             "a unit ms, s, m or h, such as '30s', '200ms', '5m'"
         )
-    seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"] or "s"]
+    number = float(match["number"])
+    # Divide for milliseconds: 955 / 1000 is the double nearest 0.955, 955 * 0.001 is not,
+    # and a rate's text must read back as the same rate.
+    unit = match["unit"] or "s"
+    seconds = number / 1000.0 if unit == "ms" else number * _UNIT_SECONDS[unit]
     if not math.isfinite(seconds):
         raise ValueError(f"invalid duration {text!r}: too large")
     if seconds < 0:
@@ -222,6 +226,8 @@ DEFAULT_PROGRESS: Final = "auto"
 DEFAULT_GRACE: Final = 30.0  # seconds requests in flight get to finish after Ctrl-C
 DEFAULT_ERROR_WINDOW: Final = 100  # records over which --max-error-rate is taken
 MAX_PROCESSES: Final = 64
+HttpClient = Literal["fast", "aiohttp"]
+HTTP_CLIENTS: Final = ("fast", "aiohttp")
 
 Format: TypeAlias = Literal["jsonl", "csv", "ids"]
 Progress: TypeAlias = Literal["auto", "bar", "lines", "off"]
@@ -402,6 +408,7 @@ class SendSettings:
     max_error_rate: float | None = None  # a fraction in (0, 1]
     error_window: int = DEFAULT_ERROR_WINDOW
     processes: int = 1  # worker processes sharing the input and the rate budget
+    http_client: HttpClient = "fast"  # our lean HTTP/1.1 client, or aiohttp
 
     def __post_init__(self) -> None:
         self._check_inputs()
@@ -457,6 +464,7 @@ class SendSettings:
             )
         _check_int("error_window", self.error_window, 1)
         _check_int("processes", self.processes, 1, MAX_PROCESSES)
+        _check_choice("http_client", self.http_client, HTTP_CLIENTS)
         if self.processes > 1 and self.results == "-":
             raise ConfigError("processes", "needs a results file, not stdout")
         if self.resume and self.overwrite:
