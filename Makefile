@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo emulate clean bench
+.PHONY: install test lint typecheck pytest demo emulate clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ demo: $(STAMP)
 
 emulate: $(STAMP)
 	$(BIN)/dispatcher emulate
+
+# Installs nginx and wrk with apt-get if missing; writes BENCHMARKS.md (~10 min).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run.py --quick
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
