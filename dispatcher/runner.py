@@ -104,17 +104,22 @@ async def input_batches(
     settings: SendSettings, keys: KeyDeriver | None = None
 ) -> AsyncGenerator[list[Record], None]:
     """Batches of records from every input in turn; parsing runs in a worker thread."""
+    own = keys is None
     keys = keys if keys is not None else KeyDeriver()
     options = read_options(settings)
-    for path in settings.inputs:
-        fmt = detect_format(path, settings.format)
-        batches = read_batches(path, fmt, options, keys)
-        while True:
-            # abandon_on_cancel: a read blocked on stdin must not hold up Ctrl-C.
-            batch = await anyio.to_thread.run_sync(next, batches, None, abandon_on_cancel=True)
-            if batch is None:
-                break
-            yield batch
+    try:
+        for path in settings.inputs:
+            fmt = detect_format(path, settings.format)
+            batches = read_batches(path, fmt, options, keys)
+            while True:
+                # abandon_on_cancel: a read blocked on stdin must not hold up Ctrl-C.
+                batch = await anyio.to_thread.run_sync(next, batches, None, abandon_on_cancel=True)
+                if batch is None:
+                    break
+                yield batch
+    finally:
+        if own:
+            keys.close()
 
 
 async def _batched(

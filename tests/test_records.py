@@ -650,3 +650,31 @@ def test_reading_is_lazy_on_a_large_input() -> None:
     second = next(batches)
     assert second[0].line == 1001
     assert raw.bytes_read < len(data) // 25
+
+
+def test_repeat_counts_stay_exact_when_spilled_to_disk() -> None:
+    from dispatcher.keys import RepeatCounter
+
+    counter = RepeatCounter(spill_at=100)
+    rng = random.Random(7)
+    values = list({rng.getrandbits(64) for _ in range(1000)} | {0})
+    assert [counter.add(v) for v in values[:50]] == [0] * 50
+    assert not counter.spilled
+    assert [counter.add(v) for v in values] == [1] * 50 + [0] * (len(values) - 50)
+    assert counter.spilled
+    assert len(counter) == len(values)
+    assert [counter.add(v) for v in values[:60]] == [2] * 50 + [1] * 10
+    counter.close()
+
+
+def test_keys_after_the_spill_match_keys_in_memory() -> None:
+    records = [("wf", f"i{k % 300}", "e", b"{}") for k in range(1000)]
+    small, big = KeyDeriver(spill_at=50), KeyDeriver()
+    try:
+        assert [small.key_for(None, *r) for r in records] == [
+            big.key_for(None, *r) for r in records
+        ]
+        assert small.table.spilled
+    finally:
+        small.close()
+        big.close()
