@@ -156,10 +156,6 @@ class Engine:
         self._active: dict[int, _Active] = {}
         self._pacer = pacer
 
-    def active_keys(self) -> list[str]:
-        """Keys of records attempted but not yet finished (what the journal must keep)."""
-        return [a.event.key for a in self._active.values()]
-
     def abandoned(self) -> list[Envelope]:
         """Envelopes for records cut off by a hard stop, after the engine was cancelled.
 
@@ -228,6 +224,8 @@ class Engine:
                 await self._source(batches, send_work, out)
         finally:
             self.stats.finished = time.monotonic()
+            gate = self._gate.stats
+            self.stats.pauses, self.stats.paused_s = gate.pauses, gate.paused_s
 
     async def _source(
         self,

@@ -66,12 +66,10 @@ class Pacer:
         "_gate",
         "_last_tick",
         "_policy_rate",
-        "_requested",
         "_slow_start",
         "_stretch_until",
         "_target",
         "_trouble",
-        "changes",
     )
 
     def __init__(
@@ -81,14 +79,12 @@ class Pacer:
         self._gate = gate
         self._auto = auto
         self._clock = clock
-        self._requested = requested
         self._policy_rate: float | None = None
         self._stretch_until = 0.0
         self._slow_start = True
         self._trouble = False
         self._last_tick = clock()
         self._target: float | None = AUTO_START if auto else requested
-        self.changes = 0
         self._apply(self._target, force=True)
 
     @property
@@ -109,7 +105,6 @@ class Pacer:
         if not force and _close(rate, self._gate.rate):
             return
         self._gate.set_rate(rate)
-        self.changes += 1
 
     def observe(self, outcome: Outcome, in_flight: int) -> None:
         """Take one answer into account; ``in_flight`` counts requests still out."""

@@ -126,6 +126,11 @@ def format_summary(stats: RunStats, results: str) -> str:
         f"  requests   {stats.attempts:,} ({stats.retries:,} retries, "
         f"{stats.rate_limited:,} answered 429)"
     )
+    if stats.pauses:
+        lines.append(
+            f"  paused     {stats.pauses:,} times, {stats.paused_s:,.1f} s in all "
+            "(every worker waits out a 429's Retry-After or a spent budget)"
+        )
     mean = stats.latency_sum_ms / stats.latency_count if stats.latency_count else 0.0
     lines.append(
         f"  rate       {stats.attempts / elapsed:,.1f} requests/s, "

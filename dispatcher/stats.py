@@ -17,6 +17,8 @@ class RunStats:
     attempts: int = 0  # requests that left or tried to
     retries: int = 0
     rate_limited: int = 0  # 429 answers
+    pauses: int = 0  # run-wide pauses (429 Retry-After, spent budget)
+    paused_s: float = 0.0
     in_flight: int = 0
     deliveries: Counter[str] = field(default_factory=Counter)
     statuses: Counter[str] = field(default_factory=Counter)  # final status; "none" without answer

@@ -97,6 +97,8 @@ async def test_429_pauses_every_worker(tmp_path: Path) -> None:
     assert len(envs) == 25
     assert all(e["delivery"] == "confirmed" for e in envs)
     assert stats.rate_limited >= 1
+    assert stats.pauses >= 1
+    assert stats.paused_s >= 0.9  # the summary reports the time every worker waited
     first_429 = min(r.t for r in requests if r.status == 429)
     # Requests already past the gate may land a moment after the 429; after that, nobody
     # sends until Retry-After (1 s) has passed.
