@@ -82,6 +82,8 @@ def _stats_line(stats: RunStats) -> bytes:
                 "attempts": stats.attempts,
                 "retries": stats.retries,
                 "rate_limited": stats.rate_limited,
+                "pauses": stats.pauses,
+                "paused_s": stats.paused_s,
                 "in_flight": stats.in_flight,
                 "skipped": dict(stats.skipped),
                 "stop_reason": stats.stop_reason,
@@ -166,6 +168,9 @@ class _Workers:
         stats.retries = sum(c["retries"] for c in self.latest.values())
         stats.rate_limited = sum(c["rate_limited"] for c in self.latest.values())
         stats.in_flight = sum(c["in_flight"] for c in self.latest.values())
+        # Workers pause together on a 429 (each sees it): report the longest, not the sum.
+        stats.pauses = max(c["pauses"] for c in self.latest.values())
+        stats.paused_s = max(c["paused_s"] for c in self.latest.values())
         stats.skipped.clear()
         for c in self.latest.values():
             stats.skipped.update(c["skipped"])

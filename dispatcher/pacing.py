@@ -66,6 +66,7 @@ class Pacer:
         "_gate",
         "_last_tick",
         "_policy_rate",
+        "_share",
         "_slow_start",
         "_stretch_until",
         "_target",
@@ -73,9 +74,22 @@ class Pacer:
     )
 
     def __init__(
-        self, gate: Gate, requested: float | None, *, auto: bool, clock: Callable[[], float]
+        self,
+        gate: Gate,
+        requested: float | None,
+        *,
+        auto: bool,
+        clock: Callable[[], float],
+        share: float = 1.0,
     ) -> None:
-        """``requested``: the rate asked for (``None``: unlimited); ignored when ``auto``."""
+        """``requested``: the rate asked for (``None``: unlimited); ignored when ``auto``.
+
+        ``share``: this run's part of the account's budget (``1/N`` for each of
+        ``--processes N``), applied to what the headers say.
+        """
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share!r}")
+        self._share = share
         self._gate = gate
         self._auto = auto
         self._clock = clock
@@ -111,7 +125,7 @@ class Pacer:
         now = self._clock()
         info = outcome.ratelimit
         if info is not None and info.quota is not None and info.window:
-            policy = SAFETY * info.quota / info.window
+            policy = SAFETY * self._share * info.quota / info.window
             if self._policy_rate is None or abs(policy - self._policy_rate) > 1e-9:
                 self._policy_rate = policy
                 if self._auto:
@@ -137,7 +151,7 @@ class Pacer:
                 self._gate.pause_for(info.reset)
             elif info.reset >= _MIN_STRETCH_RESET:
                 pace = self._ceiling(self._target)
-                lasting = info.remaining / info.reset
+                lasting = self._share * info.remaining / info.reset
                 if pace is None or lasting < pace:
                     stretched = lasting
                     self._stretch_until = now + info.reset

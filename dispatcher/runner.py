@@ -52,12 +52,15 @@ def policy_for(settings: SendSettings) -> RetryPolicy:
     return RetryPolicy(max_attempts=settings.max_attempts, max_retry_wait=settings.max_retry_wait)
 
 
-def gate_for(settings: SendSettings) -> tuple[RateGate, Pacer]:
-    """The run's gate and the pacer that adapts it to the server's rate headers."""
+def gate_for(settings: SendSettings, share: float = 1.0) -> tuple[RateGate, Pacer]:
+    """The run's gate and the pacer that adapts it to the server's rate headers.
+
+    ``share`` is this process's part of the budget when ``--processes`` splits a run.
+    """
     rate = settings.rate
     requested = rate.per_second if isinstance(rate, Rate) else None
     gate = RateGate(requested)
-    pacer = Pacer(gate, requested, auto=rate == "auto", clock=time.monotonic)
+    pacer = Pacer(gate, requested, auto=rate == "auto", clock=time.monotonic, share=share)
     return gate, pacer
 
 
@@ -389,7 +392,7 @@ async def run(
     # A shard's envelopes reach the disk only in its parent: its journal is never
     # compacted, and stays until the parent has written everything.
     tracked = journal if shard is None else None
-    gate, pacer = gate_for(settings)
+    gate, pacer = gate_for(settings, share=1.0 if shard is None else 1.0 / shard[1])
     engine = Engine(
         transport=tx,
         gate=gate,

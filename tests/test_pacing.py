@@ -66,6 +66,13 @@ def test_policy_header_caps_a_faster_requested_rate() -> None:
     assert gate.rate == pytest.approx(SAFETY * 4.0)
 
 
+def test_a_share_of_the_budget_for_each_of_several_processes() -> None:
+    gate, clock = FakeGate(), Clock()
+    pacer = Pacer(gate, None, auto=True, clock=clock, share=0.5)
+    pacer.observe(answer(r=1199, t=300, q=1200, w=300), in_flight=1)
+    assert gate.rate == pytest.approx(SAFETY * 4.0 / 2)
+
+
 def test_slower_requested_rate_is_kept() -> None:
     gate, clock = FakeGate(), Clock()
     pacer = Pacer(gate, 2.0, auto=False, clock=clock)
