@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+from factories import make_envelope
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,25 +30,7 @@ T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
 def env(key: str, **kw: Any) -> Envelope:
-    base: dict[str, Any] = {
-        "key": key,
-        "source": "in.jsonl",
-        "line": 1,
-        "workflow": "wf",
-        "instance_id": f"inst-{key}",
-        "event_type": "approval",
-        "ok": True,
-        "status": 200,
-        "attempts": 1,
-        "delivery": Delivery.CONFIRMED,
-        "error": None,
-        "started_at": T0,
-        "finished_at": T0 + timedelta(milliseconds=15),
-        "latency_ms": 12.5,
-        "elapsed_ms": 15.25,
-    }
-    base.update(kw)
-    return Envelope(**base)
+    return make_envelope(key, T0, **kw)
 
 
 def failed(key: str, kind: ErrorKind = ErrorKind.HTTP, **kw: Any) -> Envelope:
