@@ -127,9 +127,13 @@ async def test_percentiles_move_with_injected_latency(tmp_path: Path) -> None:
     assert fast.p50_ms is not None
     assert slow.p50_ms is not None
     assert slow.p99_ms is not None
-    assert 130 <= slow.p50_ms - fast.p50_ms <= 250
+    assert fast.min_ms is not None
     assert slow.min_ms is not None
+    # The injected 150 ms moves the whole distribution (minimum compared, not median: a
+    # loaded 2-core machine adds tens of ms to a median of either run).
     assert slow.min_ms >= 150
+    assert 130 <= slow.min_ms - fast.min_ms <= 350
+    assert slow.p50_ms >= max(150, fast.p50_ms)
     assert all(r.stats.dropped == 0 for r in results)
 
 

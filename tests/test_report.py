@@ -349,10 +349,15 @@ async def test_percentiles_move_with_injected_latency(tmp_path: Path) -> None:
     assert slow.latency.p50_ms is not None
     assert slow.latency.p99_ms is not None
     assert slow.latency.max_ms is not None
-    # The added 200 ms shows in the median, and nothing is faster than what was injected.
-    assert 180 <= slow.latency.p50_ms - fast.latency.p50_ms <= 300
+    assert fast.latency.min_ms is not None
     assert slow.latency.min_ms is not None
+    # The added 200 ms moves the whole distribution: nothing is faster than what was
+    # injected, and the fastest request moves by it. (The minimum, not the median, is
+    # compared: on a loaded 2-core machine, opening 30 connections at once can add
+    # 100 ms to a median of either run.)
     assert slow.latency.min_ms >= 200
+    assert 180 <= slow.latency.min_ms - fast.latency.min_ms <= 400
+    assert slow.latency.p50_ms >= max(200, fast.latency.p50_ms)
     assert slow.latency.p50_ms <= slow.latency.p99_ms <= slow.latency.max_ms
 
 
