@@ -198,7 +198,7 @@ def _os_release() -> str:
 def event_loops() -> str:
     """Which event loop each contender runs on."""
     try:
-        from dispatcher import runner
+        from dispatcher.run import runner
     except ImportError:
         return "?"
     options = getattr(runner, "backend_options", None)

@@ -5,6 +5,7 @@ The public API is what ``__all__`` lists; everything else is internal.
 
 from __future__ import annotations
 
+from dispatcher.inputs.records import KeyDeriver, event_from_mapping
 from dispatcher.model import (
     Delivery,
     Envelope,
@@ -15,9 +16,8 @@ from dispatcher.model import (
     Outcome,
     Record,
 )
-from dispatcher.records import KeyDeriver, event_from_mapping
-from dispatcher.runner import dispatch, run
-from dispatcher.settings import (
+from dispatcher.run.runner import dispatch, run
+from dispatcher.run.settings import (
     ConfigError,
     Credentials,
     Rate,
@@ -25,7 +25,7 @@ from dispatcher.settings import (
     parse_duration,
     parse_rate,
 )
-from dispatcher.stats import RunStats
+from dispatcher.sending.stats import RunStats
 
 __all__ = [
     "ConfigError",

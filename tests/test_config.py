@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.config import ENV_VARS, TOML_KEYS, add_send_arguments, load_send_settings
-from dispatcher.settings import (
+from dispatcher.run.config import ENV_VARS, TOML_KEYS, add_send_arguments, load_send_settings
+from dispatcher.run.settings import (
     DEFAULT_RATE,
     ConfigError,
     Credentials,

@@ -10,14 +10,14 @@ import anyio
 import orjson
 import pytest
 
-from dispatcher import runner
-from dispatcher.cli import build_parser, main
-from dispatcher.dryrun import dry_run, format_seconds
+from dispatcher.commands.cli import build_parser, main
+from dispatcher.commands.dryrun import dry_run, format_seconds
 from dispatcher.emulator import Emulator, EmulatorConfig
+from dispatcher.inputs.records import KeyDeriver, read_batches
 from dispatcher.model import Delivery, Envelope
-from dispatcher.records import KeyDeriver, read_batches
-from dispatcher.settings import Credentials, SendSettings, parse_rate
-from dispatcher.sinks import encode
+from dispatcher.results.sinks import encode
+from dispatcher.run import runner
+from dispatcher.run.settings import Credentials, SendSettings, parse_rate
 
 TOKEN = "tok-dry-SECRET-77aa01"
 

@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 import pytest
 
-from dispatcher.cli import main
+from dispatcher.commands.cli import main
 
 SECRET = "cli-secret-token-987"
 URL_LINE = re.compile(r"base URL:\s+(http://127\.0\.0\.1:(\d+)/client/v4)")

@@ -15,7 +15,7 @@ import pytest
 from yarl import URL
 
 from dispatcher.emulator import Emulator, EmulatorConfig, Faults, Limit
-from dispatcher.validation import MAX_BODY_BYTES
+from dispatcher.inputs.validation import MAX_BODY_BYTES
 
 TOKEN = "emulator-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -9,11 +9,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from dispatcher import runner
 from dispatcher.emulator import Emulator, EmulatorConfig, Faults, Limit
 from dispatcher.model import Delivery, Envelope, Event
-from dispatcher.policy import RetryPolicy
-from dispatcher.settings import Credentials, SendSettings, parse_rate
+from dispatcher.run import runner
+from dispatcher.run.settings import Credentials, SendSettings, parse_rate
+from dispatcher.sending.policy import RetryPolicy
 
 TOKEN = "tok-engine-test-5b1c9e"
 

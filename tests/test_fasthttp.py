@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from dispatcher.clients.base import TransportConfig
+from dispatcher.clients.fast import FastTransport
 from dispatcher.emulator import Emulator, EmulatorConfig, Faults, Limit
-from dispatcher.fasthttp import FastTransport
 from dispatcher.model import ErrorKind, Event
-from dispatcher.transport import TransportConfig
 
 SECRET = "tok-fasthttp-5ec2e7"
 OK_BODY = b'{"success":true,"errors":[],"messages":[],"result":{"instanceId":"x"}}'

@@ -19,7 +19,7 @@ from typing import TypeVar, TypeVarTuple, Unpack
 import anyio
 import pytest
 
-from dispatcher.gate import GateStats, RateGate, default_burst
+from dispatcher.sending.gate import GateStats, RateGate, default_burst
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")

@@ -15,7 +15,8 @@ from factories import make_envelope
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.ledger import (
+from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind
+from dispatcher.results.ledger import (
     KeyState,
     LedgerError,
     TornTail,
@@ -24,9 +25,8 @@ from dispatcher.ledger import (
     read_envelopes,
     repair_jsonl_tail,
 )
-from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind
-from dispatcher.sinks import JsonlSink, encode
-from dispatcher.sqlite_sink import SqliteSink
+from dispatcher.results.sinks import JsonlSink, encode
+from dispatcher.results.sqlite_sink import SqliteSink
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 500, tzinfo=UTC)
 CONFIRMED = KeyState(delivery=Delivery.CONFIRMED, ok=True, error_kind=None)

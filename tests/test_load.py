@@ -12,12 +12,19 @@ import anyio
 import orjson
 import pytest
 
-from dispatcher.cli import main
+from dispatcher.commands.cli import main
 from dispatcher.emulator import Emulator, EmulatorConfig, Faults
-from dispatcher.ledger import read_envelopes
-from dispatcher.loadtest import LoadProfile, LoadResult, LoadSettings, LoadStats, Stage, run_load
-from dispatcher.report import parse_threshold
-from dispatcher.settings import Credentials
+from dispatcher.report.summary import parse_threshold
+from dispatcher.results.ledger import read_envelopes
+from dispatcher.run.loadtest import (
+    LoadProfile,
+    LoadResult,
+    LoadSettings,
+    LoadStats,
+    Stage,
+    run_load,
+)
+from dispatcher.run.settings import Credentials
 
 TOKEN = "tok-load-SECRET-51c2"
 

@@ -12,9 +12,9 @@ import anyio
 import orjson
 
 from dispatcher.emulator import Emulator, EmulatorConfig, Faults
-from dispatcher.multiproc import worker_settings
-from dispatcher.runner import in_shard
-from dispatcher.settings import Credentials, Rate, SendSettings
+from dispatcher.run.multiproc import worker_settings
+from dispatcher.run.runner import in_shard
+from dispatcher.run.settings import Credentials, Rate, SendSettings
 
 TOKEN = "tok-multiproc-51d0"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from dispatcher import runner
 from dispatcher.emulator import Emulator, EmulatorConfig, Limit
 from dispatcher.model import ErrorKind, Outcome, RateLimitInfo
-from dispatcher.pacing import AUTO_START, SAFETY, Pacer
-from dispatcher.settings import Credentials, SendSettings, parse_rate
+from dispatcher.run import runner
+from dispatcher.run.settings import Credentials, SendSettings, parse_rate
+from dispatcher.sending.pacing import AUTO_START, SAFETY, Pacer
 
 
 class FakeGate:

@@ -8,15 +8,14 @@ from typing import Any
 
 import pytest
 
+from dispatcher.clients.headers import parse_ratelimit, parse_retry_after
 from dispatcher.model import ErrorKind, Outcome, RateLimitInfo
-from dispatcher.policy import (
+from dispatcher.sending.policy import (
     Final,
     Retry,
     RetryPolicy,
     backoff,
     classify,
-    parse_ratelimit,
-    parse_retry_after,
 )
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)

@@ -12,10 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
-from dispatcher import records
-from dispatcher.keys import FingerprintTable, KeyDeriver
-from dispatcher.model import Event, Invalid, Record
-from dispatcher.records import (
+from dispatcher.inputs import records
+from dispatcher.inputs.keys import FingerprintTable, KeyDeriver
+from dispatcher.inputs.records import (
     PYTHON_SOURCE,
     STDIN_NAME,
     Format,
@@ -25,7 +24,8 @@ from dispatcher.records import (
     event_from_mapping,
     read_batches,
 )
-from dispatcher.validation import MAX_BODY_BYTES
+from dispatcher.inputs.validation import MAX_BODY_BYTES
+from dispatcher.model import Event, Invalid, Record
 
 
 def read(
@@ -653,7 +653,7 @@ def test_reading_is_lazy_on_a_large_input() -> None:
 
 
 def test_repeat_counts_stay_exact_when_spilled_to_disk() -> None:
-    from dispatcher.keys import RepeatCounter
+    from dispatcher.inputs.keys import RepeatCounter
 
     counter = RepeatCounter(spill_at=100)
     rng = random.Random(7)

@@ -18,10 +18,10 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.keys import KeyDeriver
+from dispatcher.inputs.keys import KeyDeriver
+from dispatcher.inputs.records import Format, ReadOptions, read_batches
+from dispatcher.inputs.validation import MAX_BODY_BYTES
 from dispatcher.model import Event, Record
-from dispatcher.records import Format, ReadOptions, read_batches
-from dispatcher.validation import MAX_BODY_BYTES
 
 SETTINGS = settings(
     max_examples=100,

@@ -12,12 +12,10 @@ from typing import Any
 import orjson
 import pytest
 
-from dispatcher import runner
-from dispatcher.cli import main
+from dispatcher.commands.cli import main
 from dispatcher.emulator import Emulator, EmulatorConfig, Faults
-from dispatcher.ledger import read_envelopes
 from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind
-from dispatcher.report import (
+from dispatcher.report.summary import (
     Report,
     ReportBuilder,
     check_thresholds,
@@ -25,9 +23,11 @@ from dispatcher.report import (
     parse_threshold,
     render,
 )
-from dispatcher.settings import Credentials, SendSettings
-from dispatcher.sinks import encode
-from dispatcher.sqlite_sink import SqliteSink
+from dispatcher.results.ledger import read_envelopes
+from dispatcher.results.sinks import encode
+from dispatcher.results.sqlite_sink import SqliteSink
+from dispatcher.run import runner
+from dispatcher.run.settings import Credentials, SendSettings
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 HDR_PRECISION = 1e-3  # 3 significant digits

@@ -17,7 +17,7 @@ import pytest
 from anyio.abc import Process
 
 from dispatcher.emulator import Emulator, EmulatorConfig, Faults
-from dispatcher.ledger import load_ledger, read_envelopes
+from dispatcher.results.ledger import load_ledger, read_envelopes
 
 TOKEN = "tok-resume-test-77aa01"
 

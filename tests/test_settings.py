@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.settings import (
+from dispatcher.run.settings import (
     DEFAULT_BASE_URL,
     DEFAULT_RATE,
     ConfigError,

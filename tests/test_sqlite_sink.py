@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind
-from dispatcher.sinks import JsonlSink, open_sink
-from dispatcher.sqlite_sink import (
+from dispatcher.results.sinks import JsonlSink, open_sink
+from dispatcher.results.sqlite_sink import (
     SCHEMA_VERSION,
     SqliteSink,
     SqliteSinkError,

@@ -6,9 +6,10 @@ import socket
 
 from multidict import CIMultiDict
 
+from dispatcher.clients.aiohttp_client import HttpTransport
+from dispatcher.clients.base import TransportConfig, UrlBuilder, outcome_from_response
 from dispatcher.emulator import Emulator, EmulatorConfig
 from dispatcher.model import ErrorKind, Event
-from dispatcher.transport import HttpTransport, TransportConfig, UrlBuilder, outcome_from_response
 
 SECRET = "tok-transport-c0ffee"
 

@@ -25,7 +25,7 @@ from dispatcher.emulator.faults import EventKey, FaultKind, FaultPlan
 from dispatcher.emulator.log import EmulatorLog, RequestEntry
 from dispatcher.emulator.ratelimit import FixedWindowLimiter
 from dispatcher.emulator.units import format_seconds
-from dispatcher.validation import MAX_BODY_BYTES, RuleViolation, check_body_size, check_path
+from dispatcher.inputs.validation import MAX_BODY_BYTES, RuleViolation, check_body_size, check_path
 
 API_ROOT: Final = "/client/v4"
 STATS_PATH: Final = "/__emulator/stats"

@@ -12,7 +12,7 @@ from aiohttp import web
 from dispatcher.emulator.config import EmulatorConfig
 from dispatcher.emulator.handler import API_ROOT, STATS_PATH, EventService
 from dispatcher.emulator.log import EmulatorLog
-from dispatcher.validation import MAX_BODY_BYTES
+from dispatcher.inputs.validation import MAX_BODY_BYTES
 
 # Requests in flight (say, sleeping on injected latency) get this long to finish at close.
 SHUTDOWN_TIMEOUT: Final = 1.0

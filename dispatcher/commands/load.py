@@ -1,0 +1,444 @@
+"""`dispatcher load`: an open-model load test of one workflow, judged by thresholds.
+
+Exit codes: 0 done and every ``--threshold`` held, 2 usage or config error, 3 stopped
+early (credentials rejected), 4 a threshold was breached, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Final, TextIO
+
+import anyio
+import orjson
+
+from dispatcher.inputs.records import InputError, KeyDeriver, ReadOptions, read_batches
+from dispatcher.inputs.validation import MAX_BODY_BYTES, RuleViolation, check_path
+from dispatcher.model import Invalid
+from dispatcher.report.summary import Threshold, format_metric, parse_threshold, render
+from dispatcher.run.config import add_send_arguments, load_send_settings
+from dispatcher.run.loadtest import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_RESULTS,
+    LoadProfile,
+    LoadResult,
+    LoadRun,
+    LoadSettings,
+    live_view,
+    parse_stage_rate,
+)
+from dispatcher.run.settings import ConfigError, SendSettings, parse_duration
+
+EXIT_OK: Final = 0
+EXIT_USAGE: Final = 2
+EXIT_STOPPED: Final = 3
+EXIT_THRESHOLD: Final = 4
+EXIT_INTERRUPTED: Final = 130
+DEFAULT_DURATION: Final = "30s"
+_MAX_INVALID_SHOWN: Final = 5
+
+# Flags of `send` that mean exactly the same here (target, credentials, timeouts): taken
+# with their help from send's parser, and parsed by send's loader below.
+_SHARED_FLAGS: Final = (
+    "--validate-ids",
+    "--account-id",
+    "--base-url",
+    "--token",
+    "--token-file",
+    "--timeout",
+    "--connect-timeout",
+    "--overwrite",
+    "--quiet",
+)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Arrivals follow --rate/--duration or --ramp whatever the server does; an arrival "
+        "that finds all --concurrency workers busy is dropped and counted, never queued. "
+        "No retries: each arrival is one request. Credentials and target as for send: "
+        "CLOUDFLARE_API_TOKEN (or CLOUDFLARE_EMAIL + CLOUDFLARE_API_KEY, or --token-file), "
+        "CLOUDFLARE_ACCOUNT_ID, CLOUDFLARE_BASE_URL."
+    )
+    # Borrow send's definitions of the shared flags, so help and parsing stay the same.
+    donor = argparse.ArgumentParser(add_help=False)
+    add_send_arguments(donor)
+    for action in donor._actions:
+        if any(opt in _SHARED_FLAGS for opt in action.option_strings):
+            parser._add_action(action)
+
+    what = parser.add_argument_group("what each arrival sends")
+    what.add_argument("--workflow", default=None, metavar="NAME", help="workflow (required)")
+    what.add_argument(
+        "--event-type", default=None, metavar="TYPE", help="event type of every request (required)"
+    )
+    body = what.add_mutually_exclusive_group()
+    body.add_argument(
+        "--body", default=None, metavar="JSON", help="payload of every request (default: none)"
+    )
+    body.add_argument(
+        "--body-file", default=None, metavar="PATH", help="read the payload from PATH"
+    )
+    body.add_argument(
+        "--bodies",
+        default=None,
+        metavar="FILE",
+        help="JSONL file of payloads, one JSON value a line, cycled through the arrivals",
+    )
+    who = parser.add_argument_group("instances (one of)")
+    who.add_argument(
+        "--instances", default=None, metavar="FILE", help="instance ids, one a line (# comments)"
+    )
+    who.add_argument(
+        "--instance-prefix",
+        default=None,
+        metavar="P",
+        help="generate ids P0, P1, ... (with --instance-count)",
+    )
+    who.add_argument("--instance-count", default=None, metavar="N", help="how many ids to generate")
+    pace = parser.add_argument_group("arrivals")
+    pace.add_argument("--rate", default=None, metavar="RATE", help="constant rate: 50/s, 3000/1m")
+    pace.add_argument(
+        "--duration",
+        default=None,
+        metavar="DURATION",
+        help=f"how long --rate lasts (default: {DEFAULT_DURATION})",
+    )
+    pace.add_argument(
+        "--ramp",
+        action="append",
+        default=[],
+        metavar="STAGES",
+        help="START:END:DURATION (10/s:200/s:60s) or RATE:DURATION (200/s:30s); stages "
+        "chain, repeated or comma-separated; instead of --rate",
+    )
+    pace.add_argument(
+        "--concurrency",
+        default=str(DEFAULT_CONCURRENCY),
+        metavar="N",
+        help=f"workers, i.e. requests in flight at most (default: {DEFAULT_CONCURRENCY})",
+    )
+    judge = parser.add_argument_group("results and thresholds")
+    judge.add_argument(
+        "--results",
+        default=DEFAULT_RESULTS,
+        metavar="PATH",
+        help=f"where envelopes go: JSONL, SQLite, - for stdout (default: {DEFAULT_RESULTS})",
+    )
+    judge.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="exit 4 unless it holds: p50/p90/p95/p99/max/mean<800ms, error_rate<0.5%%, "
+        "dropped<1%%, rate>=45/s; may be repeated",
+    )
+    judge.add_argument(
+        "--plot", default=None, metavar="FILE", help="draw the run into FILE (.png or .html)"
+    )
+    judge.add_argument(
+        "--format",
+        choices=("text", "json", "markdown"),
+        default="text",
+        dest="report_format",
+        help="format of the closing report (default: text)",
+    )
+
+
+class _Usage(Exception):
+    pass
+
+
+def _instances(args: argparse.Namespace, send: SendSettings) -> tuple[str, ...]:
+    # load_settings checked both flags before send's loader ran.
+    assert send.workflow is not None
+    assert send.event_type is not None
+    if args.instances is not None:
+        if args.instance_prefix is not None or args.instance_count is not None:
+            raise _Usage("--instances cannot be combined with --instance-prefix/--instance-count")
+        options = ReadOptions(
+            workflow=send.workflow, event_type=send.event_type, strict_ids=send.validate_ids
+        )
+        ids: list[str] = []
+        bad: list[str] = []
+        try:
+            for batch in read_batches(args.instances, "ids", options, KeyDeriver()):
+                for rec in batch:
+                    if isinstance(rec, Invalid):
+                        bad.append(f"{rec.source}:{rec.line}: {rec.message}")
+                    else:
+                        ids.append(rec.instance_id)
+        except InputError as exc:
+            raise _Usage(str(exc)) from None
+        if bad:
+            shown = "; ".join(bad[:_MAX_INVALID_SHOWN])
+            raise _Usage(f"--instances: {len(bad)} invalid line(s): {shown}")
+        if not ids:
+            raise _Usage(f"--instances {args.instances}: no instance ids in the file")
+        return tuple(ids)
+    if args.instance_prefix is None or args.instance_count is None:
+        raise _Usage(
+            "give the instances: --instances FILE, or --instance-prefix P --instance-count N"
+        )
+    try:
+        count = int(args.instance_count)
+    except ValueError:
+        raise _Usage(
+            f"--instance-count: expected a whole number, got {args.instance_count!r}"
+        ) from None
+    if count < 1:
+        raise _Usage("--instance-count must be at least 1")
+    try:
+        # The longest generated id is the one to check: same prefix, most digits.
+        check_path(
+            send.workflow,
+            f"{args.instance_prefix}{count - 1}",
+            send.event_type,
+            strict_ids=send.validate_ids,
+        )
+    except RuleViolation as exc:
+        raise _Usage(f"--instance-prefix: {exc.message}") from None
+    return tuple(f"{args.instance_prefix}{i}" for i in range(count))
+
+
+def _bodies(args: argparse.Namespace, send: SendSettings) -> tuple[bytes | None, ...]:
+    if args.bodies is None:
+        return (send.body,)
+    if send.body is not None:
+        raise _Usage("--bodies cannot be combined with --body or --body-file")
+    bodies: list[bytes | None] = []
+    try:
+        with open(args.bodies, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                if len(raw) > MAX_BODY_BYTES + 2:
+                    raise _Usage(f"{args.bodies}:{lineno}: body over {MAX_BODY_BYTES} bytes")
+                try:
+                    body = orjson.dumps(orjson.loads(raw))
+                except orjson.JSONDecodeError as exc:
+                    raise _Usage(f"{args.bodies}:{lineno}: not JSON: {exc}") from None
+                if len(body) > MAX_BODY_BYTES:
+                    raise _Usage(f"{args.bodies}:{lineno}: body over {MAX_BODY_BYTES} bytes")
+                bodies.append(body)
+    except OSError as exc:
+        raise _Usage(f"--bodies: cannot read {args.bodies}: {exc.strerror}") from None
+    if not bodies:
+        raise _Usage(f"--bodies {args.bodies}: no bodies in the file")
+    return tuple(bodies)
+
+
+def _profile(args: argparse.Namespace) -> LoadProfile:
+    if args.ramp:
+        if args.rate is not None or args.duration is not None:
+            raise _Usage("--ramp gives rates and durations itself: drop --rate/--duration")
+        try:
+            return LoadProfile.parse_ramp(args.ramp)
+        except ValueError as exc:
+            raise _Usage(str(exc)) from None
+    if args.rate is None:
+        raise _Usage("give the arrival rate: --rate 50/s [--duration 30s], or --ramp")
+    try:
+        rate = parse_stage_rate(args.rate)
+        seconds = parse_duration(args.duration or DEFAULT_DURATION)
+        return LoadProfile.constant(rate, seconds)
+    except ValueError as exc:
+        raise _Usage(f"--rate/--duration: {exc}") from None
+
+
+def load_settings(args: argparse.Namespace, env: dict[str, str] | os._Environ[str]) -> LoadSettings:
+    """Build the load test's settings; credentials and target exactly as ``send`` reads them."""
+    if args.workflow is None or args.event_type is None:
+        raise _Usage("--workflow and --event-type are required")
+    # send's loader checks the shared flags and reads the credentials: only its view of
+    # them is taken, so a DISPATCHER_RATE meant for send does not reach a load test.
+    borrowed = argparse.Namespace(
+        inputs=["-"],
+        rate="unlimited",
+        concurrency=args.concurrency,
+        results=args.results,
+        **{
+            name: getattr(args, name, None)
+            for name in (
+                "workflow",
+                "event_type",
+                "body",
+                "body_file",
+                "validate_ids",
+                "account_id",
+                "base_url",
+                "token_file",
+                "timeout",
+                "connect_timeout",
+                "overwrite",
+                "quiet",
+            )
+        },
+    )
+    send = load_send_settings(borrowed, env)
+    thresholds: list[Threshold] = []
+    for text in args.threshold:
+        try:
+            thresholds.append(parse_threshold(text))
+        except ValueError as exc:
+            raise _Usage(f"--threshold {exc}") from None
+    return LoadSettings(
+        workflow=args.workflow,
+        event_type=args.event_type,
+        instances=_instances(args, send),
+        bodies=_bodies(args, send),
+        profile=_profile(args),
+        concurrency=send.concurrency,
+        account_id=send.account_id,
+        base_url=send.base_url,
+        credentials=send.credentials,
+        timeout=send.timeout,
+        connect_timeout=send.connect_timeout,
+        results=send.results,
+        overwrite=send.overwrite,
+        thresholds=tuple(thresholds),
+    )
+
+
+async def _watch_signals(run: LoadRun, hard_stop: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            run.stats.interrupted = True
+            if run.stats.stop_reason is None:
+                run.stop(f"{name}: stopped the arrivals, let the requests in flight finish")
+                print(f"\nload: {name}: no more arrivals; again to stop at once", file=sys.stderr)
+            else:
+                hard_stop.cancel()
+                return
+
+
+async def _main(settings: LoadSettings, quiet: bool) -> tuple[LoadRun, LoadResult | None]:
+    run = LoadRun(settings)
+    result: LoadResult | None = None
+    async with anyio.create_task_group() as tg:
+        hard_stop = anyio.CancelScope()
+        tg.start_soon(_watch_signals, run, hard_stop)
+        if not quiet:
+            tg.start_soon(lambda: live_view(run.stats, settings.profile, rich=sys.stderr.isatty()))
+        with hard_stop:
+            result = await run.run()
+        tg.cancel_scope.cancel()
+    return run, result
+
+
+def _closing(result: LoadResult, settings: LoadSettings) -> str:
+    s = result.stats
+    profile = settings.profile
+    lines = [
+        "",
+        f"load: {profile.describe()} → {settings.workflow}/{settings.event_type}, "
+        f"{len(settings.instances):,} instance(s), {settings.concurrency} workers",
+        f"  arrivals   {s.arrivals:,}: {s.sent:,} sent, {s.dropped:,} dropped "
+        f"({s.dropped / s.arrivals if s.arrivals else 0:.1%}; no idle worker)",
+        f"  rate       {format_metric('rate', result.metrics.get('rate'))} sent "
+        f"(target mean {profile.mean_rate:,.1f}/s); scheduler at most "
+        f"{s.max_lag_s * 1000:,.1f} ms late",
+    ]
+    if s.stop_reason is not None:
+        lines.append(f"  stopped    {s.stop_reason}")
+    for t in settings.thresholds:
+        breached = any(b.threshold is t for b in result.breaches)
+        lines.append(
+            f"  threshold  {t.text}: {'BREACHED' if breached else 'ok'} "
+            f"(measured {format_metric(t.metric, result.metrics.get(t.metric))})"
+        )
+    return "\n".join(lines)
+
+
+def _load_dict(result: LoadResult, settings: LoadSettings) -> dict[str, object]:
+    s = result.stats
+    breached = {id(b.threshold) for b in result.breaches}
+    return {
+        "profile": settings.profile.describe(),
+        "target_mean_rate": settings.profile.mean_rate,
+        "concurrency": settings.concurrency,
+        "arrivals": s.arrivals,
+        "sent": s.sent,
+        "dropped": s.dropped,
+        "rate": result.metrics.get("rate"),
+        "max_scheduler_lag_ms": round(s.max_lag_s * 1000, 3),
+        "stopped": s.stop_reason,
+        "thresholds": [
+            {
+                "threshold": t.text,
+                "measured": result.metrics.get(t.metric),
+                "ok": id(t) not in breached,
+            }
+            for t in settings.thresholds
+        ],
+    }
+
+
+def _results_in_the_way(path: str) -> bool:
+    return path != "-" and os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args, os.environ)
+        if args.plot is not None:
+            from dispatcher.report.plot import PlotUnavailable, check_plot_path
+
+            try:
+                check_plot_path(args.plot)
+            except PlotUnavailable as exc:
+                raise _Usage(str(exc)) from None
+    except (ConfigError, ValueError, _Usage) as exc:
+        print(f"dispatcher load: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not settings.overwrite and _results_in_the_way(settings.results):
+        print(
+            f"dispatcher load: error: --results {settings.results} already holds results; "
+            "pass --overwrite to replace it or choose another path",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    quiet = bool(args.quiet)
+    if not quiet:
+        print(
+            f"load: {settings.profile.describe()} ({settings.profile.expected_arrivals:,} "
+            f"arrivals) → {settings.base_url}, {settings.concurrency} workers",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        _, result = anyio.run(_main, settings, quiet, backend="asyncio")
+    except KeyboardInterrupt:
+        print("dispatcher load: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if result is None:
+        print("dispatcher load: stopped at once; results hold what had finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    # The report is what a load test is run for: stdout, unless envelopes already go there.
+    out: TextIO = sys.stderr if settings.results == "-" else sys.stdout
+    if args.report_format == "json":
+        # One JSON document, so that `| jq` works: the report plus what only load knows.
+        doc = result.report.as_dict()
+        doc["load"] = _load_dict(result, settings)
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode(), file=out, flush=True)
+    else:
+        print(render(result.report, args.report_format), file=out)
+        print(_closing(result, settings), file=out, flush=True)
+    if args.plot is not None:
+        from dispatcher.report.plot import write_plot
+
+        write_plot(args.plot, result.report, result.points, overlay=result.overlay)
+        if not quiet:
+            print(f"load: plot written to {args.plot}", file=sys.stderr)
+    for breach in result.breaches:
+        print(f"dispatcher load: threshold breached: {breach.describe()}", file=sys.stderr)
+    if result.stats.interrupted:
+        return EXIT_INTERRUPTED
+    if result.stats.stop_reason is not None:
+        print(f"dispatcher load: stopped: {result.stats.stop_reason}", file=sys.stderr)
+        return EXIT_STOPPED
+    return EXIT_THRESHOLD if result.breaches else EXIT_OK

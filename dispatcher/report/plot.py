@@ -1,0 +1,549 @@
+"""One page a person can read at a glance: latency over time, rate per second, histogram.
+
+``.png`` is drawn with matplotlib (Agg backend, no display needed), ``.html`` with plotly
+(one self-contained file with plotly.js inside, so it opens offline, zooms and hovers).
+Both are the optional ``plot`` extra: ``pip install 'dispatcher[plot]'``; without it
+:class:`PlotUnavailable` says so, and the commands check that before doing any work.
+
+The three panels share one time axis, seconds since the run's start:
+
+1. latency of every request at its send time (points, coloured by outcome; every k-th
+   one past :data:`MAX_POINTS`), with p50 and p99 per time bucket drawn as lines;
+2. answers per second by finish time, stacked: confirmed, 429, other errors, no answer,
+   plus, for a load test, arrivals dropped for want of an idle worker and the target rate;
+3. the latency histogram with the report's p50/p90/p99 (HdrHistogram's) marked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from dispatcher.model import Envelope
+from dispatcher.report.summary import Report, choose_bucket
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+__all__ = [
+    "MAX_POINTS",
+    "LoadOverlay",
+    "PlotUnavailable",
+    "Points",
+    "check_plot_path",
+    "write_plot",
+]
+
+# Past this many requests the scatter shows every k-th one (lines and bars use them all):
+# beyond it a PNG is a solid smear and an HTML page gets slow to open.
+MAX_POINTS: Final = 100_000
+_MAX_TIME_BUCKETS: Final = 300
+INSTALL_HINT: Final = "pip install 'dispatcher[plot]'"
+
+# Outcome categories, in stacking order.
+OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER = 0, 1, 2, 3
+_LABELS: Final = ("confirmed", "429 rate limited", "other HTTP error", "no answer (timeout/conn.)")
+_COLORS: Final = ("#2b7bba", "#f39c12", "#d62728", "#222222")
+_DROPPED_COLOR: Final = "#9e9e9e"
+_LEGEND: Final[dict[str, Any]] = {
+    "loc": "upper left",
+    "bbox_to_anchor": (1.005, 1.0),
+    "fontsize": 9,
+    "frameon": False,
+}
+
+
+class PlotUnavailable(Exception):
+    """The plotting library for this file type is not installed."""
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:  # an empty run has nothing to explain
+        ax.legend(**_LEGEND)
+
+
+def _suffix(path: str) -> str:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".png", ".html", ".htm"):
+        raise ValueError(f"--plot {path!r}: the file must end in .png or .html")
+    return suffix
+
+
+def check_plot_path(path: str) -> None:
+    """Fail early (before a run) if ``path`` cannot be plotted to: wrong suffix, no library."""
+    if _suffix(path) == ".png":
+        _import_matplotlib()
+    else:
+        _import_plotly()
+
+
+def _import_matplotlib() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: files only
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable(
+            f"a .png plot needs matplotlib, which is not installed: {INSTALL_HINT}"
+        ) from None
+    return plt
+
+
+def _import_plotly() -> Any:
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        raise PlotUnavailable(
+            f"an .html plot needs plotly, which is not installed: {INSTALL_HINT}"
+        ) from None
+    return go
+
+
+class Points:
+    """Per-request columns, 17 bytes a request: send time (epoch s), latency (ms), outcome."""
+
+    __slots__ = ("kind", "latency", "t")
+
+    def __init__(self) -> None:
+        self.t = array("d")
+        self.latency = array("d")
+        self.kind = array("b")
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def add(self, env: Envelope) -> None:
+        lat = env.latency_ms
+        if lat is None:
+            return  # never sent (invalid, stopped): nothing to place on a latency plot
+        # The envelope has the finish time; the request left one latency earlier.
+        self.t.append(env.finished_at.timestamp() - lat / 1000.0)
+        self.latency.append(lat)
+        if env.ok:
+            kind = OK
+        elif env.status == 429:
+            kind = RATE_LIMITED
+        elif env.status is not None:
+            kind = HTTP_ERROR
+        else:
+            kind = NO_ANSWER
+        self.kind.append(kind)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadOverlay:
+    """What only a load test knows: its clock's origin, target rate and dropped arrivals."""
+
+    t0: float  # epoch seconds of the first arrival
+    target: Sequence[tuple[float, float]]  # (seconds since t0, requests/s), piecewise linear
+    dropped: Sequence[float]  # epoch seconds of each dropped arrival
+
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """Everything both back ends draw, computed once with numpy."""
+
+    t: npt.NDArray[np.float64]  # send time, s since t0
+    latency: npt.NDArray[np.float64]
+    kind: npt.NDArray[np.int8]
+    shown: npt.NDArray[np.intp]  # indices of the points to scatter
+    width: float  # time bucket, s
+    centers: npt.NDArray[np.float64]  # bucket centres
+    p50: npt.NDArray[np.float64]  # NaN where a bucket has no request
+    p99: npt.NDArray[np.float64]
+    per_kind: list[npt.NDArray[np.float64]]  # answers/s per outcome, by finish time
+    dropped: npt.NDArray[np.float64] | None  # dropped arrivals/s
+    target: list[tuple[float, float]] | None
+    log_latency: bool
+    hist_edges: npt.NDArray[np.float64]
+    hist_counts: npt.NDArray[np.float64]
+
+
+def _series(points: Points, overlay: LoadOverlay | None) -> _Series:
+    import numpy as np
+
+    t_abs = np.frombuffer(points.t, dtype=np.float64)
+    latency = np.frombuffer(points.latency, dtype=np.float64)
+    kind = np.frombuffer(points.kind, dtype=np.int8)
+    dropped_abs = (
+        np.asarray(overlay.dropped, dtype=np.float64) if overlay is not None else np.empty(0)
+    )
+    if overlay is not None:
+        t0 = overlay.t0
+    elif len(t_abs):
+        t0 = float(t_abs.min())
+    else:
+        t0 = 0.0
+    t = t_abs - t0
+    finish = t + latency / 1000.0
+    end = max(
+        float(finish.max()) if len(finish) else 0.0,
+        float(dropped_abs.max() - t0) if len(dropped_abs) else 0.0,
+        max((x for x, _ in overlay.target), default=0.0) if overlay is not None else 0.0,
+    )
+    width = float(choose_bucket(end, _MAX_TIME_BUCKETS))
+    n = max(1, math.ceil(end / width + 1e-9))
+    edges = np.arange(n + 1, dtype=np.float64) * width
+    centers = edges[:-1] + width / 2
+
+    # p50/p99 per bucket of send time: sort by bucket, split, one percentile call each.
+    p50 = np.full(n, np.nan)
+    p99 = np.full(n, np.nan)
+    if len(t):
+        idx = np.clip((t // width).astype(np.int64), 0, n - 1)
+        order = np.argsort(idx, kind="stable")
+        bounds = np.searchsorted(idx[order], np.arange(n + 1))
+        for b in range(n):
+            chunk = latency[order[bounds[b] : bounds[b + 1]]]
+            if len(chunk):
+                p50[b], p99[b] = np.percentile(chunk, [50, 99])
+
+    per_kind = []
+    for k in range(4):
+        counts, _ = np.histogram(np.clip(finish[kind == k], 0, edges[-1]), bins=edges)
+        per_kind.append(counts / width)
+    dropped = None
+    if overlay is not None:
+        counts, _ = np.histogram(np.clip(dropped_abs - t0, 0, edges[-1]), bins=edges)
+        dropped = counts / width
+
+    shown = np.arange(len(t))
+    if len(t) > MAX_POINTS:
+        shown = shown[:: math.ceil(len(t) / MAX_POINTS)]
+
+    positive = latency[latency > 0]
+    log_latency = False
+    if len(positive):
+        lo, mid, hi = np.percentile(positive, [1, 50, 100])
+        # A long tail squashes a linear axis into a line at the bottom: go logarithmic
+        # when the slowest request is 20x the median or the fastest 10x below it.
+        log_latency = bool(hi > 20 * mid or (lo > 0 and mid > 10 * lo))
+    if len(positive) and log_latency:
+        bins = np.geomspace(max(float(positive.min()), 1e-3), float(positive.max()) * 1.001, 60)
+    elif len(latency):
+        bins = np.linspace(0.0, max(float(latency.max()), 1e-3) * 1.001, 60)
+    else:
+        bins = np.linspace(0.0, 1.0, 2)
+    hist_counts, hist_edges = np.histogram(latency, bins=bins)
+    target = list(overlay.target) if overlay is not None and overlay.target else None
+    return _Series(
+        t=t,
+        latency=latency,
+        kind=kind,
+        shown=shown,
+        width=width,
+        centers=centers,
+        p50=p50,
+        p99=p99,
+        per_kind=per_kind,
+        dropped=dropped,
+        target=target,
+        log_latency=log_latency,
+        hist_edges=hist_edges,
+        hist_counts=hist_counts.astype(np.float64),
+    )
+
+
+def _headline(report: Report, overlay: LoadOverlay | None, points: Points) -> str:
+    lat = report.latency
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:,.1f} ms"
+
+    parts = [
+        f"{report.sent:,} requests",
+        f"{report.confirmed:,} confirmed ({report.confirmed / report.records:.1%})"
+        if report.records
+        else "no records",
+        f"p50 {ms(lat.p50_ms)}",
+        f"p90 {ms(lat.p90_ms)}",
+        f"p99 {ms(lat.p99_ms)}",
+        f"max {ms(lat.max_ms)}",
+    ]
+    if report.rate is not None:
+        parts.append(f"{report.rate:,.1f} req/s")
+    if overlay is not None:
+        parts.append(f"{len(overlay.dropped):,} dropped")
+    if len(points) > MAX_POINTS:
+        parts.append(f"scatter: every {math.ceil(len(points) / MAX_POINTS)}th request")
+    return "  ·  ".join(parts)
+
+
+def _title(report: Report) -> str:
+    names = ", ".join(os.path.basename(r.path) for r in report.runs) or "results"
+    return f"dispatcher: {names}"
+
+
+def write_plot(
+    path: str, report: Report, points: Points, *, overlay: LoadOverlay | None = None
+) -> None:
+    """Draw ``points`` (with the ``report``'s percentiles) into ``path`` (.png or .html)."""
+    suffix = _suffix(path)
+    if suffix == ".png":
+        _png(path, report, points, overlay)
+    else:
+        _html(path, report, points, overlay)
+
+
+def _png(path: str, report: Report, points: Points, overlay: LoadOverlay | None) -> None:
+    plt = _import_matplotlib()
+    import numpy as np
+
+    s = _series(points, overlay)
+    fig, (ax_lat, ax_rate, ax_hist) = plt.subplots(
+        3, 1, figsize=(15, 11), gridspec_kw={"height_ratios": [3, 2, 2]}
+    )
+    try:
+        fig.suptitle(_title(report), fontsize=14, fontweight="bold", x=0.01, ha="left")
+        fig.text(0.01, 0.955, _headline(report, overlay, points), fontsize=10, ha="left")
+
+        # 1. latency over time
+        for k in (OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER):
+            sel = s.shown[s.kind[s.shown] == k]
+            if not len(sel):
+                continue
+            ax_lat.plot(
+                s.t[sel],
+                s.latency[sel],
+                linestyle="none",
+                marker="x" if k != OK else ".",
+                markersize=3 if k == OK else 5,
+                alpha=0.35 if k == OK else 0.8,
+                color=_COLORS[k],
+                label=f"{_LABELS[k]} ({int((s.kind == k).sum()):,})",
+                rasterized=True,
+            )
+        # Steps, not a zigzag: each value belongs to a whole bucket, not to its centre.
+        for name, values, color in (("p50", s.p50, "#1b5e20"), ("p99", s.p99, "#7b1fa2")):
+            # The last value repeated at the right edge, so the last bucket gets its step.
+            ax_lat.plot(
+                np.append(s.centers - s.width / 2, s.centers[-1] + s.width / 2),
+                np.append(values, values[-1]),
+                color=color,
+                linewidth=2,
+                drawstyle="steps-post",
+                label=f"{name} per {s.width:g} s",
+            )
+        ax_lat.set_ylabel("latency (ms)")
+        ax_lat.set_title("latency of each request, by send time", loc="left", fontsize=11)
+        if s.log_latency:
+            ax_lat.set_yscale("log")
+        else:
+            ax_lat.set_ylim(bottom=0)
+        # Legends sit right of the panels: inside, they hide the points they explain.
+        _legend(ax_lat)
+
+        # 2. rate per second
+        bottom = np.zeros(len(s.centers))
+        bar_w = s.width * 0.9
+        for k in (OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER):
+            values = s.per_kind[k]
+            if not values.any():
+                continue
+            ax_rate.bar(
+                s.centers, values, width=bar_w, bottom=bottom, color=_COLORS[k], label=_LABELS[k]
+            )
+            bottom = bottom + values
+        if s.dropped is not None and s.dropped.any():
+            ax_rate.bar(
+                s.centers,
+                s.dropped,
+                width=bar_w,
+                bottom=bottom,
+                color=_DROPPED_COLOR,
+                hatch="//",
+                label="dropped (no idle worker)",
+            )
+        if s.target is not None:
+            xs, ys = zip(*s.target, strict=True)
+            ax_rate.plot(xs, ys, color="black", linestyle="--", linewidth=1.5, label="target rate")
+        unit = f"{s.width:g} s buckets"
+        ax_rate.set_ylabel("per second")
+        ax_rate.set_title(f"answers per second by finish time ({unit})", loc="left", fontsize=11)
+        ax_rate.set_xlabel("seconds since start")
+        _legend(ax_rate)
+        top = float(bottom.max()) if len(bottom) else 0.0
+        if s.dropped is not None and len(s.dropped):
+            top = max(top, float((bottom + s.dropped).max()))
+        if s.target is not None:
+            top = max(top, max(y for _, y in s.target))
+        ax_rate.set_ylim(0, max(top * 1.1, 1.0))
+        right = max(float(s.centers[-1] + s.width / 2), 1.0)
+        ax_lat.set_xlim(0, right)
+        ax_rate.set_xlim(0, right)
+
+        # 3. histogram
+        widths = np.diff(s.hist_edges)
+        ax_hist.bar(
+            s.hist_edges[:-1],
+            s.hist_counts,
+            width=widths,
+            align="edge",
+            color="#5c8fc9",
+            edgecolor="white",
+            linewidth=0.3,
+        )
+        if s.log_latency:
+            ax_hist.set_xscale("log")
+        lat = report.latency
+        for label, value, color in (
+            ("p50", lat.p50_ms, "#1b5e20"),
+            ("p90", lat.p90_ms, "#ef6c00"),
+            ("p99", lat.p99_ms, "#7b1fa2"),
+        ):
+            if value is None:
+                continue
+            ax_hist.axvline(
+                value, color=color, linestyle="--", linewidth=1.5, label=f"{label} {value:,.1f} ms"
+            )
+        _legend(ax_hist)
+        ax_hist.set_xlabel("latency (ms)")
+        ax_hist.set_ylabel("requests")
+        ax_hist.set_title(
+            "latency distribution (last attempt of each record)", loc="left", fontsize=11
+        )
+        for ax in (ax_lat, ax_rate, ax_hist):
+            ax.grid(True, alpha=0.3)
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def _html(path: str, report: Report, points: Points, overlay: LoadOverlay | None) -> None:
+    go = _import_plotly()
+    from plotly.subplots import make_subplots
+
+    s = _series(points, overlay)
+    fig = make_subplots(
+        rows=3,
+        cols=1,
+        vertical_spacing=0.08,
+        subplot_titles=(
+            "latency of each request, by send time (ms)",
+            "answers per second by finish time",
+            "latency distribution, last attempt of each record (ms)",
+        ),
+    )
+    for k in (OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER):
+        sel = s.shown[s.kind[s.shown] == k]
+        if not len(sel):
+            continue
+        fig.add_trace(
+            go.Scattergl(
+                x=s.t[sel],
+                y=s.latency[sel],
+                mode="markers",
+                name=_LABELS[k],
+                marker={
+                    "color": _COLORS[k],
+                    "size": 4 if k == OK else 7,
+                    "symbol": "circle" if k == OK else "x",
+                    "opacity": 0.5,
+                },
+                legendgroup="lat",
+            ),
+            row=1,
+            col=1,
+        )
+    for name, values, color in (("p50", s.p50, "#1b5e20"), ("p99", s.p99, "#7b1fa2")):
+        fig.add_trace(
+            go.Scatter(
+                x=s.centers,
+                y=values,
+                mode="lines",
+                name=f"{name} per bucket",
+                line={"color": color, "width": 2},
+            ),
+            row=1,
+            col=1,
+        )
+    for k in (OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER):
+        if s.per_kind[k].any():
+            fig.add_trace(
+                go.Bar(
+                    x=s.centers,
+                    y=s.per_kind[k],
+                    name=f"{_LABELS[k]}/s",
+                    marker_color=_COLORS[k],
+                    width=s.width * 0.9,
+                ),
+                row=2,
+                col=1,
+            )
+    if s.dropped is not None and s.dropped.any():
+        fig.add_trace(
+            go.Bar(
+                x=s.centers,
+                y=s.dropped,
+                name="dropped/s (no idle worker)",
+                marker_color=_DROPPED_COLOR,
+                width=s.width * 0.9,
+            ),
+            row=2,
+            col=1,
+        )
+    if s.target is not None:
+        xs, ys = zip(*s.target, strict=True)
+        fig.add_trace(
+            go.Scatter(
+                x=list(xs),
+                y=list(ys),
+                mode="lines",
+                name="target rate",
+                line={"color": "black", "dash": "dash"},
+            ),
+            row=2,
+            col=1,
+        )
+    centers = (s.hist_edges[:-1] + s.hist_edges[1:]) / 2
+    fig.add_trace(
+        go.Bar(
+            x=centers,
+            y=s.hist_counts,
+            width=list(s.hist_edges[1:] - s.hist_edges[:-1]),
+            name="requests",
+            marker_color="#5c8fc9",
+        ),
+        row=3,
+        col=1,
+    )
+    lat = report.latency
+    for label, value, color in (
+        ("p50", lat.p50_ms, "#1b5e20"),
+        ("p90", lat.p90_ms, "#ef6c00"),
+        ("p99", lat.p99_ms, "#7b1fa2"),
+    ):
+        if value is not None:
+            fig.add_vline(
+                x=math.log10(value) if s.log_latency else value,
+                line_dash="dash",
+                line_color=color,
+                row=3,
+                col=1,
+                annotation_text=f"{label} {value:,.1f} ms",
+                annotation_font_color=color,
+            )
+    fig.update_layout(
+        barmode="stack",
+        height=1100,
+        title={"text": f"{_title(report)}<br><sup>{_headline(report, overlay, points)}</sup>"},
+        legend={"orientation": "h"},
+        template="plotly_white",
+    )
+    fig.update_xaxes(title_text="seconds since start", row=2, col=1)
+    fig.update_xaxes(matches="x", row=2, col=1)
+    if s.log_latency:
+        fig.update_yaxes(type="log", row=1, col=1)
+        fig.update_xaxes(type="log", row=3, col=1)
+    fig.update_yaxes(title_text="ms", row=1, col=1)
+    fig.update_yaxes(title_text="per second", row=2, col=1)
+    fig.update_yaxes(title_text="requests", row=3, col=1)
+    # plotly.js inside the file: the page must open where there is no internet.
+    fig.write_html(path, include_plotlyjs=True, full_html=True)

@@ -1,0 +1,49 @@
+"""Stopping a run on SIGINT/SIGTERM: drain on the first signal, stop at once on the second."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import anyio
+
+from dispatcher.sending.engine import Engine
+
+
+async def _grace_then_stop(grace: float, hard_stop: anyio.CancelScope) -> None:
+    await anyio.sleep(grace)
+    print(
+        f"dispatcher: requests still in flight after --grace {grace:g}s: stopping now",
+        file=sys.stderr,
+        flush=True,
+    )
+    hard_stop.cancel()
+
+
+async def watch_signals(
+    engine: Engine, hard_stop: anyio.CancelScope, grace: float, announce: bool = True
+) -> None:
+    """First SIGINT/SIGTERM: stop reading, drain for ``grace`` s; second: stop at once."""
+    seen = 0
+    async with anyio.create_task_group() as tg:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                engine.stats.interrupted = True
+                seen += 1
+                if seen == 1:
+                    engine.stop(f"{name}: stopped reading, finished the requests in flight")
+                    if announce:
+                        print(
+                            f"\ndispatcher: {name}: finishing requests in flight for up to "
+                            f"{grace:g}s (again to stop at once)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    tg.start_soon(_grace_then_stop, grace, hard_stop)
+                else:
+                    if announce:
+                        print(f"\ndispatcher: {name} again: stopping now", file=sys.stderr)
+                    hard_stop.cancel()
+                    tg.cancel_scope.cancel()
+                    return

@@ -1,0 +1,5 @@
+"""Entry point of a ``--processes`` worker: ``python -m dispatcher.run.worker``."""
+
+from dispatcher.run.multiproc import worker_main
+
+raise SystemExit(worker_main())
