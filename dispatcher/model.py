@@ -49,6 +49,16 @@ class Invalid:
 Record = Event | Invalid
 
 
+class UserError(Exception):
+    """A mistake or a condition the user must act on: one line on stderr, an exit code.
+
+    The CLI turns every ``UserError`` into ``dispatcher: <message>`` and ``exit_code``,
+    never a traceback. Subclasses set ``exit_code`` (2: usage, input or config mistake).
+    """
+
+    exit_code: int = 2
+
+
 class Delivery(enum.StrEnum):
     """What became of a record, as its envelope tells it."""
 
