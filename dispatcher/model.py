@@ -6,7 +6,8 @@ Nothing here knows about HTTP libraries, files or time; every piece imports from
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 
 
@@ -62,10 +63,10 @@ class UserError(Exception):
 class Delivery(enum.StrEnum):
     """What became of a record, as its envelope tells it."""
 
-    CONFIRMED = "confirmed"  # the API said success
-    REJECTED = "rejected"  # the API's last answer was an error
-    NOT_SENT = "not_sent"  # no request left: invalid input, or stopped before sending
-    UNKNOWN = "unknown"  # the last request left but no answer came back
+    CONFIRMED = "confirmed"  # the API answered with a success envelope
+    REJECTED = "rejected"  # the API answered with an error and no attempt is in doubt
+    NOT_SENT = "not_sent"  # no request can have arrived: invalid input, or never written
+    UNKNOWN = "unknown"  # some request may have arrived and none was confirmed
 
 
 class ErrorKind(enum.StrEnum):
@@ -75,6 +76,7 @@ class ErrorKind(enum.StrEnum):
     TIMEOUT = "timeout"  # the request left, no answer in time
     CONNECTION = "connection"  # the connection broke after the request left
     CONNECT = "connect"  # could not connect: the request never left
+    PROTOCOL = "protocol"  # the request left; the answer could not be read as HTTP/1.x
     INVALID = "invalid"  # the input line was rejected before sending
     STOPPED = "stopped"  # the run stopped before this record got an answer
     RATE_LIMITED = "rate_limited"  # gave up on 429s (Retry-After longer than allowed)
@@ -95,7 +97,9 @@ class Outcome:
     """The result of one attempt at sending one event, as transport reports it.
 
     ``status`` is ``None`` when no HTTP answer came back; then ``error_kind`` says why and
-    ``sent`` says whether the request may have reached the server.
+    ``sent`` says whether the request may have reached the server. ``in_doubt`` marks a
+    2xx answer that is not the API's envelope (an HTML page, an empty body, a 204): not a
+    confirmation, and not a refusal either, since whoever answered may have taken it.
     """
 
     status: int | None
@@ -107,6 +111,7 @@ class Outcome:
     message: str | None = None
     retry_after: float | None = None
     ratelimit: RateLimitInfo | None = None
+    in_doubt: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,3 +145,7 @@ class Envelope:
     finished_at: datetime
     latency_ms: float | None
     elapsed_ms: float
+    waited_ms: float = 0.0
+    """Time held at the rate gate (its pace and run-wide pauses); not in ``elapsed_ms``."""
+    statuses: Mapping[str, int] = field(default_factory=dict)
+    """Every attempt counted by HTTP status (``"503"``) or, with no answer, by error kind."""

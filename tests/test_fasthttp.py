@@ -422,14 +422,14 @@ async def test_cancelled_send_closes_its_connection() -> None:
     assert raw.connections == 2
 
 
-async def test_garbage_answer_is_a_connection_error() -> None:
+async def test_garbage_answer_is_a_protocol_error() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
 
     async with raw_server(handler) as (_, url), FastTransport(config(url)) as tx:
         outcome = await tx.send(event())
-    assert outcome.error_kind is ErrorKind.CONNECTION
+    assert outcome.error_kind is ErrorKind.PROTOCOL
     assert outcome.sent is True
 
 

@@ -5,30 +5,39 @@ from __future__ import annotations
 import ssl
 import time
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 import aiohttp
 from yarl import URL
 
 from dispatcher.clients.base import (
     _JSON_HEADERS,
+    MAX_BODY,
+    MAX_FIELD,
+    MAX_HEAD,
+    MAX_HEADERS,
+    MAX_LINE,
     USER_AGENT,
+    Redactor,
     TransportConfig,
     UrlBuilder,
+    describe,
+    failure,
     outcome_from_response,
 )
 from dispatcher.model import ErrorKind, Event, Outcome
 
+_READ: Final = 64 * 1024
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+class _TooLarge(Exception):
+    """An answer over the head or body cap: not one the API sends."""
 
 
 class HttpTransport:
     """The real transport: one keep-alive ``ClientSession`` for the whole run."""
 
-    __slots__ = ("_config", "_headers", "_session", "_timeout", "_url")
+    __slots__ = ("_config", "_headers", "_redact", "_session", "_timeout", "_url")
 
     def __init__(self, config: TransportConfig, *, session: aiohttp.ClientSession | None = None):
         self._config = config
@@ -36,6 +45,7 @@ class HttpTransport:
         self._headers = {"User-Agent": USER_AGENT, **config.auth_headers}
         self._timeout = aiohttp.ClientTimeout(total=config.timeout, connect=config.connect_timeout)
         self._session = session
+        self._redact = Redactor(config.auth_headers)
 
     def __repr__(self) -> str:
         return f"HttpTransport({self._config!r})"
@@ -52,6 +62,12 @@ class HttpTransport:
             headers=self._headers,
             timeout=self._timeout,
             raise_for_status=False,
+            # The same limits as the fast client's, so the two agree on every answer.
+            max_line_size=MAX_LINE,
+            max_field_size=MAX_FIELD,
+            max_headers=MAX_HEADERS,
+            # No cookie ever goes back to a server: the endpoint sets none worth keeping.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def __aenter__(self) -> Self:
@@ -80,13 +96,19 @@ class HttpTransport:
         url = URL(self._url(event.workflow, event.instance_id, event.event_type), encoded=True)
         body = event.body
         started = time.perf_counter()
+        redact = self._redact
         try:
+            # No redirect is followed: the endpoint never redirects, a redirect would turn
+            # the POST into a GET, and a credential must never go to another host.
             async with session.post(
-                url, data=body, headers=_JSON_HEADERS if body is not None else None
+                url,
+                data=body,
+                headers=_JSON_HEADERS if body is not None else None,
+                allow_redirects=False,
             ) as resp:
-                raw = await resp.read()
+                raw = await _read_capped(resp)
                 return outcome_from_response(
-                    resp.status, raw, resp.headers, time.perf_counter() - started
+                    resp.status, raw, resp.headers, time.perf_counter() - started, redact
                 )
         except aiohttp.ConnectionTimeoutError as exc:
             # Timed out while connecting: the request never left.
@@ -95,17 +117,39 @@ class HttpTransport:
             return self._failure(ErrorKind.CONNECT, False, started, exc)
         except TimeoutError as exc:
             return self._failure(ErrorKind.TIMEOUT, True, started, exc)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            # The connection broke after the request may have been written.
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
+            # The connection broke after the request may have been written, or the body
+            # was cut off: the server may have read the request.
             return self._failure(ErrorKind.CONNECTION, True, started, exc)
+        except aiohttp.ClientOSError as exc:
+            return self._failure(ErrorKind.CONNECTION, True, started, exc)
+        except Exception as exc:  # the transport boundary: nothing escapes
+            # An answer that is not HTTP/1.x aiohttp can frame (parser errors, an oversized
+            # head or body, an upgrade...): the request left, so it may have arrived.
+            return self._failure(ErrorKind.PROTOCOL, True, started, exc)
 
-    @staticmethod
-    def _failure(kind: ErrorKind, sent: bool, started: float, exc: BaseException) -> Outcome:
-        return Outcome(
-            status=None,
-            ok=False,
-            sent=sent,
-            latency_s=time.perf_counter() - started,
-            error_kind=kind,
-            message=_describe(exc),
+    def _failure(self, kind: ErrorKind, sent: bool, started: float, exc: BaseException) -> Outcome:
+        return failure(
+            kind, sent, time.perf_counter() - started, describe(exc, self._redact), self._redact
         )
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body, refusing an answer whose head or body is over the caps."""
+    head = sum(len(name) + len(value) + 4 for name, value in resp.raw_headers)
+    if head > MAX_HEAD:
+        raise _TooLarge(f"answer head over {MAX_HEAD} bytes")
+    length = resp.content_length
+    if length is not None and length > MAX_BODY:
+        raise _TooLarge(f"answer body of {length} bytes is over {MAX_BODY}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await resp.content.read(_READ)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _TooLarge(f"answer body over {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

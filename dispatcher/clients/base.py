@@ -24,7 +24,16 @@ USER_AGENT: Final = "dispatcher/0.1 (+cloudflare-workflows-events)"
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
 # Bodies of error answers can be large HTML pages from a proxy; keep only a readable head.
 _MAX_MESSAGE_CHARS: Final = 300
-_SUCCESS_TRUE: Final = b'"success":true'
+REDACTED: Final = "<redacted>"
+
+# What both clients accept from a server, so that they agree on every answer. The line and
+# field limits are aiohttp's own defaults; the head and body caps bound the memory a hostile
+# server can take (an API answer is a few hundred bytes).
+MAX_LINE: Final = 8190
+MAX_FIELD: Final = 8190
+MAX_HEADERS: Final = 128
+MAX_HEAD: Final = 64 * 1024
+MAX_BODY: Final = 1024 * 1024
 
 
 class Transport(Protocol):
@@ -77,44 +86,148 @@ class UrlBuilder:
         return f"{part}{_seg(instance_id)}/events/{_seg(event_type)}"
 
 
-def _error_from_body(raw: bytes) -> tuple[bool | None, int | None, str | None]:
-    """Read ``success`` and the first error of a Cloudflare envelope; tolerate non-JSON."""
+def is_success_envelope(raw: bytes) -> bool:
+    """The confirmation rule: ``raw`` is a complete JSON object whose top-level
+    ``success`` is exactly ``true``. Both clients call this, on complete bodies only.
+
+    One ``orjson.loads`` of a small body (about a microsecond): a byte search for
+    ``"success":true`` would also match a nested ``result`` or an HTML page quoting it.
+    """
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        text = raw[:_MAX_MESSAGE_CHARS].decode("utf-8", "replace").strip()
-        return None, None, text or None
-    if not isinstance(doc, dict):
-        return None, None, None
-    success = doc.get("success")
+        return False
+    return type(doc) is dict and doc.get("success") is True
+
+
+def _error_from_body(raw: bytes) -> tuple[bool, int | None, str | None]:
+    """(is an API envelope with ``success: false``, first error code, readable message)."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw[: _MAX_MESSAGE_CHARS * 4].decode("utf-8", "replace").strip()
+        return False, None, " ".join(text.split()) or None
+    if type(doc) is not dict:
+        return False, None, None
+    refused = doc.get("success") is False
     errors = doc.get("errors")
     if isinstance(errors, list) and errors and isinstance(errors[0], dict):
         code = errors[0].get("code")
         message = errors[0].get("message")
         return (
-            success if isinstance(success, bool) else None,
-            code if isinstance(code, int) else None,
-            str(message)[:_MAX_MESSAGE_CHARS] if message is not None else None,
+            refused,
+            code if type(code) is int else None,
+            str(message) if message is not None else None,
         )
-    return (success if isinstance(success, bool) else None), None, None
+    return refused, None, None
+
+
+class Redactor:
+    """Cuts every credential of the run out of text that came from a server or an exception.
+
+    Built once per run from the auth header values (a ``Bearer`` token is also redacted
+    on its own, since a server may echo just the token). Applied before any text is
+    shortened, so no prefix of a secret survives a cut either.
+    """
+
+    __slots__ = ("_secrets",)
+
+    def __init__(self, auth_headers: Mapping[str, str]) -> None:
+        secrets: set[str] = set()
+        for value in auth_headers.values():
+            value = value.strip()
+            if value:
+                secrets.add(value)
+            scheme, _, rest = value.partition(" ")
+            if rest.strip() and scheme.lower() == "bearer":
+                secrets.add(rest.strip())
+        # Longest first: the whole "Bearer <token>" goes before the bare token.
+        self._secrets = tuple(sorted(secrets, key=len, reverse=True))
+
+    def __repr__(self) -> str:
+        return f"Redactor(<{len(self._secrets)} secrets>)"
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+
+NO_SECRETS: Final = Redactor({})
+
+
+def short(text: str) -> str:
+    """A readable head of server text, for an envelope's message."""
+    if len(text) > _MAX_MESSAGE_CHARS:
+        return text[: _MAX_MESSAGE_CHARS - 1] + "…"
+    return text
+
+
+def describe(exc: BaseException, redact: Redactor) -> str:
+    """An exception as one line of text, credentials cut out."""
+    text = " ".join(str(exc).split())
+    name = type(exc).__name__
+    if not name.startswith("_"):  # our own private kinds say it all in their text
+        text = f"{name}: {text}" if text else name
+    return short(redact(text))
+
+
+def failure(
+    kind: ErrorKind, sent: bool, latency_s: float, message: str, redact: Redactor
+) -> Outcome:
+    """An attempt that got no readable answer (``status`` None)."""
+    return Outcome(
+        status=None,
+        ok=False,
+        sent=sent,
+        latency_s=latency_s,
+        error_kind=kind,
+        message=short(redact(message)),
+    )
+
+
+def _redirect_message(status: int, location: str | None) -> str:
+    where = f" to {location}" if location else ""
+    return (
+        f"HTTP {status} redirect{where} not followed: the Workflows API never redirects "
+        "(check --base-url; a proxy or captive portal may be answering)"
+    )
 
 
 def outcome_from_response(
-    status: int, raw: bytes, headers: CIMultiDictProxy[str] | CIMultiDict[str], latency_s: float
+    status: int,
+    raw: bytes,
+    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+    latency_s: float,
+    redact: Redactor = NO_SECRETS,
 ) -> Outcome:
-    """Map one HTTP answer to an :class:`Outcome` (pure; the transport's mapping rule)."""
+    """Map one complete HTTP answer to an :class:`Outcome` (pure; the answer rule).
+
+    ``confirmed`` needs a 2xx and :func:`is_success_envelope`. A 2xx without the API's
+    envelope is ``in_doubt``; anything else is an error answer. Messages are redacted.
+    """
     ratelimit = None
     rl = headers.get("Ratelimit")
     rlp = headers.get("Ratelimit-Policy")
     if rl is not None or rlp is not None:
         ratelimit = parse_ratelimit(rl, rlp)
     ok_status = 200 <= status < 300
-    # The common case, checked without parsing: this endpoint's result holds no booleans.
-    if ok_status and _SUCCESS_TRUE in raw:
+    if ok_status and is_success_envelope(raw):
         return Outcome(status=status, ok=True, sent=True, latency_s=latency_s, ratelimit=ratelimit)
-    success, code, message = _error_from_body(raw)
-    if ok_status and success is not False:
-        return Outcome(status=status, ok=True, sent=True, latency_s=latency_s, ratelimit=ratelimit)
+    refused, code, message = _error_from_body(raw)
+    in_doubt = ok_status and not refused
+    if 300 <= status < 400:
+        message = _redirect_message(status, headers.get("Location"))
+    elif in_doubt:
+        kind = headers.get("Content-Type") or "no content type"
+        what = f"{kind}: {message}" if message else f"{kind}, {len(raw)} bytes"
+        message = (
+            f"HTTP {status} without the API's success envelope ({what}); not a confirmation, "
+            "and whoever answered may have taken the event"
+        )
+    elif message is None:
+        message = "the API answered success: false" if ok_status else f"HTTP {status}"
     return Outcome(
         status=status,
         ok=False,
@@ -122,7 +235,10 @@ def outcome_from_response(
         latency_s=latency_s,
         error_kind=ErrorKind.HTTP,
         cf_code=code,
-        message=message or ("the API answered success: false" if ok_status else f"HTTP {status}"),
-        retry_after=parse_retry_after(headers.get("Retry-After")) if status == 429 else None,
+        message=short(redact(message)),
+        retry_after=(
+            parse_retry_after(headers.get("Retry-After")) if status in (429, 503) else None
+        ),
         ratelimit=ratelimit,
+        in_doubt=in_doubt,
     )

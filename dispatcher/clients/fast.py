@@ -13,44 +13,42 @@ path and ``Content-Length`` change. Failures map to the same
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 import time
 from types import TracebackType
 from typing import Final, NamedTuple, Self, cast
 from urllib.parse import urlsplit
 
+import httptools
 from multidict import CIMultiDict
 
-from dispatcher.clients.base import USER_AGENT, TransportConfig, UrlBuilder, outcome_from_response
+from dispatcher.clients.base import (
+    MAX_BODY,
+    MAX_FIELD,
+    MAX_HEAD,
+    MAX_HEADERS,
+    MAX_LINE,
+    USER_AGENT,
+    Redactor,
+    TransportConfig,
+    UrlBuilder,
+    describe,
+    failure,
+    outcome_from_response,
+)
 from dispatcher.model import ErrorKind, Event, Outcome
 
 __all__ = ["FastTransport"]
 
-# Header names whose values the outcome or the framing needs; everything else is skipped
-# unparsed, which is most of the saving on a typical Cloudflare answer.
-_KEPT_HEADER: Final = re.compile(
-    rb"\r\n(retry-after|ratelimit|ratelimit-policy|content-length|transfer-encoding|connection)"
-    rb"[ \t]*:([^\r\n]*)",
-    re.IGNORECASE,
-)
-_STATUS_LINE: Final = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?:[ \r]|$)")
-# A head or chunk-size line longer than this is not an answer from the API: stop reading.
-_MAX_HEAD: Final = 64 * 1024
-_MAX_LINE: Final = 8 * 1024
-
-# Parser states.
-_IDLE: Final = 0
-_HEAD: Final = 1
-_LENGTH: Final = 2
-_CHUNK_SIZE: Final = 3
-_CHUNK_DATA: Final = 4
-_TRAILERS: Final = 5
-_TO_CLOSE: Final = 6
+# Header names the outcome needs; every other header is counted and measured, not kept.
+_KEPT: Final = frozenset({b"retry-after", b"ratelimit", b"ratelimit-policy", b"location"})
+_CONTENT_TYPE: Final = b"content-type"
+_CONTENT_LENGTH: Final = b"content-length"
+_TRANSFER_ENCODING: Final = b"transfer-encoding"
 
 
 class _BadResponse(Exception):
-    """The bytes on the connection are not an HTTP/1.x answer we can frame."""
+    """The bytes on the connection are not an HTTP/1.x answer we accept."""
 
 
 class _Disconnected(ConnectionError):
@@ -65,17 +63,25 @@ class _Response(NamedTuple):
 
 
 class _Conn(asyncio.Protocol):
-    """One keep-alive connection: writes one request, parses its answer incrementally."""
+    """One keep-alive connection: writes one request; llhttp (``httptools``) parses its answer.
+
+    llhttp is strict by default (no leniencies are turned on): it refuses a chunk size like
+    ``0x46``, a space before a header's colon, a duplicate ``Content-Length`` and a body
+    framed two ways. The callbacks add the size caps shared with the aiohttp client.
+    """
 
     __slots__ = (
-        "_body_left",
-        "_buf",
-        "_chunks",
+        "_body",
+        "_body_size",
+        "_fed",
+        "_head_done",
+        "_head_size",
         "_headers",
-        "_keep_alive",
+        "_interim",
+        "_needs_eof",
+        "_nheaders",
+        "_parser",
         "_registry",
-        "_state",
-        "_status",
         "_waiter",
         "closed",
         "transport",
@@ -86,13 +92,19 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._waiter: asyncio.Future[_Response] | None = None
-        self._buf = bytearray()
-        self._state = _IDLE
-        self._status = 0
+        self._parser = httptools.HttpResponseParser(self)
+        self._reset()
+
+    def _reset(self) -> None:
         self._headers: CIMultiDict[str] = CIMultiDict()
-        self._keep_alive = True
-        self._body_left = 0
-        self._chunks: list[bytes] = []
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._head_size = 0
+        self._nheaders = 0
+        self._fed = 0
+        self._head_done = False
+        self._interim = False
+        self._needs_eof = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -101,16 +113,30 @@ class _Conn(asyncio.Protocol):
         self._registry.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._state == _IDLE:
+        if self._waiter is None:
             # Bytes nobody asked for (a 408 before an idle close, or junk): whatever comes
             # next on this connection could be mistaken for the next answer, so drop it.
             self.abort()
             return
-        self._buf += data
+        if not self._head_done:
+            # Bounds the memory of a head that never ends, whatever the reads look like;
+            # the callbacks below count the head exactly when it comes in one read.
+            self._fed += len(data)
+            if self._fed > MAX_HEAD + len(data):
+                self._fail(_BadResponse(f"answer head over {MAX_HEAD} bytes"))
+                self.abort()
+                return
         try:
-            self._parse()
-        except _BadResponse as exc:
-            self._fail(exc)
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(_BadResponse("the server switched protocols (HTTP 101): not an API answer"))
+            self.abort()
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _BadResponse):
+                self._fail(cause)
+            else:
+                self._fail(_BadResponse(f"malformed answer: {exc}"))
             self.abort()
 
     def eof_received(self) -> bool | None:
@@ -120,14 +146,78 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._registry.discard(self)
-        if self._state == _TO_CLOSE:
-            # No Content-Length and not chunked: the close is what ends the body.
-            self._complete(bytes(self._buf))
-            self._buf.clear()
+        if self._waiter is None:
             return
-        if self._state != _IDLE:
-            reason = f" ({_describe(exc)})" if exc is not None else ""
-            self._fail(_Disconnected(f"the server closed the connection before answering{reason}"))
+        if exc is None and self._needs_eof:
+            # No Content-Length and not chunked: a clean close is what ends the body. A reset
+            # (exc set) cuts it, and a cut body is never an answer.
+            self._complete(keep_alive=False)
+            return
+        reason = f" ({type(exc).__name__})" if exc is not None else ""
+        what = "in the middle of the answer" if self._head_done else "before answering"
+        self._fail(_Disconnected(f"the server closed the connection {what}{reason}"))
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # A second answer after the one we asked for: the framing is not trustworthy.
+            raise _BadResponse("more bytes after the answer")
+        self._reset()
+
+    def on_status(self, status: bytes) -> None:
+        self._head_size += len(status) + 13
+        if self._head_size > MAX_LINE:
+            raise _BadResponse(f"status line over {MAX_LINE} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value)
+        if size > MAX_FIELD:
+            raise _BadResponse(f"a header over {MAX_FIELD} bytes")
+        self._head_size += size + 4
+        if self._head_size > MAX_HEAD:
+            raise _BadResponse(f"answer head over {MAX_HEAD} bytes")
+        self._nheaders += 1
+        if self._nheaders > MAX_HEADERS:
+            raise _BadResponse(f"more than {MAX_HEADERS} headers")
+        lower = name.lower()
+        if lower in _KEPT or lower == _CONTENT_TYPE:
+            self._headers.add(lower.decode("latin-1"), value.decode("latin-1").strip())
+        elif lower == _CONTENT_LENGTH:
+            # llhttp has checked it is digits; refuse a body over the cap before reading it.
+            if int(value) > MAX_BODY:
+                raise _BadResponse(f"answer body of {int(value)} bytes is over {MAX_BODY}")
+            self._needs_eof = False
+            self._headers.add("content-length", "")
+        elif lower == _TRANSFER_ENCODING:
+            self._headers.add("transfer-encoding", value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows. A 101
+            # is not interim: llhttp stops at it (HttpParserUpgrade) and the attempt fails.
+            self._interim = True
+            return
+        headers = self._headers
+        if status in (204, 304) or "content-length" in headers:
+            return
+        coding = headers.get("transfer-encoding")
+        chunked = coding is not None and coding.rsplit(",", 1)[-1].strip().lower() == "chunked"
+        self._needs_eof = not chunked
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > MAX_BODY:
+            raise _BadResponse(f"answer body over {MAX_BODY} bytes")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._reset()
+            return
+        self._complete(keep_alive=self._parser.should_keep_alive())
 
     # -- used by FastTransport -------------------------------------------------------------
 
@@ -135,8 +225,7 @@ class _Conn(asyncio.Protocol):
         transport = self.transport
         assert transport is not None  # only pooled after connection_made
         self._waiter = future
-        self._state = _HEAD
-        self._keep_alive = True
+        self._reset()
         transport.write(data)
 
     def abort(self) -> None:
@@ -149,147 +238,21 @@ class _Conn(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    # -- parsing ---------------------------------------------------------------------------
-
     def _fail(self, exc: BaseException) -> None:
         waiter = self._waiter
         self._waiter = None
-        self._state = _IDLE
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    def _complete(self, body: bytes) -> None:
+    def _complete(self, *, keep_alive: bool) -> None:
         waiter = self._waiter
         self._waiter = None
-        self._state = _IDLE
-        if self._buf:
-            # Bytes beyond the answer: the connection's framing can no longer be trusted.
-            self._keep_alive = False
+        self._needs_eof = False
+        body = self._body
+        raw = body[0] if len(body) == 1 else b"".join(body)
         if waiter is not None and not waiter.done():
-            waiter.set_result(_Response(self._status, self._headers, body, self._keep_alive))
-
-    def _parse(self) -> None:
-        buf = self._buf
-        while True:
-            state = self._state
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_HEAD:
-                        raise _BadResponse("response head too large")
-                    return
-                head = bytes(buf[:end])
-                del buf[: end + 4]
-                self._start_body(head)
-            elif state == _LENGTH:
-                left = self._body_left
-                if len(buf) < left:
-                    return
-                body = bytes(buf[:left])
-                del buf[:left]
-                self._complete(body)
-                return
-            elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_LINE:
-                        raise _BadResponse("chunk size line too long")
-                    return
-                size_text = bytes(buf[:end]).split(b";", 1)[0].strip()
-                del buf[: end + 2]
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise _BadResponse("bad chunk size") from None
-                if size < 0:
-                    raise _BadResponse("bad chunk size")
-                if size == 0:
-                    self._state = _TRAILERS
-                else:
-                    self._body_left = size
-                    self._state = _CHUNK_DATA
-            elif state == _CHUNK_DATA:
-                left = self._body_left
-                if len(buf) < left + 2:
-                    return
-                if buf[left : left + 2] != b"\r\n":
-                    raise _BadResponse("chunk not followed by CRLF")
-                self._chunks.append(bytes(buf[:left]))
-                del buf[: left + 2]
-                self._state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_LINE:
-                        raise _BadResponse("trailer line too long")
-                    return
-                del buf[: end + 2]
-                if end == 0:  # the empty line that ends the trailers
-                    body = b"".join(self._chunks)
-                    self._chunks = []
-                    self._complete(body)
-                    return
-            else:  # _TO_CLOSE: connection_lost completes it
-                return
-
-    def _start_body(self, head: bytes) -> None:
-        status_line = _STATUS_LINE.match(head)
-        if status_line is None:
-            raise _BadResponse("not an HTTP/1.x status line")
-        status = int(status_line[2])
-        http10 = status_line[1] == b"0"
-        headers: CIMultiDict[str] = CIMultiDict()
-        length: bytes | None = None
-        chunked = False
-        te_seen = False
-        connection = b""
-        # One C-level scan picks out the few headers we keep; the rest are never split.
-        for raw_name, raw_value in _KEPT_HEADER.findall(head):
-            name = raw_name.lower()
-            value = raw_value.strip()
-            headers.add(name.decode("latin-1"), value.decode("latin-1"))
-            if name == b"content-length":
-                if length is not None and length != value:
-                    raise _BadResponse("conflicting Content-Length headers")
-                length = value
-            elif name == b"transfer-encoding":
-                te_seen = True
-                # Only the last coding frames the body.
-                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-            else:  # connection
-                connection += b"," + value.lower()
-        if 100 <= status < 200:
-            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
-            return
-        if connection:
-            tokens = {t.strip() for t in connection.split(b",")}
-            self._keep_alive = (b"keep-alive" in tokens) if http10 else (b"close" not in tokens)
-        else:
-            self._keep_alive = not http10
-        self._status = status
-        self._headers = headers
-        if status in (204, 304):
-            self._complete(b"")
-        elif te_seen:
-            if chunked:
-                self._chunks = []
-                self._state = _CHUNK_SIZE
-            else:
-                self._keep_alive = False
-                self._state = _TO_CLOSE
-        elif length is not None:
-            if not length.isdigit():
-                raise _BadResponse("bad Content-Length")
-            self._body_left = int(length)
-            self._state = _LENGTH
-        else:
-            self._keep_alive = False
-            self._state = _TO_CLOSE
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            status = self._parser.get_status_code()
+            waiter.set_result(_Response(status, self._headers, raw, keep_alive))
 
 
 def _expire(future: asyncio.Future[_Response]) -> None:
@@ -320,6 +283,7 @@ class FastTransport:
         "_idle",
         "_port",
         "_pre",
+        "_redact",
         "_slots",
         "_ssl",
         "_tail_empty",
@@ -338,6 +302,7 @@ class FastTransport:
         if config.pool_size < 1:
             raise ValueError(f"pool_size must be at least 1, got {config.pool_size}")
         self._config = config
+        self._redact = Redactor(config.auth_headers)
         self._host = parts.hostname
         default_port = 443 if scheme == "https" else 80
         self._port = parts.port or default_port
@@ -421,7 +386,7 @@ class FastTransport:
                 async with asyncio.timeout(timeout):
                     await slots.acquire()
             except TimeoutError as exc:
-                return _failure(ErrorKind.CONNECT, False, started, exc)
+                return self._failure(ErrorKind.CONNECT, False, started, exc)
         else:
             await slots.acquire()
         try:
@@ -437,7 +402,7 @@ class FastTransport:
                     conn = await self._connect(started + timeout)
                 except (OSError, TimeoutError) as exc:
                     # Refused, DNS, TLS handshake (ssl.SSLError is an OSError), timed out.
-                    return _failure(ErrorKind.CONNECT, False, started, exc)
+                    return self._failure(ErrorKind.CONNECT, False, started, exc)
             loop = asyncio.get_running_loop()
             future: asyncio.Future[_Response] = loop.create_future()
             timer = loop.call_at(
@@ -448,13 +413,17 @@ class FastTransport:
                 response = await future
             except TimeoutError as exc:
                 conn.abort()
-                return _failure(ErrorKind.TIMEOUT, True, started, exc)
-            except (OSError, _BadResponse) as exc:
+                return self._failure(ErrorKind.TIMEOUT, True, started, exc)
+            except _BadResponse as exc:
+                # An answer we cannot frame: the request left, so it may have arrived.
+                conn.abort()
+                return self._failure(ErrorKind.PROTOCOL, True, started, exc)
+            except OSError as exc:
                 # Written (or being written) and then the connection broke, including a
                 # keep-alive connection the server closed just as we reused it: the server
                 # may have read the request, so it counts as sent.
                 conn.abort()
-                return _failure(ErrorKind.CONNECTION, True, started, exc)
+                return self._failure(ErrorKind.CONNECTION, True, started, exc)
             except BaseException:
                 # Cancelled mid-request: the answer may still arrive, so this connection
                 # can never be reused.
@@ -467,18 +436,16 @@ class FastTransport:
             else:
                 conn.close()
             return outcome_from_response(
-                response.status, response.body, response.headers, time.perf_counter() - started
+                response.status,
+                response.body,
+                response.headers,
+                time.perf_counter() - started,
+                self._redact,
             )
         finally:
             slots.release()
 
-
-def _failure(kind: ErrorKind, sent: bool, started: float, exc: BaseException) -> Outcome:
-    return Outcome(
-        status=None,
-        ok=False,
-        sent=sent,
-        latency_s=time.perf_counter() - started,
-        error_kind=kind,
-        message=_describe(exc),
-    )
+    def _failure(self, kind: ErrorKind, sent: bool, started: float, exc: BaseException) -> Outcome:
+        return failure(
+            kind, sent, time.perf_counter() - started, describe(exc, self._redact), self._redact
+        )

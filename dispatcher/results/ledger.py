@@ -310,7 +310,16 @@ def envelope_from_json(obj: dict[str, Any]) -> Envelope:
         finished_at=_time(obj, "finished_at"),
         latency_ms=_opt_float(obj, "latency_ms"),
         elapsed_ms=_float(obj, "elapsed_ms"),
+        # Added later: results written before them still load.
+        waited_ms=_float(obj, "waited_ms") if "waited_ms" in obj else 0.0,
+        statuses=_counts(obj["statuses"]) if "statuses" in obj else {},
     )
+
+
+def _counts(value: Any) -> dict[str, int]:
+    if type(value) is not dict or not all(type(v) is int for v in value.values()):
+        raise TypeError(f"statuses must be an object of counts, not {value!r}")
+    return value
 
 
 def _read_jsonl(path: str, on_torn: OnTorn | None) -> Iterator[Envelope]:

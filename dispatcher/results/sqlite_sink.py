@@ -71,7 +71,12 @@ _ENVELOPE_COLUMNS: Final = (
     "finished_at",
     "latency_ms",
     "elapsed_ms",
+    "waited_ms",
+    "statuses",
 )
+# Columns added after schema version 1 first shipped: a file without them gets them when a
+# run opens it for writing, and reads as if they held NULL (0 ms waited, no statuses).
+_ADDED_COLUMNS: Final = (("waited_ms", "REAL"), ("statuses", "TEXT"))
 _ALL_COLUMNS: Final = (*_ENVELOPE_COLUMNS, "run_id", "updated_at")
 
 _SCHEMA: Final = """
@@ -97,6 +102,8 @@ CREATE TABLE IF NOT EXISTS envelopes (
     finished_at   TEXT NOT NULL,
     latency_ms    REAL,
     elapsed_ms    REAL NOT NULL,
+    waited_ms     REAL,
+    statuses      TEXT,
     run_id        TEXT NOT NULL,
     updated_at    TEXT NOT NULL
 );
@@ -109,7 +116,16 @@ _UPSERT: Final = (
     + ", ".join(f"{c} = excluded.{c}" for c in _ALL_COLUMNS if c != "key")
 )
 
-_SELECT: Final = f"SELECT {', '.join(_ENVELOPE_COLUMNS)} FROM envelopes ORDER BY rowid"
+
+
+def _select(present: set[str]) -> str:
+    columns = (c if c in present else f"NULL AS {c}" for c in _ENVELOPE_COLUMNS)
+    return f"SELECT {', '.join(columns)} FROM envelopes ORDER BY rowid"
+
+
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(envelopes)")}
+
 
 # A writer waits this long for another connection's write lock (a second process writing
 # the same file, or a checkpoint) instead of failing at once with "database is locked".
@@ -133,6 +149,8 @@ _Row = tuple[
     str,
     float | None,
     float,
+    float | None,
+    str | None,
 ]
 
 
@@ -171,6 +189,8 @@ def _row(env: Envelope, run_id: str, updated_at: str) -> tuple[object, ...]:
         _iso(env.finished_at),
         env.latency_ms,
         env.elapsed_ms,
+        env.waited_ms,
+        orjson.dumps(env.statuses).decode(),
         run_id,
         updated_at,
     )
@@ -199,6 +219,8 @@ def envelope_from_row(row: _Row) -> Envelope:
         finished_at,
         latency_ms,
         elapsed_ms,
+        waited_ms,
+        statuses,
     ) = row
     error = None
     if error_kind is not None:
@@ -221,7 +243,16 @@ def envelope_from_row(row: _Row) -> Envelope:
         finished_at=datetime.fromisoformat(finished_at),
         latency_ms=latency_ms,
         elapsed_ms=elapsed_ms,
+        waited_ms=0.0 if waited_ms is None else waited_ms,
+        statuses={} if statuses is None else _statuses(statuses),
     )
+
+
+def _statuses(text: str) -> dict[str, int]:
+    doc = orjson.loads(text)
+    if type(doc) is not dict or not all(type(v) is int for v in doc.values()):
+        raise ValueError(f"statuses must be an object of counts, not {text!r}")
+    return doc
 
 
 def _new_run_id() -> str:
@@ -317,6 +348,10 @@ class SqliteSink:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            present = _columns(conn)
+            for name, kind in _ADDED_COLUMNS:
+                if name not in present:
+                    conn.execute(f"ALTER TABLE envelopes ADD COLUMN {name} {kind}")
             now = datetime.now(UTC).isoformat()
             conn.executemany(
                 "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
@@ -442,7 +477,7 @@ def iter_envelopes(path: str) -> Iterator[Envelope]:
         return
     try:
         try:
-            cursor = conn.execute(_SELECT)
+            cursor = conn.execute(_select(_columns(conn)))
             while rows := cursor.fetchmany(1000):
                 for row in rows:
                     yield envelope_from_row(row)

@@ -478,7 +478,6 @@ class LoadRun:
                 env = envelopes.for_outcome(
                     event,
                     outcome,
-                    attempts=1,
                     started_at=started_at,
                     finished_at=datetime.now(UTC),
                     elapsed_s=time.perf_counter() - t0,

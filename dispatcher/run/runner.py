@@ -174,37 +174,103 @@ def engine_for(
     )
 
 
-async def dispatch(
+class Dispatch:
+    """What :func:`dispatch` returns: an async iterator of envelopes, one per record.
+
+    ``stop()`` winds the run down gracefully: no new record starts, requests in flight
+    finish, records waiting for a retry get their ``stopped`` envelope, and iteration then
+    ends. Leaving the loop early or cancelling it is a hard stop; the envelopes of the
+    records it cut off (and of any finished but not yet yielded) are then in
+    :attr:`abandoned`. Use ``async with dispatch(...) as envelopes:`` so that the stop
+    happens when the block ends, not when the garbage collector gets to it.
+    """
+
+    __slots__ = ("_engine", "_gen", "abandoned")
+
+    def __init__(
+        self,
+        records: Iterable[Record] | AsyncIterable[Record],
+        settings: SendSettings,
+        transport: Transport | None,
+        policy: RetryPolicy | None,
+    ) -> None:
+        self.abandoned: list[Envelope] = []
+        self._engine: Engine | None = None
+        self._gen = self._run(records, settings, transport, policy)
+
+    def __aiter__(self) -> Dispatch:
+        return self
+
+    async def __anext__(self) -> Envelope:
+        return await self._gen.__anext__()
+
+    async def __aenter__(self) -> Dispatch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+    def stop(self, reason: str = "the caller asked to stop") -> None:
+        if self._engine is not None:
+            self._engine.stop(reason)
+
+    async def _run(
+        self,
+        records: Iterable[Record] | AsyncIterable[Record],
+        settings: SendSettings,
+        transport: Transport | None,
+        policy: RetryPolicy | None,
+    ) -> AsyncGenerator[Envelope, None]:
+        own = transport is None
+        tx: Transport = transport_for(settings) if transport is None else transport
+        engine = self._engine = engine_for(settings, tx, policy=policy)
+        send, receive = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(engine.run, _batched(records), send)
+                try:
+                    while True:
+                        try:
+                            env = await receive.receive()
+                        except anyio.EndOfStream:
+                            break
+                        yield env
+                finally:
+                    engine.stop("the caller stopped iterating")
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                # What the workers had finished but not handed over, then what they were
+                # in the middle of: no started record goes without its envelope.
+                while True:
+                    try:
+                        self.abandoned.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                receive.close()
+                self.abandoned.extend(engine.abandoned())
+                if own:
+                    await tx.aclose()
+
+
+def dispatch(
     records: Iterable[Record] | AsyncIterable[Record],
     settings: SendSettings,
     *,
     transport: Transport | None = None,
     policy: RetryPolicy | None = None,
-) -> AsyncIterator[Envelope]:
+) -> Dispatch:
     """Send ``records`` and yield one envelope per record as each finishes.
 
     ``records`` are :class:`~dispatcher.Event` / :class:`~dispatcher.Invalid` values (see
-    :func:`dispatcher.inputs.records.event_from_mapping` to build them from dicts). Leaving the
-    loop early stops the run: records not yet attempted get no envelope.
+    :func:`dispatcher.inputs.records.event_from_mapping` to build them from dicts). See
+    :class:`Dispatch` for stopping early: records not yet attempted get no envelope, and
+    records cut off by a hard stop get theirs in ``abandoned``.
     """
-    own = transport is None
-    tx: Transport = transport_for(settings) if transport is None else transport
-    engine = engine_for(settings, tx, policy=policy)
-    send, receive = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(engine.run, _batched(records), send)
-            try:
-                async with receive:
-                    async for env in receive:
-                        yield env
-            finally:
-                engine.stop("the caller stopped iterating")
-                tg.cancel_scope.cancel()
-    finally:
-        if own:
-            with anyio.CancelScope(shield=True):
-                await tx.aclose()
+    return Dispatch(records, settings, transport, policy)
 
 
 async def drain_to_sink(
@@ -253,6 +319,9 @@ def skip_reason(record: Record, state: KeyState | None, settings: SendSettings) 
         return None
     if state.delivery is Delivery.CONFIRMED:
         return "confirmed"
+    if state.error_kind is ErrorKind.STOPPED and state.delivery is not Delivery.UNKNOWN:
+        # Stopped between attempts with nothing in doubt: not final, so it goes again.
+        return None
     if state.error_kind is ErrorKind.INVALID:
         # Invalid lines stay invalid until the input is fixed (then their key changes,
         # or, with an explicit id, they come back as a valid record and are sent).

@@ -20,7 +20,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dispatcher.clients.base import Transport
-from dispatcher.model import Envelope, ErrorKind, Event, Invalid, Outcome, Record
+from dispatcher.model import Envelope, ErrorKind, Event, Invalid, Record
 from dispatcher.results import envelopes
 from dispatcher.sending.gate import RateGate
 from dispatcher.sending.pacing import Pacer
@@ -106,15 +106,12 @@ class FailureWatch:
 class _Active:
     """A record between its first attempt and its envelope (for a hard stop's accounting)."""
 
-    __slots__ = ("attempts", "event", "in_flight", "last", "started_at", "t0")
+    __slots__ = ("event", "history", "in_flight")
 
-    def __init__(self, event: Event, started_at: datetime, t0: float) -> None:
+    def __init__(self, event: Event) -> None:
         self.event = event
-        self.started_at = started_at
-        self.t0 = t0
-        self.attempts = 0
+        self.history = envelopes.History()
         self.in_flight = False
-        self.last: Outcome | None = None
 
 
 class Engine:
@@ -159,33 +156,37 @@ class Engine:
     def abandoned(self) -> list[Envelope]:
         """Envelopes for records cut off by a hard stop, after the engine was cancelled.
 
-        A request in flight may have arrived: ``unknown``. A record between retries ends
-        with its last answer. Records never attempted get none: they are left for later.
+        The truth table decides, with error kind ``stopped``: a request in flight may
+        have arrived (``unknown``); a record between retries keeps what its attempts
+        proved. Records never attempted get none: they are left for later.
         """
         now = _now()
         out: list[Envelope] = []
         for active in self._active.values():
-            event = active.event
-            if active.in_flight or active.last is None:
-                env = envelopes.for_cut_off(
-                    event,
-                    attempts=active.attempts,
-                    started_at=active.started_at,
-                    now=now,
-                    elapsed_s=self._clock() - active.t0,
-                )
-            else:
-                env = envelopes.for_outcome(
-                    event,
-                    active.last,
-                    attempts=active.attempts,
-                    started_at=active.started_at,
-                    finished_at=now,
-                    elapsed_s=self._clock() - active.t0,
-                )
-            out.append(env)
+            env = envelopes.for_history(
+                active.event,
+                active.history,
+                finished_at=now,
+                elapsed_s=self._elapsed(active.history),
+                stopped=self._stopped_message(in_flight=active.in_flight),
+                in_flight=active.in_flight,
+            )
+            if env is not None:
+                out.append(env)
         self._active.clear()
         return out
+
+    def _elapsed(self, history: envelopes.History) -> float:
+        # From the first request to now, without the time held at the gate meanwhile.
+        if history.attempts == 0 and history.started_at is None:
+            return 0.0
+        return self._clock() - history.t_first - (history.waited_s - history.waited_before)
+
+    def _stopped_message(self, *, in_flight: bool) -> str:
+        reason = self.stats.stop_reason or "the run was cancelled"
+        if in_flight:
+            return f"stopped ({reason}) while a request was in flight; it may have arrived"
+        return f"stopped ({reason}) before this record's next attempt"
 
     def _check_stop_rules(self, env: Envelope) -> None:
         reason = self._watch.check(env)
@@ -274,8 +275,11 @@ class Engine:
                     self._check_stop_rules(env)
                     await _put(out, env)
 
-    async def _wait(self, seconds: float | None) -> bool:
-        """Wait at the gate (``None``) or for a backoff; False if the run stopped meanwhile."""
+    async def _wait(self, seconds: float | None, history: envelopes.History | None = None) -> bool:
+        """Wait at the gate (``None``) or for a backoff; False if the run stopped meanwhile.
+
+        Time held at the gate is added to ``history.waited_s``.
+        """
         if self._stopping:
             return False
         if seconds is None and self._gate.ready():
@@ -285,6 +289,7 @@ class Engine:
             return True
         with anyio.CancelScope() as scope:
             self._wait_scopes.add(scope)
+            t0 = self._clock()
             try:
                 if seconds is None:
                     await self._gate.acquire()
@@ -292,20 +297,23 @@ class Engine:
                     await anyio.sleep(seconds)
             finally:
                 self._wait_scopes.discard(scope)
+                if seconds is None and history is not None:
+                    history.waited_s += self._clock() - t0
         return not scope.cancelled_caught and not self._stopping
 
     async def _deliver(self, event: Event) -> Envelope | None:
-        started_at = _now()
-        t0 = self._clock()
         rate_limited = 0
         stats = self.stats
-        active = _Active(event, started_at, t0)
+        clock = self._clock
+        active = _Active(event)
+        history = active.history
         slot = id(active)
         try:
             while True:
-                if not await self._wait(None):
+                if not await self._wait(None, history):
                     break
-                if active.attempts == 0:
+                history.leaving(_now(), clock())
+                if history.attempts == 0:
                     self._active[slot] = active
                     if self._mark_started is not None:
                         self._mark_started(event)
@@ -319,8 +327,7 @@ class Engine:
                 finally:
                     stats.in_flight -= 1
                 active.in_flight = False
-                active.attempts += 1
-                active.last = outcome
+                history.add(outcome)
                 if self._pacer is not None:
                     self._pacer.observe(outcome, stats.in_flight)
                 if outcome.status == 429:
@@ -332,16 +339,14 @@ class Engine:
                         f"{outcome.message or 'no message'}); check the token and that it "
                         "has the Workers Scripts Write permission"
                     )
-                decision = self._policy.decide(outcome, active.attempts, rate_limited, self._rng)
+                decision = self._policy.decide(outcome, history.attempts, rate_limited, self._rng)
                 if isinstance(decision, Final):
                     gave_up = ErrorKind.RATE_LIMITED if decision.reason == "rate_limited" else None
-                    return envelopes.for_outcome(
+                    return envelopes.for_history(
                         event,
-                        outcome,
-                        attempts=active.attempts,
-                        started_at=started_at,
+                        history,
                         finished_at=_now(),
-                        elapsed_s=self._clock() - t0,
+                        elapsed_s=self._elapsed(history),
                         gave_up=gave_up,
                     )
                 if self._stopping:
@@ -351,15 +356,14 @@ class Engine:
                     self._gate.pause_for(decision.delay)
                 elif not await self._wait(decision.delay):
                     break
-            if active.last is None:
-                return None  # never attempted: left for a later run, no envelope
-            return envelopes.for_outcome(
+            # Stopped before its last allowed attempt: not final (resume decides by the
+            # table); never attempted: no envelope, left for a later run.
+            return envelopes.for_history(
                 event,
-                active.last,
-                attempts=active.attempts,
-                started_at=started_at,
+                history,
                 finished_at=_now(),
-                elapsed_s=self._clock() - t0,
+                elapsed_s=self._elapsed(history),
+                stopped=self._stopped_message(in_flight=False),
             )
         finally:
             # On a hard stop (cancellation) the record stays listed for abandoned().

@@ -32,7 +32,7 @@ FinalReason: TypeAlias = Literal["ok", "permanent", "exhausted", "rate_limited"]
 CF_INTERNAL_ERROR: typing.Final = 10001
 
 _RETRYABLE_KINDS: typing.Final = frozenset(
-    {ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.CONNECT}
+    {ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.CONNECT, ErrorKind.PROTOCOL}
 )
 
 # Past 2**64 the cap has long since won; stopping here keeps 2.0**n from overflowing.
@@ -118,13 +118,14 @@ class RetryPolicy:
     """
 
     max_attempts: int = 5
-    """Attempts that may end in a retryable error (408, 5xx, timeout, connection, connect)."""
+    """Attempts that may end in a retryable error (408, 5xx, timeout, connection, connect,
+    protocol)."""
     base_delay: float = 0.5
     """Backoff ceiling for the first retry; it doubles on each one after."""
     max_delay: float = 30.0
     """Backoff ceiling never grows past this."""
     max_retry_wait: float = 600.0
-    """The longest ``Retry-After`` honoured; a 429 asking for more is final."""
+    """The longest ``Retry-After`` honoured: a 429 asking for more is final, a 503's is cut."""
     default_retry_after: float = 5.0
     """The wait after a 429 that named none usable."""
     max_rate_limited: int = 50
@@ -174,6 +175,11 @@ class RetryPolicy:
         if failures >= self.max_attempts:
             return Final("exhausted")
         delay = backoff(failures, base=self.base_delay, cap=self.max_delay, rng=rng)
+        retry_after = outcome.retry_after
+        if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
+            # A 503's Retry-After sets this record's earliest retry (the client reads it
+            # on 429 and 503 only), never past --max-retry-wait.
+            delay = max(delay, min(retry_after, self.max_retry_wait))
         return Retry(delay=delay, pause_all=False)
 
     def rate_limit_wait(self, outcome: Outcome) -> float:
