@@ -34,6 +34,13 @@ class _TooLarge(Exception):
     """An answer over the head or body cap: not one the API sends."""
 
 
+class _Malformed(Exception):
+    """An answer aiohttp's lenient parser let through that the strict rule refuses."""
+
+
+_SPACE: Final = (b" ", b"\t")
+
+
 class HttpTransport:
     """The real transport: one keep-alive ``ClientSession`` for the whole run."""
 
@@ -136,7 +143,13 @@ class HttpTransport:
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     """The whole body, refusing an answer whose head or body is over the caps."""
-    head = sum(len(name) + len(value) + 4 for name, value in resp.raw_headers)
+    head = 0
+    for name, value in resp.raw_headers:
+        head += len(name) + len(value) + 4
+        if name[-1:] in _SPACE:
+            # aiohttp's parser is lenient here; the fast client's is not, and a space
+            # before the colon is how a header gets past one parser and not another.
+            raise _Malformed(f"whitespace before the colon of header {name.strip()!r}")
     if head > MAX_HEAD:
         raise _TooLarge(f"answer head over {MAX_HEAD} bytes")
     length = resp.content_length

@@ -219,6 +219,8 @@ def outcome_from_response(
     in_doubt = ok_status and not refused
     if 300 <= status < 400:
         message = _redirect_message(status, headers.get("Location"))
+    elif status == 101:
+        message = "HTTP 101 Switching Protocols: the server left HTTP; not an API answer"
     elif in_doubt:
         kind = headers.get("Content-Type") or "no content type"
         what = f"{kind}: {message}" if message else f"{kind}, {len(raw)} bytes"

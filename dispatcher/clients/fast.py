@@ -93,6 +93,9 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self._waiter: asyncio.Future[_Response] | None = None
         self._parser = httptools.HttpResponseParser(self)
+        # The one leniency: a bare LF as a line end, which RFC 9112 2.2 lets a recipient
+        # accept, and aiohttp does; nothing else is relaxed.
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self._reset()
 
     def _reset(self) -> None:
@@ -197,7 +200,7 @@ class _Conn(asyncio.Protocol):
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows. A 101
-            # is not interim: llhttp stops at it (HttpParserUpgrade) and the attempt fails.
+            # is not interim: it is the final answer (an error), as it is to aiohttp.
             self._interim = True
             return
         headers = self._headers
@@ -217,7 +220,9 @@ class _Conn(asyncio.Protocol):
         if self._interim:
             self._reset()
             return
-        self._complete(keep_alive=self._parser.should_keep_alive())
+        parser = self._parser
+        # After a 101 the bytes on the connection are another protocol's: never reuse it.
+        self._complete(keep_alive=parser.should_keep_alive() and parser.get_status_code() != 101)
 
     # -- used by FastTransport -------------------------------------------------------------
 

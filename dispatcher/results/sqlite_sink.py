@@ -117,7 +117,6 @@ _UPSERT: Final = (
 )
 
 
-
 def _select(present: set[str]) -> str:
     columns = (c if c in present else f"NULL AS {c}" for c in _ENVELOPE_COLUMNS)
     return f"SELECT {', '.join(columns)} FROM envelopes ORDER BY rowid"
