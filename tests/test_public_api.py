@@ -47,6 +47,8 @@ async def test_readme_python_api(tmp_path: Path) -> None:
             )
             for i in range(20)
         ]
-        got = [env async for env in dispatcher.dispatch(records, settings)]
+        async with dispatcher.dispatch(records, settings) as envelopes:
+            got = [env async for env in envelopes]
+    assert envelopes.abandoned == []
     assert sorted(e.key for e in got) == sorted(f"k{i}" for i in range(20))
     assert {e.delivery for e in got} == {dispatcher.Delivery.CONFIRMED}
