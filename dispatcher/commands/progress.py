@@ -150,9 +150,16 @@ def format_summary(stats: RunStats, results: str) -> str:
             f"  crashed    {stats.crashed_unknown:,} records in flight when an earlier run "
             "died now say delivery unknown"
         )
+    if stats.crashed_unreadable:
+        lines.append(
+            f"  crashed    {stats.crashed_unreadable:,} journal lines of an earlier run were "
+            "torn before their key: that many records may have been sent, unnamed"
+        )
     lines.append(f"  wall time  {elapsed:,.2f} s")
     lines.append(f"  results    {'stdout' if results == '-' else results}")
-    if stats.stop_reason is not None:
+    if stats.write_error is not None:
+        lines.append(f"  not saved  {stats.write_error}: stopped sending")
+    elif stats.stop_reason is not None:
         lines.append(f"  stopped    {stats.stop_reason}")
         lines.append("             records not attempted have no envelope: run again to send them")
     return "\n".join(lines)

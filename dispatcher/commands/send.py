@@ -1,7 +1,9 @@
 """`dispatcher send`: the main job from the shell, with signals, progress and a summary.
 
-Exit codes: 0 every record confirmed, 1 some failed, 2 usage or config error, 3 stopped
-early, 130 interrupted.
+Exit codes: 0 every record confirmed, 1 some failed, 2 usage or config error (another
+run holds the same --results included), 3 stopped early, 5 results could not be written
+(full disk, read-only folder: the run stopped sending, --resume continues), 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shlex
 import sys
 from typing import Final
 
@@ -17,6 +20,7 @@ import anyio
 from dispatcher.commands.dryrun import add_dry_run_argument, dry_run
 from dispatcher.commands.progress import ProgressMode, format_summary, resolve_mode, show_progress
 from dispatcher.inputs.records import InputError
+from dispatcher.model import UserError
 from dispatcher.results.ledger import LedgerError
 from dispatcher.run import runner
 from dispatcher.run.config import add_send_arguments, load_send_settings
@@ -30,6 +34,7 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_STOPPED: Final = 3
+EXIT_WRITE_FAILED: Final = 5
 EXIT_INTERRUPTED: Final = 130
 
 
@@ -39,6 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def exit_code(stats: RunStats) -> int:
+    if stats.write_error is not None:
+        return EXIT_WRITE_FAILED
     if stats.interrupted:
         return EXIT_INTERRUPTED
     if stats.stop_reason is not None:
@@ -103,10 +110,30 @@ def run(args: argparse.Namespace) -> int:
     except LedgerError as exc:
         print(f"dispatcher send: error: cannot resume: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except UserError as exc:
+        # Another run holds the results (2), or they cannot be written at all (5).
+        print(f"dispatcher send: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         # Ctrl-C before the run had installed its own handler: nothing was sent yet.
         print("dispatcher send: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     if not settings.quiet:
         print(format_summary(stats, settings.results), file=sys.stderr, flush=True)
+    if stats.write_error is not None:
+        # Even with --quiet: the run stopped for a reason the user must fix.
+        print(
+            f"dispatcher send: error: {stats.write_error}; nothing more was sent, what is "
+            f"on disk is kept. Free space or fix the folder, then: {resume_command()}",
+            file=sys.stderr,
+            flush=True,
+        )
     return exit_code(stats)
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """This command line, made to continue its run: ``--resume``, never ``--overwrite``."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["dispatcher", *args])

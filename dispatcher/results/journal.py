@@ -1,31 +1,55 @@
 """The in-flight journal: which records may have been sent when a run died.
 
-Envelopes are written after a record's last attempt and flushed once a second, so a crash
-(kill -9, power loss) can leave records whose request left but whose envelope never made
-it to disk. Without knowing them, a resumed run would send them again unannounced.
+Envelopes are written after a record's last attempt and made durable by the group commit
+a few milliseconds later, so a crash (kill -9, power loss) can leave records whose request
+left but whose envelope never made it to disk. Without knowing them, a resumed run would
+send them again unannounced.
 
 So, next to the results, ``<results>.inflight`` holds a header (when the run started) and
-the key of every record just before its first request leaves, written straight to the OS
-(it survives the process). After each results flush the journal is rewritten with only
-the records whose envelope is not yet on disk, so it stays small. A run that ends (even
-by Ctrl-C) deletes it: every record it started then has its envelope. A journal found at
-start means the last run crashed: its records not confirmed in the results get an
-envelope saying delivery ``unknown``, since their request may have arrived.
+one line per record, written straight to the OS just before its first request leaves. A
+write that fails or comes up short stops that record before its request leaves
+(:class:`~dispatcher.results.sinks.ResultsWriteError`), and the journal takes no more
+lines: a run never sends what it could not journal.
+
+Reading a crashed run's journal (:func:`read_crashed`), an entry counts only for a record
+that has no envelope written by that run: the results are searched for the entries' keys
+and an envelope finished after the journal's ``run_started`` settles its record, whatever
+it says (so a 404 stays ``rejected``). A torn or unreadable line counts as "may have been
+sent": its key is recovered when the line got that far (keys come first), else it is
+counted as unidentified.
+
+The journal is compacted as envelopes become durable (every :data:`COMPACT_EVERY` lines
+written), so it stays small however long the run. A run that ends with every envelope
+durable deletes it. ``--processes`` workers keep one each (``<results>.inflight.<i>``);
+their envelopes become durable in the parent, which tells each worker how many of its
+envelopes are on disk (:meth:`Journal.durable`).
+
+Durability: a line reaches the OS (the page cache) before the request leaves, which a
+kill -9 cannot undo. It reaches the disk with the results' group commit (:meth:`sync`,
+a few ms later), not with an fsync per record: see "Durability" in docs/results.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import re
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
 import orjson
 
 from dispatcher.model import Event
+from dispatcher.results.sinks import ResultsWriteError
 
 SUFFIX: Final = ".inflight"
+# Compact after this many lines: ~600 KiB of journal, a few hundred µs of rewrite.
+COMPACT_EVERY: Final = 4096
+_KEY_PREFIX: Final = re.compile(rb'^\{"key":("(?:[^"\\]|\\.)*")')
 
 
 def path_for(results: str) -> str | None:
@@ -33,59 +57,143 @@ def path_for(results: str) -> str | None:
     return None if results == "-" else results + SUFFIX
 
 
-class Journal:
-    """Appends records with one ``write`` each, so they reach the OS before a request leaves.
+def _write_all(fd: int, data: bytes) -> None:
+    """One ``write``; a short one raises (the rest is not retried: the line stays torn)."""
+    written = os.write(fd, data)
+    if written != len(data):
+        raise OSError(0, f"short write: {written} of {len(data)} bytes")
 
-    ``pending`` holds the records marked whose envelope the sink has not yet been given;
-    after a results flush, :meth:`compact` keeps only those.
+
+class Journal:
+    """Appends one line per record with one ``write`` each, before its request leaves.
+
+    The records whose envelope is not yet durable are kept in memory (a dict, small: the
+    records in flight plus those awaiting the next commit), in the order the sink was
+    given their envelopes, so :meth:`compact` can rewrite the file with only them.
     """
 
-    __slots__ = ("_fd", "_path", "_pending", "_started")
+    __slots__ = (
+        "_appended",
+        "_broken",
+        "_durable",
+        "_entries",
+        "_fd",
+        "_given",
+        "_path",
+        "_results",
+        "_started",
+    )
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, results: str | None = None) -> None:
         self._path = path
+        self._results = results if results is not None else path
         self._started = datetime.now(UTC)
-        self._pending: dict[str, bytes] = {}
-        self._fd = self._open(path, [])
+        self._entries: dict[str, bytes] = {}
+        self._given: deque[str] = deque()
+        self._durable = 0  # how many envelopes given so far are durable
+        self._appended = 0
+        self._broken: OSError | None = None
+        try:
+            self._fd = self._open(path, ())
+        except OSError as exc:
+            raise ResultsWriteError(self._results, exc) from exc
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Records journaled whose envelope is not durable yet."""
+        return len(self._entries)
+
+    @property
+    def given_total(self) -> int:
+        """Envelopes handed to the sink so far (the count :meth:`durable` takes)."""
+        return self._durable + len(self._given)
 
     def _header(self) -> bytes:
         return orjson.dumps({"run_started": self._started}, option=orjson.OPT_APPEND_NEWLINE)
 
-    def _open(self, path: str, lines: Iterable[bytes]) -> int:
+    def _open(self, path: str, lines: tuple[bytes, ...] | list[bytes]) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        os.write(fd, self._header() + b"".join(lines))
+        try:
+            _write_all(fd, self._header() + b"".join(lines))
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def mark(self, event: Event) -> None:
+        """Journal a record before its first request; raises if that cannot be done.
+
+        After one failure every later call fails too, without writing: a line appended
+        after a torn one would fuse with it.
+        """
+        if self._broken is not None:
+            raise ResultsWriteError(self._results, self._broken)
         line = _line(event)
-        self._pending[event.key] = line
-        os.write(self._fd, line)
+        try:
+            _write_all(self._fd, line)
+        except OSError as exc:
+            self._broken = exc
+            raise ResultsWriteError(self._results, exc) from exc
+        self._entries[event.key] = line
+        self._appended += 1
 
     def written(self, key: str) -> None:
-        """The sink has been given this record's envelope."""
-        self._pending.pop(key, None)
+        """The sink has been given this record's envelope (not durable yet)."""
+        self._given.append(key)
+
+    def durable(self, upto: int) -> None:
+        """The first ``upto`` envelopes given to the sink are durable: forget them."""
+        given, entries = self._given, self._entries
+        while self._durable < upto and given:
+            entries.pop(given.popleft(), None)
+            self._durable += 1
+
+    def sync(self) -> None:
+        """fsync the journal (from the group commit's thread, between compactions)."""
+        if self._fd >= 0 and self._broken is None:
+            os.fsync(self._fd)
+
+    def maybe_compact(self) -> None:
+        if self._appended >= COMPACT_EVERY:
+            self.compact()
 
     def compact(self) -> None:
-        """Rewrite with only the pending records; call right after a results flush."""
+        """Rewrite with only the records whose envelope is not durable.
+
+        Runs on the event loop between two marks (no line can be lost to a race); the file
+        is small. A failure (full disk) keeps the old journal, a superset: still true.
+        """
+        if self._broken is not None or self._fd < 0:
+            return
         tmp = self._path + ".tmp"
-        fd = self._open(tmp, self._pending.values())
-        os.replace(tmp, self._path)
+        try:
+            fd = self._open(tmp, list(self._entries.values()))
+            try:
+                os.fsync(fd)
+                os.replace(tmp, self._path)
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return
         os.close(self._fd)
         self._fd = fd
+        self._appended = 0
 
     def close(self, *, delete: bool = True) -> None:
-        """End of run: delete the journal if every record marked has its envelope.
+        """End of run: delete the journal if every record marked has a durable envelope.
 
-        ``delete=False`` keeps it whatever: a ``--processes`` worker's envelopes are
-        written by its parent, which removes the journal once they are on disk.
+        ``delete=False`` keeps it whatever (the run could not make its envelopes durable).
         """
+        if self._fd < 0:
+            return
         os.close(self._fd)
-        if delete and not self._pending:
-            os.unlink(self._path)
+        self._fd = -1
+        if delete and not self._entries and self._broken is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,13 +203,24 @@ class Started:
     key: str
     source: str
     line: int
-    workflow: str
-    instance_id: str
-    event_type: str
+    workflow: str | None
+    instance_id: str | None
+    event_type: str | None
+
+
+@dataclass(slots=True)
+class Crashed:
+    """What a crashed run's journal says: when it started, and whom it may have sent."""
+
+    started: datetime
+    records: list[Started] = field(default_factory=list)
+    torn_keys: list[str] = field(default_factory=list)  # torn lines whose key survived
+    unidentified: int = 0  # torn lines whose key did not
 
 
 def _line(event: Event) -> bytes:
-    # Held until the envelope is written: an exact-size copy, not orjson's 4 KiB buffer.
+    # Held until the envelope is durable: an exact-size copy, not orjson's 4 KiB buffer.
+    # "key" first, so a torn line still names its record when it got that far.
     line = orjson.dumps(
         {
             "key": event.key,
@@ -116,26 +235,62 @@ def _line(event: Event) -> bytes:
     return bytes(memoryview(line))
 
 
-def read_crashed(path: str) -> tuple[datetime, Iterator[Started]] | None:
-    """The start time and records of a crashed run's journal, or None if there is none."""
+def _torn_key(raw: bytes) -> str | None:
+    found = _KEY_PREFIX.match(raw)
+    if found is None:
+        return None
     try:
-        f = open(path, "rb")  # noqa: SIM115 (closed by the generator)
+        key = orjson.loads(found.group(1))
+    except orjson.JSONDecodeError:
+        return None
+    return key if isinstance(key, str) else None
+
+
+def _parse(raw: bytes) -> Started | None:
+    if not raw.endswith(b"\n"):
+        return None  # cut off: even a line that parses may have lost a field's end
+    try:
+        obj = orjson.loads(raw)
+        return Started(**obj)
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+
+
+def read_crashed(path: str) -> Crashed | None:
+    """What a crashed run's journal holds, or None if there is none.
+
+    A journal torn inside its header names no record: its run died before sending.
+    """
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below)
     except FileNotFoundError:
         return None
-    first = f.readline()
-    try:
-        started = datetime.fromisoformat(orjson.loads(first)["run_started"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        # A journal torn before its header was written: the run died before sending.
-        f.close()
-        return None
+    with f:
+        first = f.readline()
+        try:
+            started = datetime.fromisoformat(orjson.loads(first)["run_started"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+        crashed = Crashed(started=started)
+        for raw in f:
+            entry = _parse(raw)
+            if entry is not None:
+                crashed.records.append(entry)
+                continue
+            if not raw.strip():
+                continue
+            key = _torn_key(raw)
+            if key is None:
+                crashed.unidentified += 1
+            else:
+                crashed.torn_keys.append(key)
+    return crashed
 
-    def records() -> Iterator[Started]:
-        with f:
-            for raw in f:
-                try:
-                    yield Started(**orjson.loads(raw))
-                except (orjson.JSONDecodeError, TypeError):
-                    continue  # a torn last line: that record's request had not left yet
 
-    return started, records()
+def iter_paths(results: str) -> Iterator[str]:
+    """The journal of a one-process run and those of ``--processes`` workers, if any."""
+    path = path_for(results)
+    if path is None:
+        return
+    yield path
+    yield from sorted(glob.glob(glob.escape(path) + ".*[0-9]"))

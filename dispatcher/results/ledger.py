@@ -41,6 +41,7 @@ __all__ = [
     "TornTail",
     "TornTailWarning",
     "envelope_from_json",
+    "finished_times",
     "load_ledger",
     "read_envelopes",
     "repair_jsonl_tail",
@@ -235,6 +236,52 @@ def load_ledger(path: str, *, on_torn: OnTorn | None = None) -> dict[str, KeySta
     if is_sqlite_path(path):
         return _load_sqlite(path)
     return _load_jsonl(path, on_torn)
+
+
+def finished_times(path: str, keys: set[str]) -> dict[str, datetime]:
+    """When the final envelope of each of ``keys`` that has one was finished.
+
+    Resume asks this of the few keys a crashed run's journal names: an envelope finished
+    after that run started is that run's own word on the record, and settles it.
+    """
+    times: dict[str, datetime] = {}
+    if not keys:
+        return times
+    if is_sqlite_path(path):
+        try:
+            conn = open_results(path)
+        except FileNotFoundError:
+            return times
+        except SqliteSinkError as exc:
+            raise LedgerError(str(exc), path=path) from exc
+        if conn is None:
+            return times
+        try:
+            wanted = list(keys)
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                query = f"SELECT key, finished_at FROM envelopes WHERE key IN ({marks})"
+                for key, finished in conn.execute(query, chunk):
+                    times[key] = datetime.fromisoformat(finished)
+        except (sqlite3.DatabaseError, ValueError) as exc:
+            raise LedgerError(f"{path}: cannot read results: {exc}", path=path) from exc
+        finally:
+            conn.close()
+        return times
+    try:
+        f = open(path, "rb", buffering=_READ_BUFFER)  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return times
+    with f:
+        for lineno, _, obj in _scan(f, path, lambda torn: None):
+            key = obj.get("key")
+            if type(key) is str and key in keys:
+                try:
+                    times[key] = _time(obj, "finished_at")
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise _corrupt(path, lineno, _why(exc)) from None
+    return times
 
 
 def _str(obj: dict[str, Any], name: str) -> str:

@@ -1,8 +1,13 @@
 """Results sinks: where envelopes go. JSONL file or stdout.
 
-A sink buffers encoded lines and writes them in batches; :meth:`flush` pushes them to the
-OS and fsyncs, which the runner does at least once a second and at shutdown, so a crash
-loses at most the last second of envelopes (their records are then re-sent on resume).
+A sink buffers encoded lines; :meth:`flush` writes them out and fsyncs, in a worker
+thread so the event loop keeps sending meanwhile. The runner's group commit calls it again
+as soon as the previous flush ends, so an envelope is durable a few milliseconds after its
+record finished: a crash loses only what arrived during the last flush.
+
+A write or fsync that fails (full disk, read-only or removed directory, quota) raises
+:class:`ResultsWriteError`, and the sink takes no more: what was durable stays so, and the
+run stops (exit 5). A file left with a torn last line is repaired by ``--resume``.
 """
 
 from __future__ import annotations
@@ -10,15 +15,30 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from typing import BinaryIO, Final, Protocol
+from typing import Final, Protocol
 
 import anyio
 import orjson
 
-from dispatcher.model import Envelope
+from dispatcher.model import Envelope, UserError
 
-# Write through to the file once this much is buffered, not only on the 1 s tick.
-_WRITE_THRESHOLD: Final = 256 * 1024
+EXIT_WRITE_FAILED: Final = 5
+
+
+class ResultsWriteError(UserError):
+    """The results (or the journal beside them) could not be written: exit 5.
+
+    Nothing more is sent once it is raised; ``--resume`` continues from what is durable.
+    """
+
+    exit_code = EXIT_WRITE_FAILED
+
+    def __init__(self, results: str, error: OSError | Exception) -> None:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        target = "standard output" if results == "-" else results
+        super().__init__(f"cannot write results to {target}: {reason}")
+        self.results = results
+        self.error = error
 
 
 def encode(env: Envelope) -> bytes:
@@ -34,63 +54,91 @@ class Sink(Protocol):
     async def aclose(self) -> None: ...
 
 
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
 class JsonlSink:
     """Appends one JSON line per envelope to a file (``-`` for stdout)."""
 
-    __slots__ = ("_buf", "_closed", "_file", "_fsync", "_path")
+    __slots__ = ("_buf", "_closed", "_failed", "_fd", "_lock", "_path")
 
     def __init__(self, path: str, *, truncate: bool = False) -> None:
         self._path = path
         self._buf = bytearray()
         self._closed = False
-        self._file: BinaryIO
+        self._failed: ResultsWriteError | None = None
+        self._lock = anyio.Lock()
         if path == "-":
-            self._file = sys.stdout.buffer
-            self._fsync = False
+            self._fd = -1
         else:
-            self._file = open(path, "wb" if truncate else "ab")  # noqa: SIM115 (closed in aclose)
-            self._fsync = True
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+            try:
+                self._fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise ResultsWriteError(path, exc) from exc
 
     def __repr__(self) -> str:
         return f"JsonlSink({self._path!r})"
 
     def write(self, env: Envelope) -> None:
         self._buf += encode(env)
-        if len(self._buf) >= _WRITE_THRESHOLD:
-            self._write_through()
 
     def write_raw(self, line: bytes) -> None:
-        """A line that is not an envelope (a ``--processes`` worker's counters)."""
+        """A line that is not an envelope (a ``--processes`` worker's counters), now."""
         self._buf += line
-        self._write_through()
+        if self._fd < 0:
+            self._to_stdout()
 
     def write_many(self, envs: Iterable[Envelope]) -> None:
         for env in envs:
             self.write(env)
 
-    def _write_through(self) -> None:
-        if self._buf:
-            self._file.write(self._buf)
-            self._buf.clear()
+    def _to_stdout(self) -> None:
+        out = sys.stdout.buffer
+        out.write(self._buf)
+        self._buf.clear()
+        out.flush()
 
-    def _sync(self) -> None:
-        self._file.flush()
-        if self._fsync:
-            os.fsync(self._file.fileno())
+    def _sync(self, data: bytearray) -> None:
+        try:
+            _write_all(self._fd, memoryview(data))
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._failed = ResultsWriteError(self._path, exc)
+            raise self._failed from exc
 
     async def flush(self) -> None:
-        self._write_through()
-        # fsync can take a while on a busy disk: keep the event loop free meanwhile.
-        await anyio.to_thread.run_sync(self._sync)
+        """Write and fsync what was written before the call (raises ResultsWriteError)."""
+        if self._failed is not None:
+            raise self._failed
+        if self._fd < 0:
+            if self._buf:
+                self._to_stdout()
+            return
+        async with self._lock:
+            if not self._buf:
+                return
+            data, self._buf = self._buf, bytearray()
+            # Write and fsync in a thread: a busy disk must not hold up the event loop.
+            # Shielded: cancelled before the thread ran, these lines would be lost.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._sync, data)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            await self.flush()
-        if self._path != "-":
-            self._file.close()
+            try:
+                if self._failed is None:
+                    await self.flush()
+            finally:
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
 
 
 def open_sink(path: str, *, truncate: bool = False) -> Sink:

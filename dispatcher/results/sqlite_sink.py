@@ -37,6 +37,7 @@ import anyio
 import orjson
 
 from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind
+from dispatcher.results.sinks import ResultsWriteError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -313,7 +314,15 @@ class SqliteSink:
     cannot hold results fails before anything is sent. ``truncate`` deletes earlier rows.
     """
 
-    __slots__ = ("_buf", "_closed", "_conn", "_flush_lock", "_path", "_thread_lock", "run_id")
+    __slots__ = (
+        "_buf",
+        "_closed",
+        "_conn",
+        "_flush_lock",
+        "_path",
+        "_thread_lock",
+        "run_id",
+    )
 
     def __init__(self, path: str, *, truncate: bool = False, run_id: str | None = None) -> None:
         self._path = path
@@ -400,6 +409,8 @@ class SqliteSink:
                 raise
 
     async def flush(self) -> None:
+        """Commit what was written before the call; a commit the disk refuses raises
+        :class:`~dispatcher.results.sinks.ResultsWriteError` and keeps the batch."""
         async with self._flush_lock:
             if not self._buf:
                 return
@@ -409,10 +420,14 @@ class SqliteSink:
                 # so the connection is never used by two threads and a batch is never half
                 # written (SQLite commits all of it or none).
                 await anyio.to_thread.run_sync(self._commit, batch)
-            except BaseException:
+            except BaseException as exc:
                 # Nothing of the batch was committed: keep it, ahead of anything written
                 # since, so a later flush (aclose's at the latest) retries in order.
                 self._buf[:0] = batch
+                if isinstance(exc, (sqlite3.OperationalError, OSError)):
+                    # A full disk, a read-only file or folder: SQLite has rolled back all
+                    # of the batch, so a later flush may try again.
+                    raise ResultsWriteError(self._path, exc) from exc
                 raise
 
     def _close(self) -> None:

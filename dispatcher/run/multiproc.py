@@ -6,10 +6,18 @@ is divided evenly. Workers write their envelopes as JSON lines to a pipe; the pa
 merges them into the one results sink, flushes it, draws the progress and the summary,
 and applies ``--max-failures`` / ``--max-error-rate`` to the merged stream.
 
-Crash safety: each worker journals the records it starts in ``<results>.inflight.<i>``
-(its envelopes reach the disk only through the parent, so it cannot compact it); the
-parent removes the journals once every worker has ended and all is written. After a
-crash, ``--resume`` reads them all.
+Crash safety: each worker journals the records it starts in ``<results>.inflight.<i>``.
+Its envelopes reach the disk only through the parent, which after each group commit
+writes to the worker's stdin how many of that worker's envelopes are now durable (a count:
+a worker's envelopes arrive in the order it wrote them), so the worker can compact its
+journal. The parent removes the journals once every worker has ended and all is written.
+After a crash, ``--resume`` reads them all.
+
+Workers die with their parent: each asks the kernel for SIGKILL when its parent dies
+(``PR_SET_PDEATHSIG``, Linux), and kills itself when its stdin (the parent's end of the
+pipe) reaches EOF, which also covers other systems. They inherit the parent's lock on the
+results (:mod:`dispatcher.results.lock`), so no new run can touch the results, nor open
+their journals, until the last of them is gone.
 
 Worker processes run in their own session, so a Ctrl-C at the terminal reaches only the
 parent, which passes it on: the first drains, the second stops at once.
@@ -20,12 +28,18 @@ other cores are free: at the real API's 4 requests/s one process idles.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import functools
+import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import time
+from collections import deque
 from typing import Any, Final
 
 import anyio
@@ -35,8 +49,10 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 
 from dispatcher.model import Envelope
+from dispatcher.results.journal import Journal
 from dispatcher.results.ledger import envelope_from_json
-from dispatcher.results.sinks import JsonlSink
+from dispatcher.results.lock import ResultsLock
+from dispatcher.results.sinks import JsonlSink, ResultsWriteError, Sink
 from dispatcher.run import runner
 from dispatcher.run.settings import Rate, SendSettings
 from dispatcher.run.signals import watch_signals
@@ -55,6 +71,7 @@ class WorkerSpec:
     settings: SendSettings
     index: int
     count: int
+    parent: int = 0  # the parent's pid: a worker whose parent is already gone stops at once
 
 
 def worker_settings(settings: SendSettings) -> SendSettings:
@@ -101,6 +118,44 @@ async def _report(stats: RunStats, sink: JsonlSink) -> None:
         sink.write_raw(_stats_line(stats))
 
 
+_PR_SET_PDEATHSIG: Final = 1
+_SPEC_HEADER: Final = struct.Struct("!I")
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent dies (Linux); nothing elsewhere (see _acks)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)  # the parent died before we asked
+
+
+async def _acks(journal: Journal) -> None:
+    """Follow the parent's counts of this worker's durable envelopes (stdin, one a line).
+
+    EOF means the parent is gone: nothing this worker sends could reach the results, so
+    it stops at once (its journal says what it had started).
+    """
+    os.set_blocking(0, False)
+    pending = b""
+    while True:
+        await anyio.wait_readable(0)
+        try:
+            chunk = os.read(0, 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            os.kill(os.getpid(), signal.SIGKILL)
+            return
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        if lines:
+            journal.durable(int(lines[-1]))
+            journal.maybe_compact()
+
+
 async def _worker(spec: WorkerSpec) -> RunStats:
     sink = JsonlSink("-")
     engines: list[Engine] = []
@@ -114,7 +169,11 @@ async def _worker(spec: WorkerSpec) -> RunStats:
 
         with run_scope:
             await runner.run(
-                spec.settings, sink=sink, engine_hook=hook, shard=(spec.index, spec.count)
+                spec.settings,
+                sink=sink,
+                engine_hook=hook,
+                shard=(spec.index, spec.count),
+                shard_acks=_acks,
             )
         tg.cancel_scope.cancel()
     stats = engines[0].stats if engines else RunStats()
@@ -123,11 +182,31 @@ async def _worker(spec: WorkerSpec) -> RunStats:
     return stats
 
 
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise EOFError("the parent closed the pipe")
+        data += chunk
+    return data
+
+
+def _read_spec() -> object:
+    # Exactly the spec's bytes, unbuffered: what follows on stdin is the parent's acks.
+    (size,) = _SPEC_HEADER.unpack(_read_exactly(0, _SPEC_HEADER.size))
+    return pickle.loads(_read_exactly(0, size))
+
+
 def worker_main() -> int:
-    spec = pickle.load(sys.stdin.buffer)
+    try:
+        spec = _read_spec()
+    except (EOFError, OSError, pickle.UnpicklingError, struct.error):
+        spec = None
     if not isinstance(spec, WorkerSpec):
         print("dispatcher worker: not started by dispatcher send", file=sys.stderr)
         return 2
+    _die_with_parent(spec.parent)
     stats = anyio.run(_worker, spec, backend="asyncio", backend_options=runner.backend_options())
     sys.stdout.buffer.write(_stats_line(stats))
     sys.stdout.buffer.flush()
@@ -180,6 +259,63 @@ class _Workers:
             self.stop(reason)
 
 
+class _Acks:
+    """The parent's side of durability: which worker each envelope came from, in order.
+
+    After each group commit, each worker is told how many of its envelopes are durable
+    (it compacts its journal with that). Same interface as the journal, for GroupCommit.
+    """
+
+    __slots__ = ("_count", "_done", "_durable", "_order", "_sent", "_wakes")
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._order: deque[int] = deque()
+        self._durable = 0
+        self._done = [0] * count  # durable envelopes per worker
+        self._sent = [0] * count  # the count each worker was last told
+        self._wakes = [anyio.Event() for _ in range(count)]
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def given_total(self) -> int:
+        return self._durable + len(self._order)
+
+    def written(self, key: str) -> None:
+        self._order.append(runner.shard_of(key, self._count))
+
+    def sync(self) -> None:
+        pass
+
+    def durable(self, upto: int) -> None:
+        order, done = self._order, self._done
+        while self._durable < upto and order:
+            done[order.popleft()] += 1
+            self._durable += 1
+        for wake in self._wakes:
+            wake.set()
+
+    def maybe_compact(self) -> None:
+        pass
+
+    async def tell(self, index: int, proc: Process) -> None:
+        """Send worker ``index`` its durable count whenever it grows (until it ends)."""
+        assert proc.stdin is not None
+        try:
+            while proc.returncode is None:
+                await self._wakes[index].wait()
+                self._wakes[index] = anyio.Event()
+                done = self._done[index]
+                if done != self._sent[index]:
+                    self._sent[index] = done
+                    await proc.stdin.send(b"%d\n" % done)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return
+
+
 async def _pump(
     index: int,
     proc: Process,
@@ -227,23 +363,40 @@ async def _forward_signals(workers: _Workers) -> None:
 async def run_parallel(settings: SendSettings, *, show: Any = None) -> RunStats:
     """Run ``settings`` over ``settings.processes`` worker processes into one sink.
 
-    ``show`` is started with the merged stats (the CLI's progress view).
+    ``show`` is started with the merged stats (the CLI's progress view). Holds the
+    results' lock like a one-process run, and passes it on to the workers.
     """
     runner.check_inputs(settings)
     stats = RunStats()
-    out, _ = runner.prepare_results(settings, stats)
-    if stats.crashed_unknown:
-        await out.flush()
+    out, _, lock = await runner.open_results(settings, stats)
+    try:
+        return await _run_workers(settings, stats, out, lock, show)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _run_workers(
+    settings: SendSettings, stats: RunStats, out: Sink, lock: ResultsLock | None, show: Any
+) -> RunStats:
     child = worker_settings(settings)
     workers = _Workers(stats)
     watch = FailureWatch(runner.stop_rules_for(settings))
+    acks = _Acks(settings.processes)
+
+    def write_failed(exc: ResultsWriteError) -> None:
+        if stats.write_error is None:
+            stats.write_error = str(exc)
+        workers.stop(str(exc))
+
+    commit = runner.GroupCommit(out, acks, on_error=write_failed)
     send, receive = anyio.create_memory_object_stream[Envelope](1024)
     clean = False
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(runner.drain_to_sink, receive, out, None)
+            tg.start_soon(functools.partial(runner.drain_to_sink, receive, out, commit=commit))
             helpers = anyio.CancelScope()
-            tg.start_soon(_helpers, helpers, workers, show)
+            tg.start_soon(_helpers, helpers, workers, show, acks)
             async with send:
                 for index in range(settings.processes):
                     proc = await anyio.open_process(
@@ -252,18 +405,22 @@ async def run_parallel(settings: SendSettings, *, show: Any = None) -> RunStats:
                         stdout=subprocess.PIPE,
                         stderr=None,
                         start_new_session=True,
+                        # The lock stays held until the last worker is gone too.
+                        pass_fds=() if lock is None else (lock.fileno(),),
                     )
                     workers.procs.append(proc)
                     assert proc.stdin is not None
-                    await proc.stdin.send(
-                        pickle.dumps(WorkerSpec(child, index, settings.processes))
+                    spec = pickle.dumps(
+                        WorkerSpec(child, index, settings.processes, parent=os.getpid())
                     )
-                    await proc.stdin.aclose()
+                    # The pipe stays open: the durable counts follow, and its EOF tells
+                    # the worker that this process is gone.
+                    await proc.stdin.send(_SPEC_HEADER.pack(len(spec)) + spec)
                     tg.start_soon(_pump, index, proc, workers, watch, send.clone())
             await _wait_all(workers)
             helpers.cancel()
         # Every worker has ended and each envelope it wrote has been received.
-        clean = all(proc.returncode == 0 for proc in workers.procs)
+        clean = all(proc.returncode == 0 for proc in workers.procs) and commit.error is None
         for index, proc in enumerate(workers.procs):
             if proc.returncode != 0 and stats.stop_reason is None:
                 stats.stop_reason = (
@@ -273,7 +430,10 @@ async def run_parallel(settings: SendSettings, *, show: Any = None) -> RunStats:
     finally:
         with anyio.CancelScope(shield=True):
             workers.signal_all(signal.SIGKILL)
-            await out.aclose()
+            await commit.commit()
+            await runner.close_sink(out, commit)
+            if commit.error is not None and stats.write_error is None:
+                stats.write_error = str(commit.error)
             if clean:
                 runner.remove_journals(settings.results)
             stats.finished = time.monotonic()
@@ -285,9 +445,17 @@ async def _wait_all(workers: _Workers) -> None:
         await proc.wait()
 
 
-async def _helpers(scope: anyio.CancelScope, workers: _Workers, show: Any) -> None:
+async def _helpers(scope: anyio.CancelScope, workers: _Workers, show: Any, acks: _Acks) -> None:
     with scope:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_forward_signals, workers)
+            for index in range(acks.count):
+                tg.start_soon(_tell_when_started, acks, index, workers)
             if show is not None:
                 tg.start_soon(show, workers.stats)
+
+
+async def _tell_when_started(acks: _Acks, index: int, workers: _Workers) -> None:
+    while len(workers.procs) <= index:  # noqa: ASYNC110 (started a moment later)
+        await anyio.sleep(0.01)
+    await acks.tell(index, workers.procs[index])

@@ -8,16 +8,23 @@ summary.
 from __future__ import annotations
 
 import contextlib
-import glob
+import functools
 import importlib.util
 import os
 import random
 import time
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+)
 from contextlib import aclosing
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -26,12 +33,14 @@ from dispatcher.clients.aiohttp_client import HttpTransport
 from dispatcher.clients.base import Transport, TransportConfig
 from dispatcher.clients.fast import FastTransport
 from dispatcher.inputs.records import KeyDeriver, ReadOptions, detect_format, read_batches
-from dispatcher.model import Delivery, Envelope, ErrorKind, Invalid, Record
+from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Invalid, Record
 from dispatcher.results import envelopes
-from dispatcher.results.journal import Journal, read_crashed
+from dispatcher.results.journal import Journal, Started, iter_paths, read_crashed
 from dispatcher.results.journal import path_for as journal_path_for
-from dispatcher.results.ledger import KeyState, load_ledger, repair_jsonl_tail
-from dispatcher.results.sinks import Sink, open_sink
+from dispatcher.results.ledger import KeyState, finished_times, load_ledger, repair_jsonl_tail
+from dispatcher.results.lock import ResultsLock
+from dispatcher.results.lock import acquire as lock_results
+from dispatcher.results.sinks import ResultsWriteError, Sink, open_sink
 from dispatcher.results.sqlite_sink import is_sqlite_path
 from dispatcher.run.settings import ConfigError, Rate, SendSettings
 from dispatcher.sending.engine import Engine, StopRules
@@ -40,7 +49,6 @@ from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.policy import RetryPolicy
 from dispatcher.sending.stats import RunStats
 
-FLUSH_INTERVAL: Final = 1.0  # seconds between sink flush+fsync during a run
 _BATCH: Final = 1000
 
 
@@ -273,44 +281,139 @@ def dispatch(
     return Dispatch(records, settings, transport, policy)
 
 
+class Durability(Protocol):
+    """What the group commit tells of the envelopes it makes durable: the journal, or a
+    ``--processes`` parent's account of which worker each came from."""
+
+    @property
+    def given_total(self) -> int: ...
+
+    def written(self, key: str) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def durable(self, upto: int) -> None: ...
+
+    def maybe_compact(self) -> None: ...
+
+
+class GroupCommit:
+    """Makes envelopes durable as soon as the disk allows: group commit.
+
+    A flush starts as soon as the previous one ends and takes whatever arrived meanwhile;
+    the write and fsync run in a worker thread, so the loop keeps sending. The window a
+    kill -9 can catch is thus one flush (a few ms), not a fixed interval. Each flush also
+    fsyncs the journal, then lets it forget the records now durable (``durable_on_flush``;
+    a ``--processes`` worker's sink is a pipe: its parent says what is durable).
+
+    A write that fails stops the flushing: :attr:`error` holds it and ``on_error`` is told
+    (the run then stops sending); what was durable stays, the journal keeps the rest.
+    """
+
+    __slots__ = (
+        "_closing",
+        "_dirty",
+        "_journal",
+        "_on_error",
+        "_sink",
+        "_wake",
+        "durable",
+        "error",
+    )
+
+    def __init__(
+        self,
+        sink: Sink,
+        journal: Durability | None = None,
+        *,
+        durable_on_flush: bool = True,
+        on_error: Callable[[ResultsWriteError], None] | None = None,
+    ) -> None:
+        self._sink = sink
+        self._journal = journal
+        self.durable = durable_on_flush
+        self._on_error = on_error
+        self._wake = anyio.Event()
+        self._dirty = False
+        self._closing = False
+        self.error: ResultsWriteError | None = None
+
+    def write(self, env: Envelope) -> None:
+        self._sink.write(env)
+        if self._journal is not None:
+            self._journal.written(env.key)
+        if not self._dirty:
+            self._dirty = True
+            self._wake.set()
+
+    def close(self) -> None:
+        """Let :meth:`run` end after one last flush of what is written."""
+        self._closing = True
+        self._wake.set()
+
+    async def commit(self) -> None:
+        """One flush of everything written so far; failures are kept, not raised."""
+        if self.error is not None:
+            return
+        self._dirty = False
+        journal = self._journal
+        upto = journal.given_total if journal is not None else 0
+        try:
+            await self._sink.flush()
+            if journal is not None:
+                await anyio.to_thread.run_sync(journal.sync)
+        except ResultsWriteError as exc:
+            self._fail(exc)
+            return
+        except OSError as exc:
+            self._fail(ResultsWriteError(getattr(self._sink, "_path", "results"), exc))
+            return
+        if journal is not None:
+            if self.durable:
+                journal.durable(upto)
+            journal.maybe_compact()
+
+    def _fail(self, exc: ResultsWriteError) -> None:
+        self.error = exc
+        if self._on_error is not None:
+            self._on_error(exc)
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            if self._dirty:
+                await self.commit()
+            if self._closing and not self._dirty:
+                return
+
+
 async def drain_to_sink(
-    receive: MemoryObjectReceiveStream[Envelope], sink: Sink, journal: Journal | None = None
+    receive: MemoryObjectReceiveStream[Envelope],
+    sink: Sink,
+    journal: Journal | None = None,
+    *,
+    commit: GroupCommit | None = None,
 ) -> None:
-    """Write every envelope to the sink; flush and fsync at least once a second.
+    """Write every envelope to the sink, each durable as soon as a group commit allows.
 
     The stream is left open: after a hard stop the caller takes what is still in it.
     """
-    last_flush = time.monotonic()
-    dirty = False
-    while True:
-        try:
-            env = receive.receive_nowait()
-        except anyio.EndOfStream:
-            break
-        except anyio.WouldBlock:
-            # Nothing ready: wait, but not past the next flush if something is unflushed.
-            # (A timeout scope only here: one per envelope would cost more than the write.)
-            timeout = max(0.0, last_flush + FLUSH_INTERVAL - time.monotonic()) if dirty else None
+    commit = commit if commit is not None else GroupCommit(sink, journal)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(commit.run)
+        while True:
             try:
-                with anyio.fail_after(timeout):
-                    env = await receive.receive()
-            except TimeoutError:
-                env = None
+                env = receive.receive_nowait()
             except anyio.EndOfStream:
                 break
-        if env is not None:
-            sink.write(env)
-            dirty = True
-            if journal is not None:
-                journal.written(env.key)
-        if dirty and time.monotonic() - last_flush >= FLUSH_INTERVAL:
-            await sink.flush()
-            if journal is not None:
-                # Only now are those envelopes durable: the journal can forget them.
-                journal.compact()
-            last_flush = time.monotonic()
-            dirty = False
-    await sink.flush()
+            except anyio.WouldBlock:
+                try:
+                    env = await receive.receive()
+                except anyio.EndOfStream:
+                    break
+            commit.write(env)
+        commit.close()
 
 
 def skip_reason(record: Record, state: KeyState | None, settings: SendSettings) -> str | None:
@@ -350,30 +453,48 @@ async def _resumed(
             yield kept
 
 
-def settle_crashed_run(settings: SendSettings, sink: Sink, ledger: dict[str, KeyState]) -> int:
-    """Give every record a crashed run had started, and not confirmed, an ``unknown`` envelope.
+def _torn(key: str, journal: str) -> Started:
+    # A journal line cut off after its key: the record is known by its key alone.
+    return Started(
+        key=key, source=journal, line=0, workflow=None, instance_id=None, event_type=None
+    )
 
-    Returns how many. The records' requests may have arrived: only ``--resend-unknown``
-    sends them again. Reads the journal of a one-process run and those of ``--processes``
-    workers (``<results>.inflight.<i>``).
+
+def settle_crashed_run(
+    settings: SendSettings, sink: Sink, ledger: dict[str, KeyState]
+) -> tuple[int, int]:
+    """Give every record a crashed run had started an ``unknown`` envelope, unless that run
+    wrote its envelope (whatever it said) or some run confirmed it.
+
+    Returns how many, and how many journal lines were torn before their key (records
+    that may have been sent but cannot be named). The records' requests may have arrived:
+    only ``--resend-unknown`` sends them again. Reads the journal of a one-process run and
+    those of ``--processes`` workers (``<results>.inflight.<i>``). A torn journal line
+    counts as "may have been sent".
     """
-    path = journal_path_for(settings.results)
-    if path is None:
-        return 0
     now = datetime.now(UTC)
-    count = 0
-    for journal in [path, *sorted(glob.glob(glob.escape(path) + ".*[0-9]"))]:
+    count = unidentified = 0
+    for journal in iter_paths(settings.results):
         crashed = read_crashed(journal)
         if crashed is None:
             continue
-        for rec in crashed[1]:
+        unidentified += crashed.unidentified
+        entries = [*crashed.records, *(_torn(key, journal) for key in crashed.torn_keys)]
+        wanted = {rec.key for rec in entries if rec.key in ledger}
+        # Its own envelope, finished after it started, is that run's word on the record.
+        times = finished_times(settings.results, wanted)
+        for rec in entries:
             state = ledger.get(rec.key)
-            if state is not None and state.delivery is Delivery.CONFIRMED:
-                continue
+            if state is not None:
+                if state.delivery is Delivery.CONFIRMED:
+                    continue
+                finished = times.get(rec.key)
+                if finished is not None and finished >= crashed.started:
+                    continue
             sink.write(envelopes.for_crashed(rec, now))
             ledger[rec.key] = _CRASHED
             count += 1
-    return count
+    return count, unidentified
 
 
 _CRASHED: Final = KeyState(delivery=Delivery.UNKNOWN, ok=False, error_kind=ErrorKind.STOPPED)
@@ -381,16 +502,16 @@ _CRASHED: Final = KeyState(delivery=Delivery.UNKNOWN, ok=False, error_kind=Error
 
 def remove_journals(results: str) -> None:
     """Forget the journals beside ``results``: every record they name has its envelope."""
-    path = journal_path_for(results)
-    if path is None:
-        return
-    for journal in [path, *glob.glob(glob.escape(path) + ".*[0-9]")]:
+    for journal in iter_paths(results):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(journal)
 
 
 def prepare_results(settings: SendSettings, stats: RunStats) -> tuple[Sink, dict[str, KeyState]]:
-    """Open the results sink for this run; on resume, read what earlier runs settled."""
+    """Open the results sink for this run; on resume, read what earlier runs settled.
+
+    The caller holds the results' lock (:func:`open_results` takes it).
+    """
     path = settings.results
     if not settings.resume:
         remove_journals(path)  # --overwrite (or no earlier results): stale journals
@@ -399,14 +520,50 @@ def prepare_results(settings: SendSettings, stats: RunStats) -> tuple[Sink, dict
         repair_jsonl_tail(path)
     ledger = load_ledger(path, on_torn=lambda torn: None)
     sink = open_sink(path)
-    stats.crashed_unknown = settle_crashed_run(settings, sink, ledger)
+    stats.crashed_unknown, stats.crashed_unreadable = settle_crashed_run(settings, sink, ledger)
     return sink, ledger
+
+
+async def open_results(
+    settings: SendSettings, stats: RunStats
+) -> tuple[Sink, dict[str, KeyState], ResultsLock | None]:
+    """Lock the results for this run, open them, and settle a crashed run's journals.
+
+    Raises :class:`~dispatcher.results.lock.ResultsLocked` (exit 2) while another run
+    holds them, before anything is read or sent. On return the settled envelopes are
+    durable and the old journals gone: this run's own start afresh.
+    """
+    try:
+        lock = lock_results(settings.results)
+    except OSError as exc:
+        raise ResultsWriteError(settings.results, exc) from exc
+    try:
+        try:
+            sink, ledger = prepare_results(settings, stats)
+        except OSError as exc:
+            raise ResultsWriteError(settings.results, exc) from exc
+        try:
+            await sink.flush()
+        except BaseException:
+            await sink.aclose()
+            raise
+        remove_journals(settings.results)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return sink, ledger, lock
+
+
+def shard_of(key: str, count: int) -> int:
+    """Which of ``count`` workers sends the record of ``key`` (stable across runs)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % count
 
 
 def in_shard(key: str, shard: tuple[int, int]) -> bool:
     """Whether ``key`` belongs to worker ``shard[0]`` of ``shard[1]`` (stable across runs)."""
     index, count = shard
-    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % count == index
+    return shard_of(key, count) == index
 
 
 async def _sharded(
@@ -426,6 +583,7 @@ async def run(
     policy: RetryPolicy | None = None,
     engine_hook: Callable[[Engine], None] | None = None,
     shard: tuple[int, int] | None = None,
+    shard_acks: Callable[[Journal], Coroutine[Any, Any, None]] | None = None,
 ) -> RunStats:
     """One whole run: read the inputs, send, write every envelope to the results sink.
 
@@ -433,13 +591,20 @@ async def run(
     uses it to wire signals and progress). Cancelling the call is a hard stop: records in
     flight get an envelope saying delivery ``unknown``, records not attempted get none.
 
+    The run holds the results' lock for its whole life: a second run on the same results
+    raises :class:`~dispatcher.results.lock.ResultsLocked` before sending anything. When
+    the results cannot be written (full disk, read-only folder) the run stops sending and
+    ``stats.write_error`` says why; what was durable stays, ``--resume`` continues.
+
     ``shard=(i, n)`` makes this run worker ``i`` of ``n`` (``--processes``): it sends only
     its share of the records and writes envelopes to ``sink``; the parent owns the
-    results file, so this run reads it (to resume) but never writes it, and keeps its own
-    journal, ``<results>.inflight.<i>``, for the parent to remove once all is written.
+    results file (and its lock, inherited), so this run reads it (to resume) but never
+    writes it, and keeps its own journal, ``<results>.inflight.<i>``, compacted as
+    ``shard_acks`` (started with the journal) reports envelopes durable in the parent.
     """
     check_inputs(settings)
     stats = RunStats()
+    lock: ResultsLock | None = None
     if shard is not None:
         if sink is None:
             raise ValueError("a shard writes to the sink its parent gives it")
@@ -448,20 +613,48 @@ async def run(
         jpath = journal_path_for(settings.results)
         jpath = None if jpath is None else f"{jpath}.{shard[0]}"
     elif sink is None:
-        out, ledger = prepare_results(settings, stats)
+        out, ledger, lock = await open_results(settings, stats)
         jpath = journal_path_for(settings.results)
     else:
         out, ledger, jpath = sink, {}, None
+    try:
+        return await _run_locked(
+            settings,
+            stats,
+            out,
+            ledger,
+            jpath,
+            transport=transport,
+            policy=policy,
+            engine_hook=engine_hook,
+            shard=shard,
+            shard_acks=shard_acks,
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _run_locked(
+    settings: SendSettings,
+    stats: RunStats,
+    out: Sink,
+    ledger: dict[str, KeyState],
+    jpath: str | None,
+    *,
+    transport: Transport | None,
+    policy: RetryPolicy | None,
+    engine_hook: Callable[[Engine], None] | None,
+    shard: tuple[int, int] | None,
+    shard_acks: Callable[[Journal], Coroutine[Any, Any, None]] | None,
+) -> RunStats:
+    try:
+        journal = Journal(jpath, results=settings.results) if jpath is not None else None
+    except BaseException:
+        await out.aclose()
+        raise
     own_transport = transport is None
     tx: Transport = transport_for(settings) if transport is None else transport
-    if stats.crashed_unknown:
-        # The crashed run's journal is about to be replaced: the envelopes that stand in
-        # for it must be on disk first, or a second crash would forget them.
-        await out.flush()
-    journal = Journal(jpath) if jpath is not None else None
-    # A shard's envelopes reach the disk only in its parent: its journal is never
-    # compacted, and stays until the parent has written everything.
-    tracked = journal if shard is None else None
     gate, pacer = gate_for(settings, share=1.0 if shard is None else 1.0 / shard[1])
     engine = Engine(
         transport=tx,
@@ -471,8 +664,17 @@ async def run(
         concurrency=settings.concurrency,
         stats=stats,
         stop_rules=stop_rules_for(settings),
-        mark_started=journal.mark if journal is not None else None,
+        mark_started=None if journal is None else _marker(journal, engine_stats=stats),
     )
+
+    def write_failed(exc: ResultsWriteError) -> None:
+        # Send nothing more: every later envelope could only be lost.
+        if stats.write_error is None:
+            stats.write_error = str(exc)
+        engine.stop(str(exc))
+
+    # A shard's sink is a pipe to its parent: durable only once the parent says so.
+    commit = GroupCommit(out, journal, durable_on_flush=shard is None, on_error=write_failed)
     if engine_hook is not None:
         engine_hook(engine)
     send, receive = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)
@@ -483,9 +685,13 @@ async def run(
         batches = _resumed(batches, ledger, settings, stats)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(drain_to_sink, receive, out, tracked)
-            async with aclosing(batches):
-                await engine.run(batches, send)
+            if shard_acks is not None and journal is not None:
+                tg.start_soon(shard_acks, journal)
+            async with anyio.create_task_group() as flow:
+                flow.start_soon(functools.partial(drain_to_sink, receive, out, commit=commit))
+                async with aclosing(batches):
+                    await engine.run(batches, send)
+            tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
             # After a hard stop: what the workers had finished but not yet handed over,
@@ -495,18 +701,39 @@ async def run(
                     env = receive.receive_nowait()
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
-                out.write(env)
-                if tracked is not None:
-                    tracked.written(env.key)
+                commit.write(env)
             for env in engine.abandoned():
                 stats.record(env)
-                out.write(env)
-                if tracked is not None:
-                    tracked.written(env.key)
+                commit.write(env)
             receive.close()
-            await out.aclose()
+            await commit.commit()
+            await close_sink(out, commit)
+            if commit.error is not None and stats.write_error is None:
+                stats.write_error = str(commit.error)
             if journal is not None:
-                journal.close(delete=tracked is not None)
+                # Kept unless every envelope is durable (a shard's: its parent removes it).
+                journal.close(delete=shard is None and commit.error is None)
             if own_transport:
                 await tx.aclose()
     return stats
+
+
+async def close_sink(out: Sink, commit: GroupCommit) -> None:
+    """Close the sink; after a failed commit, its last flush may fail again: kept quiet."""
+    try:
+        await out.aclose()
+    except ResultsWriteError as exc:
+        if commit.error is None:
+            commit.error = exc
+
+
+def _marker(journal: Journal, *, engine_stats: RunStats) -> Callable[[Event], None]:
+    def mark(event: Event) -> None:
+        try:
+            journal.mark(event)
+        except ResultsWriteError as exc:
+            if engine_stats.write_error is None:
+                engine_stats.write_error = str(exc)
+            raise
+
+    return mark

@@ -22,6 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from dispatcher.clients.base import Transport
 from dispatcher.model import Envelope, ErrorKind, Event, Invalid, Record
 from dispatcher.results import envelopes
+from dispatcher.results.sinks import ResultsWriteError
 from dispatcher.sending.gate import RateGate
 from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.policy import Final, RetryPolicy
@@ -316,7 +317,12 @@ class Engine:
                 if history.attempts == 0:
                     self._active[slot] = active
                     if self._mark_started is not None:
-                        self._mark_started(event)
+                        try:
+                            self._mark_started(event)
+                        except ResultsWriteError as exc:
+                            # Not journaled, so never sent; nor is anything after it.
+                            self.stop(str(exc))
+                            break
                 else:
                     stats.retries += 1
                 stats.attempts += 1

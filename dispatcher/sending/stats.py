@@ -25,6 +25,8 @@ class RunStats:
     errors: Counter[str] = field(default_factory=Counter)  # "kind" or "kind/code"
     skipped: Counter[str] = field(default_factory=Counter)  # resume: reason -> records
     crashed_unknown: int = 0  # records a crashed run had started, now marked unknown
+    crashed_unreadable: int = 0  # journal lines of a crashed run torn before their key
+    write_error: str | None = None  # the results could not be written: the run stopped
     stop_reason: str | None = None
     interrupted: bool = False
     # Latencies of the last attempts, kept only as a running sum for the summary's mean.

@@ -1,0 +1,96 @@
+"""One run at a time per results: an exclusive ``flock`` on ``<results>.lock``.
+
+Two runs appending to the same results (a cron overlap, a wrapper that left its child
+running) would both send the records neither has an envelope for yet: every one of them
+twice. So a run takes an exclusive lock on a file beside its results before it reads or
+writes anything there, and holds it for its whole life. The lock is the kernel's
+(``fcntl.flock``): it belongs to the open file, so it goes away with the last process
+holding that file open, however it ends (kill -9 included), and it never goes stale.
+``--processes`` workers inherit the parent's descriptor, so the results stay locked until
+the parent and every worker are gone.
+
+The holder writes its pid into the file, for the message a second run prints. The file is
+left in place when the run ends: deleting a lock file races with a run opening it.
+
+Standard library rather than the ``filelock`` package: that one's Unix lock is this same
+``flock`` call, and it neither records nor reports the holder's pid, which is the one
+thing the message needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from typing import Final
+
+from dispatcher.model import UserError
+
+SUFFIX: Final = ".lock"
+
+
+class ResultsLocked(UserError):
+    """Another live run holds the results (exit 2, before anything is sent)."""
+
+    exit_code = 2
+
+    def __init__(self, results: str, pid: int | None) -> None:
+        who = f"pid {pid}" if pid is not None else "a process whose pid is not recorded"
+        super().__init__(
+            f"--results {results} is in use by another dispatcher run ({who}); "
+            "wait for it to end, or choose another --results path"
+        )
+        self.results = results
+        self.pid = pid
+
+
+def path_for(results: str) -> str | None:
+    """The lock file beside a results file; none when results go to stdout."""
+    return None if results == "-" else results + SUFFIX
+
+
+class ResultsLock:
+    """The held lock. :meth:`fileno` is what ``--processes`` passes on to its workers."""
+
+    __slots__ = ("_fd", "path")
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def release(self) -> None:
+        """Close this process's descriptor; the lock ends when no process holds it."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _holder(fd: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).split()[0])
+    return None
+
+
+def acquire(results: str) -> ResultsLock | None:
+    """Lock ``results`` for this run, or raise :class:`ResultsLocked`. None for stdout."""
+    path = path_for(results)
+    if path is None:
+        return None
+    # O_CLOEXEC: only the workers we hand it to on purpose (pass_fds) inherit it.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _holder(fd)
+        os.close(fd)
+        raise ResultsLocked(results, pid) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    with contextlib.suppress(OSError):  # the pid is for the message only
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return ResultsLock(path, fd)

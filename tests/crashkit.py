@@ -1,0 +1,109 @@
+"""Shared by the crash-safety tests: run the CLI as a subprocess, read what it left.
+
+The checks are what a user would notice after a crash and a resume: every record has
+exactly one final envelope, nothing confirmed before the crash went out again, and no
+record was accepted twice unless its envelope said ``unknown`` at some point.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+
+from dispatcher.emulator import Emulator
+
+TOKEN = "tok-crash-safety-5c1e"
+
+
+def env_for(emu: Emulator) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")}
+    env.update(
+        CLOUDFLARE_API_TOKEN=TOKEN, CLOUDFLARE_ACCOUNT_ID="acc", CLOUDFLARE_BASE_URL=emu.base_url
+    )
+    return env
+
+
+def write_input(path: Path, ids: list[str]) -> Path:
+    path.write_bytes(
+        b"".join(
+            orjson.dumps({"instance_id": i, "event_type": "evt", "body": {"id": i}}) + b"\n"
+            for i in ids
+        )
+    )
+    return path
+
+
+def cmd(src: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        *("-m", "dispatcher", "send", str(src), "--workflow", "wf"),
+        *("--results", str(out), "--quiet", *extra),
+    ]
+
+
+async def run_cli(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    result = await anyio.run_process(args, env=env, check=False)
+    return result.returncode, result.stderr.decode()
+
+
+def envelopes(out: Path) -> list[dict[str, Any]]:
+    """Every envelope written, in order (JSONL: every complete line; SQLite: every row)."""
+    if out.suffix == ".sqlite":
+        conn = sqlite3.connect(out)
+        try:
+            rows = conn.execute(
+                "SELECT instance_id, delivery, error_kind, error_message, key FROM envelopes"
+            ).fetchall()
+        finally:
+            conn.close()
+        return [
+            {
+                "instance_id": i,
+                "delivery": d,
+                "key": k,
+                "error": None if kind is None else {"kind": kind, "message": msg},
+            }
+            for i, d, kind, msg, k in rows
+        ]
+    lines = out.read_bytes().split(b"\n")
+    return [orjson.loads(line) for line in lines[:-1] if line.strip()]
+
+
+def final_by_instance(out: Path) -> dict[str, dict[str, Any]]:
+    final: dict[str, dict[str, Any]] = {}
+    for env in envelopes(out):
+        final[env["instance_id"]] = env
+    return final
+
+
+def crashed_unknown(out: Path) -> set[str]:
+    """Instances a resume marked unknown because a crashed run had started them."""
+    return {
+        e["instance_id"]
+        for e in envelopes(out)
+        if e["delivery"] == "unknown" and "crashed" in (e["error"] or {}).get("message", "")
+    }
+
+
+def accepted_counts(emu: Emulator) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for (_, instance, _, _), times in emu.log.accepted.items():
+        counts[str(instance)] += len(times)
+    return counts
+
+
+def journals(folder: Path, results: str) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.startswith(results + ".inflight"))
+
+
+async def wait_until_sending(emu: Emulator, at_least: int) -> None:
+    with anyio.fail_after(20):
+        while emu.log.total_requests() < at_least:  # noqa: ASYNC110 (the log has no event)
+            await anyio.sleep(0.02)
