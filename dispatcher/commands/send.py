@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shlex
 import sys
+from collections.abc import Sequence
 from typing import Final
 
 import anyio
@@ -109,4 +111,18 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     if not settings.quiet:
         print(format_summary(stats, settings.results), file=sys.stderr, flush=True)
-    return exit_code(stats)
+    code = exit_code(stats)
+    if code == EXIT_STOPPED:
+        if settings.quiet:
+            print(f"dispatcher send: stopped: {stats.stop_reason}", file=sys.stderr)
+        argv = getattr(args, "_argv", None) or sys.argv[1:]
+        print(f"dispatcher send: to resume: {resume_command(argv)}", file=sys.stderr, flush=True)
+    return code
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that resumes a run: its own arguments, ``--resume``, no ``--overwrite``."""
+    args = [arg for arg in argv if arg != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["dispatcher", *args])

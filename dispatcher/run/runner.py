@@ -259,6 +259,8 @@ def skip_reason(record: Record, state: KeyState | None, settings: SendSettings) 
         return "invalid" if isinstance(record, Invalid) else None
     if state.delivery is Delivery.UNKNOWN:
         return None if settings.resend_unknown else "unknown"
+    if state.error_kind is ErrorKind.RATE_LIMITED:
+        return None  # every answer was a 429: never delivered, nothing to fix but the wait
     return None if settings.retry_failed else "failed"
 
 

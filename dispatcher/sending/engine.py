@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import anyio
@@ -192,6 +192,24 @@ class Engine:
         if reason is not None:
             self.stop(reason)
 
+    def _check_lockout(self, outcome: Outcome) -> None:
+        """Stop the run when a 429 asks for a longer wait than the run may pause.
+
+        The lockout is the account's, not the record's: every record sent into it would be
+        refused too, and each refusal may extend it. Nothing more is sent; the records
+        refused and those not yet attempted are left for ``--resume``.
+        """
+        wait = self._policy.rate_limit_wait(outcome)
+        if wait <= self._policy.max_retry_wait or self._stopping:
+            return
+        self.stats.locked_out_s = wait
+        until = datetime.now(UTC) + timedelta(seconds=wait)
+        self.stop(
+            f"the API is locked out for {wait:g} s (Retry-After, until {until:%H:%M:%S} UTC), "
+            f"longer than --max-retry-wait {self._policy.max_retry_wait:g} s; "
+            "records answered 429 are not delivered and --resume sends them"
+        )
+
     @property
     def stopping(self) -> bool:
         return self._stopping
@@ -335,6 +353,8 @@ class Engine:
                 decision = self._policy.decide(outcome, active.attempts, rate_limited, self._rng)
                 if isinstance(decision, Final):
                     gave_up = ErrorKind.RATE_LIMITED if decision.reason == "rate_limited" else None
+                    if gave_up is not None:
+                        self._check_lockout(outcome)
                     return envelopes.for_outcome(
                         event,
                         outcome,
@@ -360,6 +380,8 @@ class Engine:
                 started_at=started_at,
                 finished_at=_now(),
                 elapsed_s=self._clock() - t0,
+                # Stopped while waiting out a 429: not delivered, so resume sends it again.
+                gave_up=ErrorKind.RATE_LIMITED if active.last.status == 429 else None,
             )
         finally:
             # On a hard stop (cancellation) the record stays listed for abandoned().

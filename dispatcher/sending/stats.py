@@ -26,6 +26,7 @@ class RunStats:
     skipped: Counter[str] = field(default_factory=Counter)  # resume: reason -> records
     crashed_unknown: int = 0  # records a crashed run had started, now marked unknown
     stop_reason: str | None = None
+    locked_out_s: float | None = None  # a 429 asked for a longer wait than allowed: stopped
     interrupted: bool = False
     # Latencies of the last attempts, kept only as a running sum for the summary's mean.
     latency_sum_ms: float = 0.0
