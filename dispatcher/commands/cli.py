@@ -46,5 +46,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args_list[0] if args_list and args_list[0] in COMMANDS else None
     parser = build_parser(command)
     args = parser.parse_args(args_list)
+    args._argv = args_list  # as typed, for a "to resume" hint
     code: int = args._run(args)
     return code

@@ -13,6 +13,7 @@ import functools
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from typing import Final
 
 import anyio
@@ -128,11 +129,17 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    return exit_code(stats)
+    code = exit_code(stats)
+    if code == EXIT_STOPPED:
+        if settings.quiet:
+            print(f"dispatcher send: stopped: {stats.stop_reason}", file=sys.stderr)
+        argv = getattr(args, "_argv", None) or sys.argv[1:]
+        print(f"dispatcher send: to resume: {resume_command(argv)}", file=sys.stderr, flush=True)
+    return code
 
 
-def resume_command(argv: list[str] | None = None) -> str:
-    """This command line, made to continue its run: ``--resume``, never ``--overwrite``."""
+def resume_command(argv: Sequence[str] | None = None) -> str:
+    """The command line that resumes a run: its own arguments, ``--resume``, no ``--overwrite``."""
     args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
     if "--resume" not in args:
         args.append("--resume")

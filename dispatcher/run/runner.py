@@ -37,7 +37,14 @@ from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Invalid, Reco
 from dispatcher.results import envelopes
 from dispatcher.results.journal import Journal, Started, iter_paths, read_crashed
 from dispatcher.results.journal import path_for as journal_path_for
-from dispatcher.results.ledger import KeyState, finished_times, load_ledger, repair_jsonl_tail
+from dispatcher.results.ledger import (
+    KeyState,
+    finished_times,
+    load_ceiling,
+    load_ledger,
+    repair_jsonl_tail,
+    save_ceiling,
+)
 from dispatcher.results.lock import ResultsLock
 from dispatcher.results.lock import acquire as lock_results
 from dispatcher.results.sinks import ResultsWriteError, Sink, open_sink
@@ -52,6 +59,10 @@ from dispatcher.sending.stats import RunStats
 _BATCH: Final = 1000
 
 
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 def backend_options() -> dict[str, object]:
     """anyio's asyncio backend options: uvloop when installed (``dispatcher[speed]``)."""
     return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
@@ -61,15 +72,25 @@ def policy_for(settings: SendSettings) -> RetryPolicy:
     return RetryPolicy(max_attempts=settings.max_attempts, max_retry_wait=settings.max_retry_wait)
 
 
-def gate_for(settings: SendSettings, share: float = 1.0) -> tuple[RateGate, Pacer]:
+def gate_for(
+    settings: SendSettings, share: float = 1.0, remembered: float | None = None
+) -> tuple[RateGate, Pacer]:
     """The run's gate and the pacer that adapts it to the server's rate headers.
 
-    ``share`` is this process's part of the budget when ``--processes`` splits a run.
+    ``share`` is this process's part of the budget when ``--processes`` splits a run;
+    ``remembered`` the ceiling an earlier ``--rate auto`` run found (see ``load_ceiling``).
     """
     rate = settings.rate
     requested = rate.per_second if isinstance(rate, Rate) else None
     gate = RateGate(requested)
-    pacer = Pacer(gate, requested, auto=rate == "auto", clock=time.monotonic, share=share)
+    pacer = Pacer(
+        gate,
+        requested,
+        auto=rate == "auto",
+        clock=time.monotonic,
+        share=share,
+        remembered=remembered,
+    )
     return gate, pacer
 
 
@@ -431,6 +452,8 @@ def skip_reason(record: Record, state: KeyState | None, settings: SendSettings) 
         return "invalid" if isinstance(record, Invalid) else None
     if state.delivery is Delivery.UNKNOWN:
         return None if settings.resend_unknown else "unknown"
+    if state.error_kind is ErrorKind.RATE_LIMITED:
+        return None  # every answer was a 429: never delivered, nothing to fix but the wait
     return None if settings.retry_failed else "failed"
 
 
@@ -655,7 +678,14 @@ async def _run_locked(
         raise
     own_transport = transport is None
     tx: Transport = transport_for(settings) if transport is None else transport
-    gate, pacer = gate_for(settings, share=1.0 if shard is None else 1.0 / shard[1])
+    remembered = (
+        load_ceiling(settings.results, settings.base_url, settings.account_id)
+        if settings.rate == "auto"
+        else None
+    )
+    gate, pacer = gate_for(
+        settings, share=1.0 if shard is None else 1.0 / shard[1], remembered=remembered
+    )
     engine = Engine(
         transport=tx,
         gate=gate,
@@ -710,6 +740,12 @@ async def _run_locked(
             await close_sink(out, commit)
             if commit.error is not None and stats.write_error is None:
                 stats.write_error = str(commit.error)
+            found = pacer.found
+            if found is not None and (shard is None or shard[0] == 0):
+                # The next run (and --resume) starts its search near this.
+                save_ceiling(
+                    settings.results, settings.base_url, settings.account_id, found, _now()
+                )
             if journal is not None:
                 # Kept unless every envelope is durable (a shard's: its parent removes it).
                 journal.close(delete=shard is None and commit.error is None)

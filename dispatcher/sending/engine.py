@@ -13,17 +13,17 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dispatcher.clients.base import Transport
-from dispatcher.model import Envelope, ErrorKind, Event, Invalid, Record
+from dispatcher.model import Envelope, ErrorKind, Event, Invalid, Outcome, Record
 from dispatcher.results import envelopes
 from dispatcher.results.sinks import ResultsWriteError
-from dispatcher.sending.gate import RateGate
+from dispatcher.sending.gate import Gate
 from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.policy import Final, RetryPolicy
 from dispatcher.sending.stats import RunStats
@@ -122,7 +122,7 @@ class Engine:
         self,
         *,
         transport: Transport,
-        gate: RateGate,
+        gate: Gate,
         policy: RetryPolicy,
         concurrency: int,
         queue_size: int | None = None,
@@ -193,6 +193,24 @@ class Engine:
         reason = self._watch.check(env)
         if reason is not None:
             self.stop(reason)
+
+    def _check_lockout(self, outcome: Outcome) -> None:
+        """Stop the run when a 429 asks for a longer wait than the run may pause.
+
+        The lockout is the account's, not the record's: every record sent into it would be
+        refused too, and each refusal may extend it. Nothing more is sent; the records
+        refused and those not yet attempted are left for ``--resume``.
+        """
+        wait = self._policy.rate_limit_wait(outcome)
+        if wait <= self._policy.max_retry_wait or self._stopping:
+            return
+        self.stats.locked_out_s = wait
+        until = datetime.now(UTC) + timedelta(seconds=wait)
+        self.stop(
+            f"the API is locked out for {wait:g} s (Retry-After, until {until:%H:%M:%S} UTC), "
+            f"longer than --max-retry-wait {self._policy.max_retry_wait:g} s; "
+            "records answered 429 are not delivered and --resume sends them"
+        )
 
     @property
     def stopping(self) -> bool:
@@ -348,6 +366,8 @@ class Engine:
                 decision = self._policy.decide(outcome, history.attempts, rate_limited, self._rng)
                 if isinstance(decision, Final):
                     gave_up = ErrorKind.RATE_LIMITED if decision.reason == "rate_limited" else None
+                    if gave_up is not None:
+                        self._check_lockout(outcome)
                     return envelopes.for_history(
                         event,
                         history,

@@ -28,6 +28,7 @@ class RunStats:
     crashed_unreadable: int = 0  # journal lines of a crashed run torn before their key
     write_error: str | None = None  # the results could not be written: the run stopped
     stop_reason: str | None = None
+    locked_out_s: float | None = None  # a 429 asked for a longer wait than allowed: stopped
     interrupted: bool = False
     # Latencies of the last attempts, kept only as a running sum for the summary's mean.
     latency_sum_ms: float = 0.0
