@@ -8,7 +8,7 @@ send them again unannounced.
 So, next to the results, ``<results>.inflight`` holds a header (when the run started) and
 one line per record, written straight to the OS just before its first request leaves. A
 write that fails or comes up short stops that record before its request leaves
-(:class:`~dispatcher.results.sinks.ResultsWriteError`), and the journal takes no more
+(:class:`~dispatcher.results.errors.ResultsWriteError`), and the journal takes no more
 lines: a run never sends what it could not journal.
 
 Reading a crashed run's journal (:func:`read_crashed`), an entry counts only for a record
@@ -44,7 +44,7 @@ from typing import Final
 import orjson
 
 from dispatcher.model import Event
-from dispatcher.results.sinks import ResultsWriteError
+from dispatcher.results.errors import ResultsWriteError
 
 SUFFIX: Final = ".inflight"
 # Compact after this many lines: ~600 KiB of journal, a few hundred µs of rewrite.

@@ -37,7 +37,7 @@ import anyio
 import orjson
 
 from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind
-from dispatcher.results.sinks import ResultsWriteError
+from dispatcher.results.errors import ResultsWriteError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -410,7 +410,7 @@ class SqliteSink:
 
     async def flush(self) -> None:
         """Commit what was written before the call; a commit the disk refuses raises
-        :class:`~dispatcher.results.sinks.ResultsWriteError` and keeps the batch."""
+        :class:`~dispatcher.results.errors.ResultsWriteError` and keeps the batch."""
         async with self._flush_lock:
             if not self._buf:
                 return

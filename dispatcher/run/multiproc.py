@@ -49,10 +49,11 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 
 from dispatcher.model import Envelope
+from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.journal import Journal
 from dispatcher.results.ledger import envelope_from_json
 from dispatcher.results.lock import ResultsLock
-from dispatcher.results.sinks import JsonlSink, ResultsWriteError, Sink
+from dispatcher.results.sinks import JsonlSink, Sink
 from dispatcher.run import runner
 from dispatcher.run.settings import Rate, SendSettings
 from dispatcher.run.signals import watch_signals

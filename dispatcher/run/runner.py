@@ -35,6 +35,7 @@ from dispatcher.clients.fast import FastTransport
 from dispatcher.inputs.records import KeyDeriver, ReadOptions, detect_format, read_batches
 from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Invalid, Record
 from dispatcher.results import envelopes
+from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.journal import Journal, Started, iter_paths, read_crashed
 from dispatcher.results.journal import path_for as journal_path_for
 from dispatcher.results.ledger import (
@@ -47,7 +48,7 @@ from dispatcher.results.ledger import (
 )
 from dispatcher.results.lock import ResultsLock
 from dispatcher.results.lock import acquire as lock_results
-from dispatcher.results.sinks import ResultsWriteError, Sink, open_sink
+from dispatcher.results.sinks import Sink, open_sink
 from dispatcher.results.sqlite_sink import is_sqlite_path
 from dispatcher.run.settings import ConfigError, Rate, SendSettings
 from dispatcher.sending.engine import Engine, StopRules

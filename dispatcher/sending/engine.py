@@ -22,7 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from dispatcher.clients.base import Transport
 from dispatcher.model import Envelope, ErrorKind, Event, Invalid, Outcome, Record
 from dispatcher.results import envelopes
-from dispatcher.results.sinks import ResultsWriteError
+from dispatcher.results.errors import ResultsWriteError
 from dispatcher.sending.gate import Gate
 from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.policy import Final, RetryPolicy
