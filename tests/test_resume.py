@@ -122,14 +122,16 @@ async def test_kill_9_then_resume_loses_nothing(tmp_path: Path) -> None:
     assert all(state.ok for state in ledger.values())
 
 
-async def wait_until_sending(emu: Emulator, proc: Process, count: int = 1) -> None:
-    """Wait until the run has requests on the wire: its signal handlers are in place by then.
+async def wait_until_sending(out: Path, proc: Process) -> None:
+    """Wait until the run has a request on the wire (its journal names it just before it
+    leaves): the run's signal handlers are in place by then.
 
     A fixed sleep raced the interpreter's start-up on a loaded machine: a SIGINT that came
     before the handlers were installed killed the process (exit -2) instead of stopping it.
     """
+    journal = out.parent / f"{out.name}.inflight"
     with anyio.fail_after(30):
-        while emu.log.total_requests() < count:  # noqa: ASYNC110 (another process's progress)
+        while not (journal.exists() and journal.stat().st_size > 0):
             assert proc.returncode is None, "the run ended before it sent anything"
             await anyio.sleep(0.05)
 
@@ -142,7 +144,7 @@ async def test_ctrl_c_drains_in_flight_then_resume_finishes(tmp_path: Path) -> N
     async with Emulator(cfg) as emu:
         env = env_for(emu)
         proc = await start(cmd(src, out, "--rate", "40/s", "--concurrency", "8"), env)
-        await wait_until_sending(emu, proc)
+        await wait_until_sending(out, proc)
         await anyio.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         with anyio.fail_after(10):
@@ -173,7 +175,7 @@ async def test_second_ctrl_c_stops_at_once_with_unknown_for_in_flight(tmp_path: 
     cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults.parse([], latency="20s"))
     async with Emulator(cfg) as emu:
         proc = await start(cmd(src, out, "--rate", "unlimited", "--concurrency", "4"), env_for(emu))
-        await wait_until_sending(emu, proc)
+        await wait_until_sending(out, proc)
         await anyio.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         await anyio.sleep(0.5)
