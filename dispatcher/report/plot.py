@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from dispatcher.model import Envelope
+from dispatcher.model import Envelope, UserError
 from dispatcher.report.summary import Report, choose_bucket
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ _LEGEND: Final[dict[str, Any]] = {
 }
 
 
-class PlotUnavailable(Exception):
+class PlotUnavailable(UserError):
     """The plotting library for this file type is not installed."""
 
 

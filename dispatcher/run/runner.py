@@ -25,13 +25,19 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from dispatcher.clients.aiohttp_client import HttpTransport
 from dispatcher.clients.base import Transport, TransportConfig
 from dispatcher.clients.fast import FastTransport
-from dispatcher.inputs.records import KeyDeriver, ReadOptions, detect_format, read_batches
+from dispatcher.inputs.records import (
+    KeyDeriver,
+    ReadOptions,
+    detect_format,
+    read_batches,
+)
+from dispatcher.inputs.records import check_inputs as check_input_files
 from dispatcher.model import Delivery, Envelope, ErrorKind, Invalid, Record
 from dispatcher.results import envelopes
 from dispatcher.results.journal import Journal, read_crashed
 from dispatcher.results.journal import path_for as journal_path_for
 from dispatcher.results.ledger import KeyState, load_ledger, repair_jsonl_tail
-from dispatcher.results.sinks import Sink, open_sink
+from dispatcher.results.sinks import Sink, check_results_path, open_sink
 from dispatcher.results.sqlite_sink import is_sqlite_path
 from dispatcher.run.settings import ConfigError, Rate, SendSettings
 from dispatcher.sending.engine import Engine, StopRules
@@ -86,22 +92,17 @@ def read_options(settings: SendSettings) -> ReadOptions:
         event_type=settings.event_type,
         body=settings.body,
         strict_ids=settings.validate_ids,
+        extra_fields=settings.allow_extra_fields,
         batch_size=_BATCH,
     )
 
 
 def check_inputs(settings: SendSettings) -> None:
-    """Fail before sending anything if an input cannot be read at all (exit 2, not mid-run)."""
+    """Fail before sending anything if an input cannot be read as a whole (exit 2, not
+    mid-run): every input's format, the options an id list needs, a CSV header."""
     if not settings.inputs:
         raise ConfigError("INPUT", "give at least one input file, or - for stdin")
-    for path in settings.inputs:
-        detect_format(path, settings.format)
-        if path != "-":
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as exc:
-                raise ConfigError("INPUT", f"cannot read {path}: {exc.strerror}") from exc
+    check_input_files(settings.inputs, settings.format, read_options(settings))
 
 
 async def input_batches(
@@ -370,6 +371,9 @@ async def run(
     journal, ``<results>.inflight.<i>``, for the parent to remove once all is written.
     """
     check_inputs(settings)
+    if shard is None and sink is None:
+        # The CLI's rule for the API too: earlier results are touched only when asked.
+        check_results_path(settings.results, resume=settings.resume, overwrite=settings.overwrite)
     stats = RunStats()
     if shard is not None:
         if sink is None:
