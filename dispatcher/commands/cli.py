@@ -81,15 +81,26 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+DISTRIBUTION: Final = "cf-workflows-dispatcher"
+"""The name on the package index (``dispatcher`` there is an unrelated library)."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that command's arguments are set up."""
-    from dispatcher import __version__
-
     parser = Parser(
         prog="dispatcher",
         description="Send events to Cloudflare Workflows instances in bulk.",
     )
-    parser.add_argument("--version", action="version", version=f"dispatcher {__version__}")
+    parser.add_argument("--version", action="version", version=f"dispatcher {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)

@@ -2,7 +2,7 @@
 
 ``.png`` is drawn with matplotlib (Agg backend, no display needed), ``.html`` with plotly
 (one self-contained file with plotly.js inside, so it opens offline, zooms and hovers).
-Both are the optional ``plot`` extra: ``pip install 'dispatcher[plot]'``; without it
+Both are the optional ``plot`` extra: ``pip install 'cf-workflows-dispatcher[plot]'``; without it
 :class:`PlotUnavailable` says so, and the commands check that before doing any work.
 
 The three panels share one time axis, seconds since the run's start:
@@ -43,7 +43,7 @@ __all__ = [
 # beyond it a PNG is a solid smear and an HTML page gets slow to open.
 MAX_POINTS: Final = 100_000
 _MAX_TIME_BUCKETS: Final = 300
-INSTALL_HINT: Final = "pip install 'dispatcher[plot]'"
+INSTALL_HINT: Final = "pip install 'cf-workflows-dispatcher[plot]'"
 
 # Outcome categories, in stacking order.
 OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER = 0, 1, 2, 3

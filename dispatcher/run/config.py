@@ -14,6 +14,7 @@ secrets as empty strings):
 ``CLOUDFLARE_BASE_URL``    ``--base-url``
 ``DISPATCHER_RATE``        ``--rate``
 ``DISPATCHER_CONCURRENCY`` ``--concurrency``
+``DISPATCHER_HTTP_CLIENT`` ``--http-client``
 =========================  ====================================================
 
 The ``CLOUDFLARE_*`` names are the official SDK's, so one environment serves both.
@@ -80,6 +81,7 @@ ENV_VARS: Final = (
     "CLOUDFLARE_BASE_URL",
     "DISPATCHER_RATE",
     "DISPATCHER_CONCURRENCY",
+    "DISPATCHER_HTTP_CLIENT",
 )
 """Every environment variable `dispatcher send` reads."""
 
