@@ -17,6 +17,7 @@ from dispatcher.clients.base import (
     UrlBuilder,
     outcome_from_response,
 )
+from dispatcher.clients.proxy import proxy_for
 from dispatcher.model import ErrorKind, Event, Outcome
 
 
@@ -28,7 +29,16 @@ def _describe(exc: BaseException) -> str:
 class HttpTransport:
     """The real transport: one keep-alive ``ClientSession`` for the whole run."""
 
-    __slots__ = ("_config", "_headers", "_session", "_timeout", "_url")
+    __slots__ = (
+        "_config",
+        "_empty_headers",
+        "_headers",
+        "_json_headers",
+        "_proxy",
+        "_session",
+        "_timeout",
+        "_url",
+    )
 
     def __init__(self, config: TransportConfig, *, session: aiohttp.ClientSession | None = None):
         self._config = config
@@ -36,6 +46,19 @@ class HttpTransport:
         self._headers = {"User-Agent": USER_AGENT, **config.auth_headers}
         self._timeout = aiohttp.ClientTimeout(total=config.timeout, connect=config.connect_timeout)
         self._session = session
+        # HTTPS_PROXY / NO_PROXY, resolved once (clients/proxy.py); aiohttp tunnels https
+        # through CONNECT. trust_env stays off: it would also read ~/.netrc credentials.
+        route = proxy_for(config.base_url)
+        self._proxy = route.url if route is not None else None
+        self._json_headers: dict[str, str] | None = _JSON_HEADERS
+        self._empty_headers: dict[str, str] | None = None
+        if route is not None:
+            # aiohttp copies a session's default headers into the CONNECT request and turns
+            # Authorization into Proxy-Authorization: the proxy would read the token. Behind
+            # a proxy the credentials go with each request instead, inside the tunnel.
+            self._headers = {"User-Agent": USER_AGENT}
+            self._json_headers = {**_JSON_HEADERS, **config.auth_headers}
+            self._empty_headers = dict(config.auth_headers)
 
     def __repr__(self) -> str:
         return f"HttpTransport({self._config!r})"
@@ -82,7 +105,10 @@ class HttpTransport:
         started = time.perf_counter()
         try:
             async with session.post(
-                url, data=body, headers=_JSON_HEADERS if body is not None else None
+                url,
+                data=body,
+                headers=self._json_headers if body is not None else self._empty_headers,
+                proxy=self._proxy,
             ) as resp:
                 raw = await resp.read()
                 return outcome_from_response(

@@ -51,7 +51,7 @@ _BATCH: Final = 1000
 
 
 def backend_options() -> dict[str, object]:
-    """anyio's asyncio backend options: uvloop when installed (``cf-workflows-dispatcher[speed]``)."""
+    """anyio's asyncio backend options: uvloop when installed (the ``speed`` extra)."""
     return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
 
 
