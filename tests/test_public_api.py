@@ -59,7 +59,7 @@ async def test_run_twice_keeps_the_results_rule(tmp_path: Path) -> None:
     results = tmp_path / "results.jsonl"
     async with Emulator(EmulatorConfig(tokens=("t0k",), limit=None)) as emu:
 
-        def settings(**kw: bool) -> dispatcher.SendSettings:
+        def settings(*, resume: bool = False, overwrite: bool = False) -> dispatcher.SendSettings:
             return dispatcher.SendSettings(
                 inputs=(str(src),),
                 workflow="order-pipeline",
@@ -68,7 +68,8 @@ async def test_run_twice_keeps_the_results_rule(tmp_path: Path) -> None:
                 credentials=dispatcher.Credentials(token="t0k"),
                 rate="unlimited",
                 results=str(results),
-                **kw,
+                resume=resume,
+                overwrite=overwrite,
             )
 
         await dispatcher.run(settings())
