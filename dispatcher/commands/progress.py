@@ -14,6 +14,7 @@ from dispatcher.sending.stats import RunStats
 
 LINE_INTERVAL: Final = 5.0  # seconds between plain progress lines when stderr is no terminal
 BAR_INTERVAL: Final = 0.25
+MIN_RATE_SECONDS: Final = 1.0  # shorter runs get no rate in the summary
 
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 
@@ -173,12 +174,17 @@ def format_summary(
             "(every worker waits out a 429's Retry-After or a spent budget)"
         )
     mean = stats.latency_sum_ms / stats.latency_count if stats.latency_count else 0.0
-    # Requests over wall time, start of the run to its end, as docs/report.md defines it.
-    lines.append(
-        f"  rate       {stats.attempts / elapsed:,.1f} requests/s, "
-        f"{stats.confirmed / elapsed:,.1f} confirmed/s over the wall time; "
-        f"mean latency {mean:,.1f} ms"
-    )
+    # Requests over the wall time, start of the run to its end. Under a second that is
+    # mostly the gate's small burst and one latency, not a rate: 8 requests stopped by a
+    # 401 after 0.07 s would read 117/s at --rate 50/s.
+    if elapsed >= MIN_RATE_SECONDS:
+        rate = (
+            f"{stats.attempts / elapsed:,.1f} requests/s, "
+            f"{stats.confirmed / elapsed:,.1f} confirmed/s over the wall time"
+        )
+    else:
+        rate = f"- (the run took under {MIN_RATE_SECONDS:g} s: too short to measure a rate)"
+    lines.append(f"  rate       {rate}; mean latency {mean:,.1f} ms")
     if stats.skipped:
         hints = {
             "confirmed": "already confirmed",

@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     unknown_list = write_unknown_list(settings.results)
     stopped = stats.stop_reason is not None or stats.interrupted
     if not settings.quiet:
+        finish = finish_command(getattr(args, "_argv", None), settings, stats)
         summary = format_summary(
             stats,
             settings.results,
@@ -139,13 +140,21 @@ def run(args: argparse.Namespace) -> int:
             unknown_list=unknown_list,
         )
         print(summary, file=sys.stderr, flush=True)
-    elif stopped and finish is not None:
+    elif stopped and (finish := finish_command(getattr(args, "_argv", None), settings, stats)):
         print(f"dispatcher send: stopped; to finish the job: {finish}", file=sys.stderr)
     return exit_code(stats)
 
 
-def finish_command(argv: Sequence[str] | None, settings: SendSettings) -> str | None:
-    """The command line that sends what this run leaves: the same one, with --resume.
+# Answers that say nothing of the record itself: after fixing the cause (the token, the
+# rate), the records they rejected must be sent again, which takes --retry-failed.
+_NOT_THE_RECORDS_FAULT: Final = frozenset({"401", "403", "429"})
+
+
+def finish_command(
+    argv: Sequence[str] | None, settings: SendSettings, stats: RunStats | None = None
+) -> str | None:
+    """The command line that sends what this run leaves: the same one, with --resume
+    (and --retry-failed when records were refused for the credentials or the rate).
 
     ``None`` when there is nothing to resume from (results on stdout) or the command
     line is not known (a caller that did not go through ``commands.cli.main``).
@@ -155,6 +164,12 @@ def finish_command(argv: Sequence[str] | None, settings: SendSettings) -> str | 
     tokens = [t for t in argv if t not in ("--overwrite", "--no-resume", "--dry-run")]
     if "--resume" not in tokens:
         tokens.append("--resume")
+    if (
+        stats is not None
+        and _NOT_THE_RECORDS_FAULT & set(stats.statuses)
+        and "--retry-failed" not in tokens
+    ):
+        tokens.append("--retry-failed")
     command = shlex.join(["dispatcher", *tokens])
     if "-" in settings.inputs:
         command += "   (with the same input on stdin)"
