@@ -15,6 +15,7 @@ from dispatcher.model import (
     Invalid,
     Outcome,
     Record,
+    UserError,
 )
 from dispatcher.run.runner import dispatch, run
 from dispatcher.run.settings import (
@@ -42,6 +43,7 @@ __all__ = [
     "Record",
     "RunStats",
     "SendSettings",
+    "UserError",
     "dispatch",
     "event_from_mapping",
     "parse_duration",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 
 import dispatcher
 from dispatcher.emulator import Emulator, EmulatorConfig
@@ -52,3 +53,34 @@ async def test_readme_python_api(tmp_path: Path) -> None:
     assert envelopes.abandoned == []
     assert sorted(e.key for e in got) == sorted(f"k{i}" for i in range(20))
     assert {e.delivery for e in got} == {dispatcher.Delivery.CONFIRMED}
+
+
+async def test_run_twice_keeps_the_results_rule(tmp_path: Path) -> None:
+    src = tmp_path / "events.jsonl"
+    src.write_bytes(orjson.dumps({"instance_id": "order-1", "event_type": "approval"}) + b"\n")
+    results = tmp_path / "results.jsonl"
+    async with Emulator(EmulatorConfig(tokens=("t0k",), limit=None)) as emu:
+
+        def settings(*, resume: bool = False, overwrite: bool = False) -> dispatcher.SendSettings:
+            return dispatcher.SendSettings(
+                inputs=(str(src),),
+                workflow="order-pipeline",
+                account_id="acc",
+                base_url=emu.base_url,
+                credentials=dispatcher.Credentials(token="t0k"),
+                rate="unlimited",
+                results=str(results),
+                resume=resume,
+                overwrite=overwrite,
+            )
+
+        await dispatcher.run(settings())
+        with pytest.raises(dispatcher.UserError, match="already holds results"):
+            await dispatcher.run(settings())
+        assert len(results.read_bytes().splitlines()) == 1  # untouched
+        resumed = await dispatcher.run(settings(resume=True))
+        assert resumed.skipped["confirmed"] == 1
+        await dispatcher.run(settings(overwrite=True))
+        sent = sum(len(v) for v in emu.log.accepted.values())
+    assert len(results.read_bytes().splitlines()) == 1
+    assert sent == 2  # the first run and the overwrite; the refused one and resume sent nothing

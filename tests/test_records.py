@@ -20,6 +20,7 @@ from dispatcher.inputs.records import (
     Format,
     InputError,
     ReadOptions,
+    check_inputs,
     detect_format,
     event_from_mapping,
     read_batches,
@@ -106,7 +107,7 @@ def test_jsonl_fields_defaults_and_bodies() -> None:
         + jl(instance_id="i-3", event_type="approved", body=None)
         + b'{ "instance_id" : "i-4", "event_type": "x", "body": "text" , "note": "ignored" }\n'
     )
-    got = events(data)
+    got = events(data, extra_fields=True)
     assert [(e.workflow, e.instance_id, e.event_type, e.body) for e in got] == [
         ("wf", "i-1", "approved", b'{"by":"ann","n":[1,2]}'),
         ("other", "i-2", "approved", None),  # absent body: no request body at all
@@ -278,7 +279,7 @@ def test_csv_rows_columns_and_bodies() -> None:
         b"i-3,approved,null,,k-3,\r\n"
         b'i-4,approved,"""text""",,,\r\n'
     )
-    got = events(data, "csv")
+    got = events(data, "csv", extra_fields=True)
     assert [(e.workflow, e.instance_id, e.body, e.key[:2], e.line) for e in got] == [
         ("wf", "i-1", b'{"by":"ann"}', got[0].key[:2], 2),
         ("w2", "i-2", None, got[1].key[:2], 3),
@@ -378,9 +379,9 @@ def test_ids_fan_out_one_event_to_every_id() -> None:
 
 
 def test_ids_need_event_type_and_workflow() -> None:
-    with pytest.raises(InputError, match="--event-type is required for an id list"):
+    with pytest.raises(InputError, match="an id list needs --event-type"):
         read(b"i-1\n", "ids")
-    with pytest.raises(InputError, match="--workflow is required"):
+    with pytest.raises(InputError, match="an id list needs --workflow"):
         read(b"i-1\n", "ids", workflow=None, event_type="e")
 
 
@@ -544,7 +545,7 @@ def test_keys_are_stable_under_reordering_and_distinct_for_repeats() -> None:
 
 def test_key_depends_on_content_not_formatting() -> None:
     (a,) = events(b'{"instance_id":"a","event_type":"e","body":{"x":1}}\n')
-    (b,) = events(b'{ "body" : { "x" : 1 },\t"event_type":"e", "instance_id":"a", "z": 0 }\n')
+    (b,) = events(b'{ "body" : { "x" : 1 },\t"event_type":"e", "instance_id":"a" }\n')
     assert a.key == b.key
     (c,) = events(b'{"instance_id":"a","event_type":"e","body":{"x":2}}\n')
     (d,) = events(b'{"instance_id":"a","event_type":"e","workflow":"w2","body":{"x":1}}\n')
@@ -678,3 +679,50 @@ def test_keys_after_the_spill_match_keys_in_memory() -> None:
     finally:
         small.close()
         big.close()
+
+
+# -- unknown fields and the checks before a run ------------------------------------------
+
+
+def test_a_misspelt_jsonl_field_makes_the_line_invalid_naming_the_field() -> None:
+    bad = only_invalid(jl(instance_id="a", event_type="e", bdy={"x": 1}))
+    assert bad.rule == "unknown_field"
+    assert "'bdy' (did you mean 'body'?)" in bad.message
+    (ok,) = events(jl(instance_id="a", event_type="e", bdy=1), extra_fields=True)
+    assert ok.body is None
+
+
+def test_an_unknown_csv_column_is_an_error_for_the_file() -> None:
+    with pytest.raises(InputError, match="unknown column 'bdy'"):
+        read(b"instance_id,event_type,bdy\na,e,1\n", "csv")
+    (ok,) = events(b"instance_id,event_type,bdy\na,e,1\n", "csv", extra_fields=True)
+    assert ok.body is None
+
+
+def test_check_inputs_finds_a_bad_second_file_before_anything_is_read(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(jl(instance_id="a", event_type="e"))
+    headless = tmp_path / "bad.csv"
+    headless.write_bytes(b"id,foo\n1,2\n")
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"a\n")
+    options = ReadOptions(workflow="wf")
+    check_inputs([str(good)], None, options)
+    with pytest.raises(InputError, match=r"bad.csv: the CSV header has no instance_id column"):
+        check_inputs([str(good), str(headless)], None, options)
+    with pytest.raises(InputError, match=r"ids.txt: an id list needs --event-type"):
+        check_inputs([str(good), str(ids)], None, options)
+    with pytest.raises(InputError, match=r"missing.jsonl: cannot open"):
+        check_inputs([str(good), str(tmp_path / "missing.jsonl")], None, options)
+
+
+def test_event_type_and_body_without_an_id_list_are_refused(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(jl(instance_id="a", event_type="e"))
+    with pytest.raises(InputError, match="--event-type applies only to id lists"):
+        check_inputs([str(good)], None, ReadOptions(workflow="wf", event_type="x"))
+    with pytest.raises(InputError, match="--body applies only to id lists"):
+        check_inputs([str(good)], None, ReadOptions(workflow="wf", body=b"1"))
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"a\n")
+    check_inputs([str(good), str(ids)], None, ReadOptions(workflow="wf", event_type="x"))

@@ -365,11 +365,11 @@ async def test_percentiles_move_with_injected_latency(tmp_path: Path) -> None:
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,
-    reason="the plot extra is not installed: pip install 'dispatcher[plot]'",
+    reason="the plot extra is not installed: pip install 'cf-workflows-dispatcher[plot]'",
 )
 needs_plotly = pytest.mark.skipif(
     importlib.util.find_spec("plotly") is None,
-    reason="the plot extra is not installed: pip install 'dispatcher[plot]'",
+    reason="the plot extra is not installed: pip install 'cf-workflows-dispatcher[plot]'",
 )
 
 
@@ -411,7 +411,7 @@ def test_plot_without_the_extra_says_how_to_get_it(
     for name in ("run.png", "run.html"):
         assert main(["report", str(path), "--plot", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
-        assert "pip install 'dispatcher[plot]'" in err
+        assert "pip install 'cf-workflows-dispatcher[plot]'" in err
     assert not (tmp_path / "run.png").exists()
     assert main(["report", str(path), "--plot", str(tmp_path / "run.svg")]) == 2
     assert ".png or .html" in capsys.readouterr().err

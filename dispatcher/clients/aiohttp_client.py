@@ -25,6 +25,7 @@ from dispatcher.clients.base import (
     failure,
     outcome_from_response,
 )
+from dispatcher.clients.proxy import proxy_for
 from dispatcher.model import ErrorKind, Event, Outcome
 
 _READ: Final = 64 * 1024
@@ -44,7 +45,17 @@ _SPACE: Final = (b" ", b"\t")
 class HttpTransport:
     """The real transport: one keep-alive ``ClientSession`` for the whole run."""
 
-    __slots__ = ("_config", "_headers", "_redact", "_session", "_timeout", "_url")
+    __slots__ = (
+        "_config",
+        "_empty_headers",
+        "_headers",
+        "_json_headers",
+        "_proxy",
+        "_redact",
+        "_session",
+        "_timeout",
+        "_url",
+    )
 
     def __init__(self, config: TransportConfig, *, session: aiohttp.ClientSession | None = None):
         self._config = config
@@ -53,6 +64,19 @@ class HttpTransport:
         self._timeout = aiohttp.ClientTimeout(total=config.timeout, connect=config.connect_timeout)
         self._session = session
         self._redact = Redactor(config.auth_headers)
+        # HTTPS_PROXY / NO_PROXY, resolved once (clients/proxy.py); aiohttp tunnels https
+        # through CONNECT. trust_env stays off: it would also read ~/.netrc credentials.
+        route = proxy_for(config.base_url)
+        self._proxy = route.url if route is not None else None
+        self._json_headers: dict[str, str] | None = _JSON_HEADERS
+        self._empty_headers: dict[str, str] | None = None
+        if route is not None:
+            # aiohttp copies a session's default headers into the CONNECT request and turns
+            # Authorization into Proxy-Authorization: the proxy would read the token. Behind
+            # a proxy the credentials go with each request instead, inside the tunnel.
+            self._headers = {"User-Agent": USER_AGENT}
+            self._json_headers = {**_JSON_HEADERS, **config.auth_headers}
+            self._empty_headers = dict(config.auth_headers)
 
     def __repr__(self) -> str:
         return f"HttpTransport({self._config!r})"
@@ -110,8 +134,9 @@ class HttpTransport:
             async with session.post(
                 url,
                 data=body,
-                headers=_JSON_HEADERS if body is not None else None,
+                headers=self._json_headers if body is not None else self._empty_headers,
                 allow_redirects=False,
+                proxy=self._proxy,
             ) as resp:
                 raw = await _read_capped(resp)
                 return outcome_from_response(

@@ -36,6 +36,7 @@ from dispatcher.clients.base import (
     failure,
     outcome_from_response,
 )
+from dispatcher.clients.proxy import open_tunnel, proxy_for
 from dispatcher.model import ErrorKind, Event, Outcome
 
 __all__ = ["FastTransport"]
@@ -288,6 +289,7 @@ class FastTransport:
         "_idle",
         "_port",
         "_pre",
+        "_proxy",
         "_redact",
         "_slots",
         "_ssl",
@@ -330,6 +332,7 @@ class FastTransport:
         self._pre = b"POST "
         self._tail_json = f" HTTP/1.1\r\n{common}Content-Type: application/json\r\nContent-Length: "
         self._tail_empty = f" HTTP/1.1\r\n{common}Content-Length: 0\r\n\r\n".encode()
+        self._proxy = proxy_for(config.base_url)
         self._idle: list[_Conn] = []
         self._conns: set[_Conn] = set()
         self._slots = asyncio.Semaphore(config.pool_size)
@@ -368,6 +371,15 @@ class FastTransport:
         config = self._config
         limit = min(config.connect_timeout, deadline - time.perf_counter())
         async with asyncio.timeout(max(limit, 0.0)):
+            if self._proxy is not None:  # HTTPS_PROXY: TLS inside a CONNECT tunnel
+                sock = await open_tunnel(self._proxy, self._host, self._port)
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(self._conns),
+                    sock=sock,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+                return conn
             _, conn = await loop.create_connection(
                 lambda: _Conn(self._conns),
                 self._host,

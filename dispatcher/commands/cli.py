@@ -3,14 +3,30 @@
 Each command lives in its own module exposing ``configure(parser)`` and ``run(args)``.
 Only the module of the command being run is imported: the others pull in libraries
 (plotting, histograms, SQLite) that would cost a long `send` memory and start-up time.
+
+:func:`main` is the one place that turns the project's own errors
+(:class:`~dispatcher.model.UserError` and its subclasses) into one line on stderr and
+their exit code; no command needs to catch them for that. Exit codes shared by every
+command: 2 usage, input or config mistake; 130 interrupted; 141 stdout closed early
+(``dispatcher report r.jsonl | head``), as a Unix tool killed by SIGPIPE would.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import Final, NoReturn
+
+from dispatcher.model import UserError
+
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130
+EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,16 +40,70 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "load": ("dispatcher.commands.load", "load-test a workflow at a known arrival rate"),
 }
 
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: (?P<args>.*)")
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser that takes no abbreviations and suggests the flag meant.
+
+    ``--workf`` is an error, not ``--workflow``: an abbreviation that works today breaks
+    silently when a flag sharing its prefix is added. Subparsers are built with this class
+    too (argparse uses the parent's class), so the rule holds for every command.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def known_flags(self) -> list[str]:
+        flags: list[str] = []
+        for action in self._actions:
+            flags += [opt for opt in action.option_strings if opt.startswith("--")]
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    if isinstance(sub, Parser):
+                        flags += sub.known_flags()
+        return flags
+
+    def error(self, message: str) -> NoReturn:
+        match = _UNRECOGNIZED.search(message)
+        if match is not None:
+            known = sorted(set(self.known_flags()))
+            hints = []
+            for token in match["args"].split():
+                if token.startswith("--"):
+                    name = token.split("=", 1)[0]
+                    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                    if close:
+                        hints.append(f"did you mean {close[0]} (for {name})?")
+            if hints:
+                message = f"{message}; {' '.join(hints)}"
+        super().error(message)
+
+
+DISTRIBUTION: Final = "cf-workflows-dispatcher"
+"""The name on the package index (``dispatcher`` there is an unrelated library)."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``only``, just that command's arguments are set up."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dispatcher",
         description="Send events to Cloudflare Workflows instances in bulk.",
     )
+    parser.add_argument("--version", action="version", version=f"dispatcher {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if only is None or only == name:
             module = importlib.import_module(module_name)
             module.configure(cmd)
@@ -41,11 +111,54 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(exc: BaseException) -> UserError | None:
+    """The project's own error behind ``exc``, also when a task group wrapped it."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = user_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _stdout_gone() -> int:
+    # Further writes (and the interpreter's last flush) must not raise again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else list(argv)
     command = args_list[0] if args_list and args_list[0] in COMMANDS else None
-    parser = build_parser(command)
-    args = parser.parse_args(args_list)
-    args._argv = args_list  # as typed, for a "to resume" hint
-    code: int = args._run(args)
-    return code
+    prog = f"dispatcher {command}" if command else "dispatcher"
+    try:
+        parser = build_parser(command)
+        args = parser.parse_args(args_list)
+        args._argv = args_list  # for the "to finish" command a stopped run prints
+        code: int = args._run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _stdout_gone()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UserError, BaseExceptionGroup) as exc:
+        found = user_error(exc)
+        if found is None:
+            raise
+        print(f"{prog}: error: {found}", file=sys.stderr)
+        return found.exit_code
+    except OSError as exc:
+        # A file the user named cannot be read or written (a --plot path in a missing
+        # folder, a full disk): their problem to fix, said in one line.
+        if exc.filename is None:
+            raise
+        print(f"{prog}: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -2,36 +2,58 @@
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, Literal, TextIO
 
 import anyio
 
+from dispatcher.model import Delivery
 from dispatcher.sending.stats import RunStats
 
 LINE_INTERVAL: Final = 5.0  # seconds between plain progress lines when stderr is no terminal
 BAR_INTERVAL: Final = 0.25
+MIN_RATE_SECONDS: Final = 1.0  # shorter runs get no rate in the summary
 
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 
 
-def status_line(stats: RunStats) -> str:
+PausedFor = Callable[[], float]
+"""Seconds until the run's pause ends (0 or less: not paused)."""
+
+
+def pause_text(stats: RunStats, paused_for: PausedFor | None) -> str | None:
+    """``paused: rate limited, resuming in 37 s`` while every worker waits, else None."""
+    if paused_for is None:
+        return None
+    left = paused_for()
+    if left <= 0:
+        return None
+    why = "rate limited" if stats.rate_limited else "waiting for the rate budget"
+    return f"paused: {why}, resuming in {math.ceil(left):,} s"
+
+
+def status_line(stats: RunStats, paused_for: PausedFor | None = None) -> str:
     elapsed = stats.elapsed()
-    return (
+    line = (
         f"{stats.records:,} done ({stats.confirmed:,} ok, {stats.failed:,} failed), "
         f"{stats.in_flight} in flight, {stats.attempts / elapsed:,.1f} req/s, "
         f"{stats.retries:,} retries, {stats.rate_limited:,} 429s, {elapsed:,.0f}s"
     )
+    paused = pause_text(stats, paused_for)
+    return f"{line}; {paused}" if paused else line
 
 
-def bar_status(stats: RunStats) -> str:
+def bar_status(stats: RunStats, paused_for: PausedFor | None = None) -> str:
     """The text beside the bar, which shows the counts already."""
-    return (
+    paused = pause_text(stats, paused_for)
+    text = (
         f"{stats.failed:,} failed · {stats.in_flight} in flight · "
         f"{stats.attempts / stats.elapsed():,.0f} req/s · {stats.retries:,} retries · "
         f"{stats.rate_limited:,} 429s"
     )
+    return f"{paused} · {text}" if paused else text
 
 
 def resolve_mode(mode: ProgressMode, quiet: bool, stream: TextIO) -> ProgressMode:
@@ -62,14 +84,19 @@ async def show_progress(
     mode: ProgressMode,
     stream: TextIO = sys.stderr,
     inputs: Sequence[str] = (),
+    paused_for: PausedFor | None = None,
 ) -> None:
-    """Run until cancelled: a live bar on a terminal, or a plain line every few seconds."""
+    """Run until cancelled: a live bar on a terminal, or a plain line every few seconds.
+
+    ``paused_for`` tells how long the run's pause has still to go, so that a run waiting
+    out a 429 says so instead of looking stuck.
+    """
     if mode == "off":
         await anyio.sleep_forever()
     if mode == "lines":
         while True:
             await anyio.sleep(LINE_INTERVAL)
-            print(f"dispatcher: {status_line(stats)}", file=stream, flush=True)
+            print(f"dispatcher: {status_line(stats, paused_for)}", file=stream, flush=True)
     # Imported here: rich costs ~50 ms to import and only terminals need it.
     from rich.console import Console
     from rich.progress import (
@@ -85,6 +112,7 @@ async def show_progress(
         SpinnerColumn(),
         BarColumn(bar_width=30),
         MofNCompleteColumn(),
+        TextColumn("ETA"),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
     )
@@ -102,7 +130,7 @@ async def show_progress(
                 tg.start_soon(total)
             while True:
                 done = stats.records + sum(stats.skipped.values())
-                progress.update(task, completed=done, status=bar_status(stats))
+                progress.update(task, completed=done, status=bar_status(stats, paused_for))
                 await anyio.sleep(BAR_INTERVAL)
 
 
@@ -113,11 +141,23 @@ def _table(title: str, counts: dict[str, int]) -> list[str]:
     return [f"  {title:<11}{parts}"]
 
 
-def format_summary(stats: RunStats, results: str) -> str:
+def format_summary(
+    stats: RunStats,
+    results: str,
+    *,
+    finish: str | None = None,
+    unknown_list: str | None = None,
+) -> str:
+    """The closing summary. ``finish`` is the command that sends what the run left
+    (shown after a stop); ``unknown_list`` the file listing the records whose delivery is
+    unknown (shown when there are any)."""
     elapsed = stats.elapsed()
+    unknown = stats.deliveries[Delivery.UNKNOWN.value]
+    failed = stats.failed - unknown
     lines = ["", "dispatcher: run summary"]
     lines.append(
-        f"  records    {stats.records:,} ({stats.confirmed:,} confirmed, {stats.failed:,} not)"
+        f"  records    {stats.records:,} ({stats.confirmed:,} confirmed, {failed:,} failed, "
+        f"{unknown:,} unknown)"
     )
     lines += _table("delivery", dict(stats.deliveries))
     lines += _table("status", dict(stats.statuses))
@@ -127,15 +167,24 @@ def format_summary(stats: RunStats, results: str) -> str:
         f"{stats.rate_limited:,} answered 429)"
     )
     if stats.pauses:
+        # A pause is counted as it was set; a run that stopped during one waited less.
+        paused = min(stats.paused_s, elapsed)
         lines.append(
-            f"  paused     {stats.pauses:,} times, {stats.paused_s:,.1f} s in all "
+            f"  paused     {stats.pauses:,} times, {paused:,.1f} s in all "
             "(every worker waits out a 429's Retry-After or a spent budget)"
         )
     mean = stats.latency_sum_ms / stats.latency_count if stats.latency_count else 0.0
-    lines.append(
-        f"  rate       {stats.attempts / elapsed:,.1f} requests/s, "
-        f"{stats.confirmed / elapsed:,.1f} confirmed/s; mean latency {mean:,.1f} ms"
-    )
+    # Requests over the wall time, start of the run to its end. Under a second that is
+    # mostly the gate's small burst and one latency, not a rate: 8 requests stopped by a
+    # 401 after 0.07 s would read 117/s at --rate 50/s.
+    if elapsed >= MIN_RATE_SECONDS:
+        rate = (
+            f"{stats.attempts / elapsed:,.1f} requests/s, "
+            f"{stats.confirmed / elapsed:,.1f} confirmed/s over the wall time"
+        )
+    else:
+        rate = f"- (the run took under {MIN_RATE_SECONDS:g} s: too short to measure a rate)"
+    lines.append(f"  rate       {rate}; mean latency {mean:,.1f} ms")
     if stats.skipped:
         hints = {
             "confirmed": "already confirmed",
@@ -145,6 +194,11 @@ def format_summary(stats: RunStats, results: str) -> str:
         }
         for reason, count in sorted(stats.skipped.items()):
             lines.append(f"  skipped    {count:,} {hints.get(reason, reason)}")
+        unsettled = sum(n for reason, n in stats.skipped.items() if reason != "confirmed")
+        if unsettled:
+            lines.append(
+                f"  unsettled  {unsettled:,} skipped records are not confirmed (so exit 1)"
+            )
     if stats.crashed_unknown:
         lines.append(
             f"  crashed    {stats.crashed_unknown:,} records in flight when an earlier run "
@@ -157,9 +211,21 @@ def format_summary(stats: RunStats, results: str) -> str:
         )
     lines.append(f"  wall time  {elapsed:,.2f} s")
     lines.append(f"  results    {'stdout' if results == '-' else results}")
+    if unknown_list is not None:
+        lines.append(
+            f"  unknown    listed in {unknown_list}: each may or may not have arrived. Check "
+            "those instances (dashboard, wrangler workflows instances describe); resend the "
+            "ones that did not get the event with --resume --resend-unknown, which resends "
+            "all of them, or leave them"
+        )
     if stats.write_error is not None:
         lines.append(f"  not saved  {stats.write_error}: stopped sending")
     elif stats.stop_reason is not None:
         lines.append(f"  stopped    {stats.stop_reason}")
-        lines.append("             records not attempted have no envelope: run again to send them")
+        if finish is None:
+            lines.append(
+                "             records not attempted have no envelope: run again to send them"
+            )
+    if finish is not None:
+        lines.append(f"  to finish  {finish}")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Several files are several runs: within a file the last envelope of a key wins, "
         "across files every file's envelopes are counted. Plots need the plot extra: "
-        "pip install 'dispatcher[plot]'."
+        "pip install 'cf-workflows-dispatcher[plot]'."
     )
     parser.add_argument(
         "results",

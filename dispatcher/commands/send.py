@@ -1,14 +1,16 @@
 """`dispatcher send`: the main job from the shell, with signals, progress and a summary.
 
-Exit codes: 0 every record confirmed, 1 some failed, 2 usage or config error (another
-run holds the same --results included), 3 stopped early, 5 results could not be written
-(full disk, read-only folder: the run stopped sending, --resume continues), 130
+Exit codes: 0 every record confirmed (also when the inputs hold no record at all: a
+warning says so), 1 some failed, 2 usage, input, config or results-path mistake (another
+run holding the same --results included), 3 stopped early, 5 results could not be
+written (full disk, read-only folder: the run stopped sending, --resume continues), 130
 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import shlex
@@ -17,16 +19,18 @@ from collections.abc import Sequence
 from typing import Final
 
 import anyio
+import orjson
 
+from dispatcher.commands.cli import user_error
 from dispatcher.commands.dryrun import add_dry_run_argument, dry_run
 from dispatcher.commands.progress import ProgressMode, format_summary, resolve_mode, show_progress
-from dispatcher.inputs.records import InputError
-from dispatcher.model import UserError
-from dispatcher.results.ledger import LedgerError
+from dispatcher.model import Delivery
+from dispatcher.results.ledger import load_ledger, read_envelopes
+from dispatcher.results.sinks import check_results_path
 from dispatcher.run import runner
 from dispatcher.run.config import add_send_arguments, load_send_settings
 from dispatcher.run.multiproc import run_parallel
-from dispatcher.run.settings import ConfigError, SendSettings
+from dispatcher.run.settings import SendSettings
 from dispatcher.run.signals import watch_signals
 from dispatcher.sending.engine import Engine
 from dispatcher.sending.stats import RunStats
@@ -68,7 +72,14 @@ async def _main(settings: SendSettings) -> RunStats:
         def hook(engine: Engine) -> None:
             engines.append(engine)
             tg.start_soon(watch_signals, engine, run_scope, settings.grace)
-            tg.start_soon(show_progress, engine.stats, mode, sys.stderr, settings.inputs)
+            gate = engine._gate  # the run's pause lives there; progress only reads it
+
+            def paused_for() -> float:
+                return gate.paused_until - anyio.current_time()
+
+            tg.start_soon(
+                show_progress, engine.stats, mode, sys.stderr, settings.inputs, paused_for
+            )
 
         with run_scope:
             await runner.run(settings, engine_hook=hook)
@@ -83,64 +94,147 @@ async def _show(stats: RunStats, *, mode: ProgressMode, inputs: tuple[str, ...])
     await show_progress(stats, mode, sys.stderr, inputs)
 
 
-def _results_in_the_way(path: str) -> bool:
-    return path != "-" and os.path.exists(path) and os.path.getsize(path) > 0
+def _nothing_read(stats: RunStats) -> bool:
+    return stats.records == 0 and not stats.skipped and not stats.crashed_unknown
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = load_send_settings(args, os.environ)
-        runner.check_inputs(settings)
-    except (ConfigError, InputError) as exc:
-        print(f"dispatcher send: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    # Mistakes (ConfigError, InputError, ResultsPathError, LedgerError: all UserError)
+    # propagate to commands.cli.main, which prints them as one line with exit 2.
+    settings = load_send_settings(args, os.environ)
+    runner.check_inputs(settings)
     if args.dry_run:
+        if _results_in_the_way(settings):
+            print(
+                f"dispatcher send --dry-run: warning: --results {settings.results} already "
+                "holds results; a real run needs --resume or --overwrite",
+                file=sys.stderr,
+            )
         return dry_run(settings, sys.stdout)
-    if not (settings.overwrite or settings.resume) and _results_in_the_way(settings.results):
-        print(
-            f"dispatcher send: error: --results {settings.results} already holds results; "
-            "pass --resume to continue that run, --overwrite to replace it, or choose "
-            "another --results path",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
+    check_results_path(settings.results, resume=settings.resume, overwrite=settings.overwrite)
+    finish = finish_command(getattr(args, "_argv", None), settings)
     try:
         stats = anyio.run(
             _main, settings, backend="asyncio", backend_options=runner.backend_options()
         )
-    except LedgerError as exc:
-        print(f"dispatcher send: error: cannot resume: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except UserError as exc:
-        # Another run holds the results (2), or they cannot be written at all (5).
-        print(f"dispatcher send: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         # Ctrl-C before the run had installed its own handler: nothing was sent yet.
         print("dispatcher send: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if not settings.quiet:
-        print(format_summary(stats, settings.results), file=sys.stderr, flush=True)
-    if stats.write_error is not None:
-        # Even with --quiet: the run stopped for a reason the user must fix.
+    except Exception as exc:
+        # A bug, not a mistake (those are UserError): the traceback follows, but first
+        # what to run once it is fixed or worked around.
+        if finish is not None and user_error(exc) is None:
+            print(f"dispatcher send: crashed; to finish the job: {finish}", file=sys.stderr)
+        raise
+    if _nothing_read(stats):
+        # Exit 0 all the same: nothing failed. A script can grep stderr for "no records".
         print(
-            f"dispatcher send: error: {stats.write_error}; nothing more was sent, what is "
-            f"on disk is kept. Free space or fix the folder, then: {resume_command()}",
+            f"dispatcher send: warning: no records in {', '.join(settings.inputs)}; "
+            "nothing was sent",
+            file=sys.stderr,
+        )
+    unknown_list = write_unknown_list(settings.results)
+    stopped = stats.stop_reason is not None or stats.interrupted or stats.write_error is not None
+    if not settings.quiet:
+        finish = finish_command(getattr(args, "_argv", None), settings, stats)
+        summary = format_summary(
+            stats,
+            settings.results,
+            finish=finish if stopped else None,
+            unknown_list=unknown_list,
+        )
+        print(summary, file=sys.stderr, flush=True)
+    elif stopped and (finish := finish_command(getattr(args, "_argv", None), settings, stats)):
+        print(f"dispatcher send: stopped; to finish the job: {finish}", file=sys.stderr)
+    if stats.write_error is not None:
+        # Even with --quiet: the run stopped for a reason the user must fix first.
+        print(
+            f"dispatcher send: error: {stats.write_error}; nothing more was sent and what is "
+            "on disk is kept: free space or fix the folder, then run the command above",
             file=sys.stderr,
             flush=True,
         )
-    code = exit_code(stats)
-    if code == EXIT_STOPPED:
-        if settings.quiet:
-            print(f"dispatcher send: stopped: {stats.stop_reason}", file=sys.stderr)
-        argv = getattr(args, "_argv", None) or sys.argv[1:]
-        print(f"dispatcher send: to resume: {resume_command(argv)}", file=sys.stderr, flush=True)
-    return code
+    return exit_code(stats)
 
 
-def resume_command(argv: Sequence[str] | None = None) -> str:
-    """The command line that resumes a run: its own arguments, ``--resume``, no ``--overwrite``."""
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
-    if "--resume" not in args:
-        args.append("--resume")
-    return shlex.join(["dispatcher", *args])
+# Answers that say nothing of the record itself: after fixing the cause (the token, the
+# rate), the records they rejected must be sent again, which takes --retry-failed.
+_NOT_THE_RECORDS_FAULT: Final = frozenset({"401", "403", "429"})
+
+
+def finish_command(
+    argv: Sequence[str] | None, settings: SendSettings, stats: RunStats | None = None
+) -> str | None:
+    """The command line that sends what this run leaves: the same one, with --resume
+    (and --retry-failed when records were refused for the credentials or the rate).
+
+    ``None`` when there is nothing to resume from (results on stdout) or the command
+    line is not known (a caller that did not go through ``commands.cli.main``).
+    """
+    if argv is None or settings.results == "-":
+        return None
+    tokens = [t for t in argv if t not in ("--overwrite", "--no-resume", "--dry-run")]
+    if "--resume" not in tokens:
+        tokens.append("--resume")
+    if (
+        stats is not None
+        and _NOT_THE_RECORDS_FAULT & set(stats.statuses)
+        and "--retry-failed" not in tokens
+    ):
+        tokens.append("--retry-failed")
+    command = shlex.join(["dispatcher", *tokens])
+    if "-" in settings.inputs:
+        command += "   (with the same input on stdin)"
+    return command
+
+
+def unknown_list_path(results: str) -> str:
+    return f"{results}.unknown.jsonl"
+
+
+def write_unknown_list(results: str) -> str | None:
+    """List the records whose final delivery is ``unknown`` beside the results.
+
+    One JSON line each (key, file:line, instance, event type, attempts, error), for the
+    user to check before deciding to resend them. Returns the path, or ``None`` (and
+    removes an outdated list) when no record's delivery is unknown.
+    """
+    if results == "-" or not os.path.exists(results):
+        return None
+    path = unknown_list_path(results)
+    ledger = load_ledger(results, on_torn=lambda torn: None)
+    unknown = {key for key, state in ledger.items() if state.delivery is Delivery.UNKNOWN}
+    if not unknown:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return None
+    rows: dict[str, bytes] = {}
+    for env in read_envelopes(results, on_torn=lambda torn: None):
+        if env.key in unknown:
+            rows[env.key] = orjson.dumps(
+                {
+                    "key": env.key,
+                    "source": env.source,
+                    "line": env.line,
+                    "workflow": env.workflow,
+                    "instance_id": env.instance_id,
+                    "event_type": env.event_type,
+                    "attempts": env.attempts,
+                    "error": None if env.error is None else env.error.message,
+                },
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+    with open(path, "wb") as out:
+        out.writelines(rows.values())
+    return path
+
+
+def _results_in_the_way(settings: SendSettings) -> bool:
+    path = settings.results
+    return (
+        not (settings.resume or settings.overwrite)
+        and path != "-"
+        and os.path.exists(path)
+        and os.path.getsize(path) > 0
+    )

@@ -6,13 +6,17 @@ Three formats, chosen by :func:`detect_format`:
     One JSON object a line: ``instance_id`` and ``event_type`` (strings), optional
     ``workflow`` (else ``--workflow``), optional ``body`` (any JSON value; absent means the
     request has no body, ``null`` means the body is ``null``) and optional ``id`` (the
-    record's key: a non-empty string, or an integer taken as its decimal string). Other
-    fields are ignored, so recorded events with extra metadata can be replayed as they are.
+    record's key: a non-empty string, or an integer taken as its decimal string). Any
+    other field makes the line invalid (``unknown_field``): a misspelt ``bdy`` must not
+    send events without their body. ``--allow-extra-fields`` (``allow_extra_fields``)
+    lets other fields through, ignored, so recorded events with extra metadata can be
+    replayed as they are.
 ``csv``
     A header row naming the columns ``instance_id``, ``event_type`` and optionally ``body``
     (JSON text; an empty cell means no body, so a string body is written ``"text"`` with
-    its JSON quotes), ``workflow`` and ``id`` (empty cells mean absent). Other columns are
-    ignored. Quoted cells may span lines.
+    its JSON quotes), ``workflow`` and ``id`` (empty cells mean absent). Any other column
+    is an error for the whole file, unless ``--allow-extra-fields`` lets it through
+    (ignored). Quoted cells may span lines.
 ``ids``
     One instance id a line, for fan-out: every id gets ``--event-type`` and ``--body``.
     Surrounding whitespace is stripped; ``#`` comment lines are skipped.
@@ -25,10 +29,11 @@ A line that cannot become an :class:`~dispatcher.model.Event` becomes an
 :class:`~dispatcher.model.Invalid` naming the rule it broke, and reading goes on; only
 whole-input problems (cannot open or read the file, unknown format, unusable CSV header,
 an id list without ``--event-type`` or ``--workflow``) raise :class:`InputError`.
+:func:`check_inputs` finds all of those for every input before a run sends anything.
 Rule names, besides the path and body rules of :mod:`dispatcher.inputs.validation`:
 ``bad_json``, ``bad_utf8``, ``nul_byte``, ``too_deep`` (JSON nested deeper than orjson
 reads or writes), ``not_object``, ``missing_field``, ``id_type``, ``id_empty``,
-``bad_csv``, ``ragged_row`` and ``line_too_long``.
+``bad_csv``, ``ragged_row``, ``unknown_field`` and ``line_too_long``.
 
 Memory stays flat whatever the input size: files are read line by line and records are
 handed out in batches of ``batch_size``. A line longer than ``max_line_bytes`` (16 MiB,
@@ -47,10 +52,11 @@ taken as given: two records sharing one are not detected here.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, BinaryIO, Final, Literal
@@ -59,7 +65,7 @@ import orjson
 
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.validation import RuleViolation, check_body_size, check_path
-from dispatcher.model import Event, Invalid, Record
+from dispatcher.model import Event, Invalid, Record, UserError
 
 __all__ = [
     "FORMATS",
@@ -70,6 +76,7 @@ __all__ = [
     "InputError",
     "KeyDeriver",
     "ReadOptions",
+    "check_inputs",
     "detect_format",
     "event_from_mapping",
     "read_batches",
@@ -92,6 +99,7 @@ _EXTENSIONS: Final[dict[str, Format]] = {
 }
 _BOM: Final = b"\xef\xbb\xbf"
 _CSV_REQUIRED: Final = ("instance_id", "event_type")
+_FIELDS: Final = frozenset({"id", "instance_id", "event_type", "workflow", "body"})
 _ABSENT: Final = object()
 _JSON_KINDS: Final[dict[type, str]] = {
     list: "an array",
@@ -103,8 +111,71 @@ _JSON_KINDS: Final[dict[type, str]] = {
 }
 
 
-class InputError(Exception):
+class InputError(UserError):
     """A whole input is unusable; the message names the file."""
+
+
+def _unknown_field_message(names: Iterable[str]) -> str:
+    parts = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, sorted(_FIELDS), n=1, cutoff=0.6)
+        parts.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return (
+        f"unknown field{'s' if len(parts) > 1 else ''} {', '.join(parts)}; fields are "
+        f"{', '.join(sorted(_FIELDS))} (--allow-extra-fields lets others through)"
+    )
+
+
+def check_inputs(paths: Sequence[str], override: str | None, options: ReadOptions) -> None:
+    """Raise :class:`InputError` for the first input a run could not read as a whole.
+
+    Checks every input before anything is sent: the format, the options an id list needs,
+    that the file opens, and a CSV file's header. ``--event-type`` and ``--body`` given
+    when no input is an id list are an error: they would apply to nothing. Lines are not
+    read (a bad line is that line's error envelope). A CSV header on stdin is checked only
+    when it is read.
+    """
+    formats = [detect_format(path, override) for path in paths]
+    if "ids" not in formats:
+        # JSONL and CSV records carry their own event type and body: a flag that would
+        # apply to none of them is a mistake to say, not a setting to drop silently.
+        for flag, value in (("--event-type", options.event_type), ("--body", options.body)):
+            if value is not None:
+                raise InputError(
+                    f"{flag} applies only to id lists (.txt, .ids, .lst or --format ids); "
+                    f"the records of {', '.join(paths)} carry their own event_type and body"
+                )
+    for path, fmt in zip(paths, formats, strict=True):
+        name = STDIN_NAME if path == "-" else path
+        if fmt == "ids":
+            _check_id_list_options(name, options)
+        if path == "-":
+            continue
+        if os.path.isdir(path):
+            raise InputError(f"{path}: is a folder, not an input file")
+        try:
+            with open(path, "rb") as stream:
+                if fmt == "csv":
+                    _check_csv_header(stream, name, options)
+        except OSError as e:
+            raise InputError(f"{path}: cannot open: {e.strerror or e}") from None
+
+
+def _check_csv_header(stream: BinaryIO, name: str, options: ReadOptions) -> None:
+    keys = KeyDeriver()
+    try:
+        feed = _CsvFeed(_lines(stream, name, options.max_line_bytes), options.max_line_bytes)
+        csv.field_size_limit(max(csv.field_size_limit(), options.max_line_bytes))
+        _Reader(name, options, keys)._csv_header(csv.reader(feed, strict=False), feed)
+    finally:
+        keys.close()
+
+
+def _check_id_list_options(name: str, options: ReadOptions) -> None:
+    if options.event_type is None:
+        raise InputError(f"{name}: an id list needs --event-type (the event sent to every id)")
+    if options.workflow is None:
+        raise InputError(f"{name}: an id list needs --workflow (the workflow of every id)")
 
 
 def detect_format(path: str, override: str | None) -> Format:
@@ -135,6 +206,7 @@ class ReadOptions:
     event_type: str | None = None  # ids format only: the event type for every id
     body: bytes | None = None  # ids format only: JSON-encoded body for every id
     strict_ids: bool = True  # False = --no-validate-ids: instance ids keep only length rules
+    extra_fields: bool = False  # True = --allow-extra-fields: unknown fields are ignored
     batch_size: int = 1000
     max_line_bytes: int = MAX_LINE_BYTES
 
@@ -182,10 +254,7 @@ def read_batches(
         raise InputError(f"{path}: unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     name = STDIN_NAME if path == "-" else path
     if fmt == "ids":
-        if options.event_type is None:
-            raise InputError(f"{name}: --event-type is required for an id list")
-        if options.workflow is None:
-            raise InputError(f"{name}: --workflow is required for an id list")
+        _check_id_list_options(name, options)
     if path == "-":
         return _batches(
             stdin if stdin is not None else sys.stdin.buffer, False, name, fmt, options, keys
@@ -334,7 +403,16 @@ def _missing(field: str) -> RuleViolation:
 class _Reader:
     """Turns the lines of one input into records; holds what is fixed for the whole input."""
 
-    __slots__ = ("_body", "_event_type", "_keys", "_limit", "_name", "_strict", "_workflow")
+    __slots__ = (
+        "_body",
+        "_event_type",
+        "_extra",
+        "_keys",
+        "_limit",
+        "_name",
+        "_strict",
+        "_workflow",
+    )
 
     def __init__(self, name: str, options: ReadOptions, keys: KeyDeriver) -> None:
         self._name = name
@@ -344,6 +422,7 @@ class _Reader:
         self._event_type = options.event_type
         self._body = options.body
         self._limit = options.max_line_bytes
+        self._extra = options.extra_fields
 
     def _event(
         self,
@@ -439,6 +518,8 @@ class _Reader:
             workflow = self._workflow
         try:
             explicit_id = _explicit_id(explicit)
+            if not self._extra and not _FIELDS.issuperset(obj):
+                raise RuleViolation("unknown_field", _unknown_field_message(set(obj) - _FIELDS))
             if instance_id is _ABSENT:
                 raise _missing("instance_id")
             if event_type is _ABSENT:
@@ -595,6 +676,11 @@ class _Reader:
                     f"{self._name}: the CSV header has no {column} column"
                     f" (it has: {', '.join(header)})"
                 )
+        if not self._extra and not _FIELDS.issuperset(header):
+            raise InputError(
+                f"{self._name}: the CSV header has "
+                + _unknown_field_message(set(header) - _FIELDS).replace("field", "column", 1)
+            )
         repeated = sorted({column for column in header if header.count(column) > 1})
         if repeated:
             raise InputError(f"{self._name}: the CSV header repeats {', '.join(repeated)}")

@@ -2,7 +2,7 @@
 
 ``.png`` is drawn with matplotlib (Agg backend, no display needed), ``.html`` with plotly
 (one self-contained file with plotly.js inside, so it opens offline, zooms and hovers).
-Both are the optional ``plot`` extra: ``pip install 'dispatcher[plot]'``; without it
+Both are the optional ``plot`` extra: ``pip install 'cf-workflows-dispatcher[plot]'``; without it
 :class:`PlotUnavailable` says so, and the commands check that before doing any work.
 
 The three panels share one time axis, seconds since the run's start:
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from dispatcher.model import Envelope
+from dispatcher.model import Envelope, UserError
 from dispatcher.report.summary import Report, choose_bucket
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ __all__ = [
 # beyond it a PNG is a solid smear and an HTML page gets slow to open.
 MAX_POINTS: Final = 100_000
 _MAX_TIME_BUCKETS: Final = 300
-INSTALL_HINT: Final = "pip install 'dispatcher[plot]'"
+INSTALL_HINT: Final = "pip install 'cf-workflows-dispatcher[plot]'"
 
 # Outcome categories, in stacking order.
 OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER = 0, 1, 2, 3
@@ -58,7 +58,7 @@ _LEGEND: Final[dict[str, Any]] = {
 }
 
 
-class PlotUnavailable(Exception):
+class PlotUnavailable(UserError):
     """The plotting library for this file type is not installed."""
 
 
@@ -256,8 +256,13 @@ def _headline(report: Report, overlay: LoadOverlay | None, points: Points) -> st
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:,.1f} ms"
 
+    # Every request, retries included (the envelopes' per-attempt statuses), not one per
+    # record: a run that retried 482 faults made 10,482 requests for 10,000 records.
+    requests = sum(report.requests.values()) if report.requests else report.attempts.total
+    retried = requests - report.sent
     parts = [
-        f"{report.sent:,} requests",
+        f"{report.sent:,} records sent, {requests:,} requests"
+        + (f" ({retried:,} retries)" if retried > 0 else ""),
         f"{report.confirmed:,} confirmed ({report.confirmed / report.records:.1%})"
         if report.records
         else "no records",

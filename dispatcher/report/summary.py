@@ -31,7 +31,7 @@ import operator
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -271,6 +271,14 @@ class Report:
     slowest: tuple[RecordRow, ...]
     failed_first: tuple[RecordRow, ...]
     notes: tuple[str, ...] = ()
+    # Every request, not only each record's last: attempt outcome ("200", "429", "503",
+    # "timeout", "connection"...) -> requests, from the envelopes' ``statuses``; for
+    # envelopes without it, the final status plus "earlier (not recorded)" for retries.
+    requests: dict[str, int] = field(default_factory=dict)
+    # The last attempt's latency, split: a 429 answers in a fraction of a millisecond and
+    # would pull the percentiles of real answers down.
+    latency_accepted: LatencySummary = field(default_factory=lambda: LatencySummary(count=0))
+    latency_rejected: LatencySummary = field(default_factory=lambda: LatencySummary(count=0))
 
     @property
     def failed(self) -> int:
@@ -341,6 +349,9 @@ class Report:
                 "distribution": {str(k): v for k, v in self.attempts.distribution.items()},
             },
             "latency_ms": self.latency.as_dict(),
+            "latency_accepted_ms": self.latency_accepted.as_dict(),
+            "latency_rejected_ms": self.latency_rejected.as_dict(),
+            "requests": self.requests,
             "elapsed_ms": self.elapsed.as_dict(),
             "start": _iso(self.start),
             "end": _iso(self.end),
@@ -386,6 +397,25 @@ def choose_bucket(seconds: float, max_buckets: int = MAX_BUCKETS) -> int:
 
 # --- building ----------------------------------------------------------------------------
 
+EARLIER: Final = "earlier (not recorded)"
+"""The outcome of retries in envelopes written before they carried ``statuses``."""
+
+
+def _statuses_of(env: Envelope) -> dict[str, int] | None:
+    """The envelope's per-attempt outcome counts (``statuses``), when it has them."""
+    raw = getattr(env, "statuses", None)
+    if not isinstance(raw, dict) or not raw:
+        return None
+    out: dict[str, int] = {}
+    for outcome, n in raw.items():
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            out[str(outcome)] = n
+    return out or None
+
+
+def _no_answer(env: Envelope) -> str:
+    return env.error.kind.value if env.error is not None else "none"
+
 
 class _RunAcc:
     __slots__ = ("confirmed", "end", "path", "records", "start")
@@ -420,6 +450,9 @@ class ReportBuilder:
         self._cf_codes: Counter[int] = Counter()
         self._attempts: Counter[int] = Counter()
         self._latency = LatencyHistogram()
+        self._latency_ok = LatencyHistogram()
+        self._latency_rejected = LatencyHistogram()
+        self._requests: Counter[str] = Counter()
         self._elapsed = LatencyHistogram()
         # Whole seconds since _origin (the first envelope's start) -> counters: one entry
         # per second of the run, however many records finish in it.
@@ -462,6 +495,10 @@ class ReportBuilder:
         self._attempts[env.attempts] += 1
         if env.latency_ms is not None:
             self._latency.record(env.latency_ms)
+            if env.status is not None:
+                split = self._latency_ok if 200 <= env.status < 300 else self._latency_rejected
+                split.record(env.latency_ms)
+        rate_limited_requests = self._count_requests(env)
         if env.attempts > 0:
             self._elapsed.record(env.elapsed_ms)
 
@@ -477,8 +514,7 @@ class ReportBuilder:
             counts[_C] += 1
         else:
             counts[_F] += 1
-        if env.status == 429:
-            counts[_RL] += 1
+        counts[_RL] += rate_limited_requests
 
         self._order += 1
         if self._top:
@@ -490,6 +526,22 @@ class ReportBuilder:
                     heapq.heapreplace(self._slowest, item)
             if not ok and len(self._failed) < self._top:
                 self._failed.append(RecordRow.of(env))
+
+    def _count_requests(self, env: Envelope) -> int:
+        """Count every request of ``env`` by outcome; return how many were answered 429."""
+        statuses = _statuses_of(env)
+        if statuses is not None:
+            for outcome, n in statuses.items():
+                self._requests[outcome] += n
+            return statuses.get("429", 0)
+        if env.attempts <= 0:
+            return 0
+        # Older envelopes hold only the last answer; the retries before it are unknown.
+        last = str(env.status) if env.status is not None else _no_answer(env)
+        self._requests[last] += 1
+        if env.attempts > 1:
+            self._requests[EARLIER] += env.attempts - 1
+        return 1 if env.status == 429 else 0
 
     def add_all(self, envs: Iterable[Envelope]) -> None:
         for env in envs:
@@ -527,6 +579,9 @@ class ReportBuilder:
                 distribution=dict(sorted(attempts.items())),
             ),
             latency=self._latency.summary(),
+            latency_accepted=self._latency_ok.summary(),
+            latency_rejected=self._latency_rejected.summary(),
+            requests=_by_count(self._requests),
             elapsed=self._elapsed.summary(),
             start=start,
             end=end,
@@ -754,8 +809,14 @@ def _text(r: Report) -> str:
         f"  attempts   {a.total:,} requests, {a.retries:,} retries, "
         f"{a.records_retried:,} records retried",
         f"             per record: {_counts(a.distribution)}",
+        f"  requests   {_counts(r.requests)}",
+        "             (every attempt, by outcome)",
         f"  latency    {_latency_line(r.latency)}",
         "             (last attempt of each record)",
+        f"  accepted   {_latency_line(r.latency_accepted)}",
+        "             (last attempt answered 2xx)",
+        f"  rejected   {_latency_line(r.latency_rejected)}",
+        "             (last attempt answered 429, 4xx or 5xx: often far quicker)",
         f"  elapsed    {_latency_line(r.elapsed)}",
         "             (all attempts and waits of each record)",
         f"  span       {_span(r)}",
@@ -832,6 +893,7 @@ def _markdown(r: Report) -> str:
             ["error", _counts(r.errors)],
             ["Cloudflare code", _counts(r.cf_codes)],
             ["attempts per record", _counts(a.distribution)],
+            ["every request, by outcome", _counts(r.requests)],
         ],
     )
     out += ["", "## Latency (ms)", ""]
@@ -843,7 +905,12 @@ def _markdown(r: Report) -> str:
                 "-" if v is None else f"{v:,.1f}"
                 for v in (s.p50_ms, s.p90_ms, s.p95_ms, s.p99_ms, s.max_ms, s.mean_ms)
             ]
-            for name, s in (("last attempt", r.latency), ("all attempts", r.elapsed))
+            for name, s in (
+                ("last attempt", r.latency),
+                ("last attempt, accepted (2xx)", r.latency_accepted),
+                ("last attempt, rejected (429, 4xx, 5xx)", r.latency_rejected),
+                ("all attempts", r.elapsed),
+            )
         ],
     )
     if r.throughput:

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Final
 
 import orjson
 
-from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind
+from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind, UserError
 from dispatcher.results.sqlite_sink import (
     SqliteSinkError,
     is_sqlite_path,
@@ -58,7 +58,7 @@ _MAX_TAIL: Final = 16 * 1024 * 1024
 _TAIL_CHUNK: Final = 64 * 1024
 
 
-class LedgerError(Exception):
+class LedgerError(UserError):
     """Results that cannot be trusted for resume: corrupted, or not dispatcher results.
 
     ``line`` is the 1-based line of a JSONL file where reading stopped, when there is one.

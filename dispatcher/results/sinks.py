@@ -20,8 +20,41 @@ from typing import Protocol
 import anyio
 import orjson
 
-from dispatcher.model import Envelope
+from dispatcher.model import Envelope, UserError
 from dispatcher.results.errors import ResultsWriteError
+
+
+class ResultsPathError(UserError):
+    """The results path cannot be used as asked; the message names it and what to do."""
+
+
+def check_results_path(path: str, *, resume: bool, overwrite: bool) -> None:
+    """Raise :class:`ResultsPathError` unless a run may write its results at ``path``.
+
+    Checked before anything is sent, so that a mistake costs no request and leaves no
+    empty file behind: the folder must exist and be writable, an existing file must be
+    writable, and an existing non-empty file is touched only with ``resume`` or
+    ``overwrite`` (the rule of the CLI and of :func:`dispatcher.run` alike).
+    """
+    if path == "-":
+        return
+    where = f"--results {path}"
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ResultsPathError(f"{where}: is a folder; give a file path inside it")
+    if not os.path.isdir(folder):
+        raise ResultsPathError(f"{where}: the folder {folder} does not exist; create it first")
+    if not os.path.exists(path):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ResultsPathError(f"{where}: cannot create a file in {folder}: permission denied")
+        return
+    if os.path.getsize(path) > 0 and not (resume or overwrite):
+        raise ResultsPathError(
+            f"{where} already holds results; pass --resume to continue that run, "
+            "--overwrite to replace it, or choose another --results path"
+        )
+    if not os.access(path, os.W_OK):
+        raise ResultsPathError(f"{where}: the file is read-only; cannot resume or overwrite it")
 
 
 def encode(env: Envelope) -> bytes:

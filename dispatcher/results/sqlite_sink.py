@@ -36,7 +36,7 @@ from urllib.request import pathname2url
 import anyio
 import orjson
 
-from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind
+from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind, UserError
 from dispatcher.results.errors import ResultsWriteError
 
 __all__ = [
@@ -154,7 +154,7 @@ _Row = tuple[
 ]
 
 
-class SqliteSinkError(Exception):
+class SqliteSinkError(UserError):
     """The file cannot hold dispatcher results: not SQLite, or another schema."""
 
 

@@ -14,6 +14,7 @@ secrets as empty strings):
 ``CLOUDFLARE_BASE_URL``    ``--base-url``
 ``DISPATCHER_RATE``        ``--rate``
 ``DISPATCHER_CONCURRENCY`` ``--concurrency``
+``DISPATCHER_HTTP_CLIENT`` ``--http-client``
 =========================  ====================================================
 
 The ``CLOUDFLARE_*`` names are the official SDK's, so one environment serves both.
@@ -80,6 +81,7 @@ ENV_VARS: Final = (
     "CLOUDFLARE_BASE_URL",
     "DISPATCHER_RATE",
     "DISPATCHER_CONCURRENCY",
+    "DISPATCHER_HTTP_CLIENT",
 )
 """Every environment variable `dispatcher send` reads."""
 
@@ -169,6 +171,15 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="check instance ids against the API's name pattern; --no-validate-ids lets "
         "system-generated (cron) ids through (default: check)",
+    )
+
+    source.add_argument(
+        "--allow-extra-fields",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let JSONL fields and CSV columns other than id, instance_id, event_type, "
+        "workflow and body through, ignored (default: such a line is invalid, such a CSV "
+        "header an error, so that a misspelt 'bdy' cannot send events without a body)",
     )
 
     target = parser.add_argument_group("target")
@@ -449,6 +460,7 @@ _KEYS: Final = (
     _Key(name="workflow", flag="--workflow", convert=_to_str),
     _Key(name="event_type", flag="--event-type", convert=_to_str),
     _Key(name="validate_ids", flag="--no-validate-ids", convert=_to_bool),
+    _Key(name="allow_extra_fields", flag="--allow-extra-fields", convert=_to_bool),
     _Key(name="account_id", flag="--account-id", convert=_to_str, env="CLOUDFLARE_ACCOUNT_ID"),
     _Key(name="base_url", flag="--base-url", convert=_to_str, env="CLOUDFLARE_BASE_URL"),
     _Key(name="rate", flag="--rate", convert=_to_rate, env="DISPATCHER_RATE"),

@@ -33,6 +33,7 @@ from dispatcher.clients.aiohttp_client import HttpTransport
 from dispatcher.clients.base import Transport, TransportConfig
 from dispatcher.clients.fast import FastTransport
 from dispatcher.inputs.records import KeyDeriver, ReadOptions, detect_format, read_batches
+from dispatcher.inputs.records import check_inputs as check_input_files
 from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Invalid, Record
 from dispatcher.results import envelopes
 from dispatcher.results.errors import ResultsWriteError
@@ -48,7 +49,7 @@ from dispatcher.results.ledger import (
 )
 from dispatcher.results.lock import ResultsLock
 from dispatcher.results.lock import acquire as lock_results
-from dispatcher.results.sinks import Sink, open_sink
+from dispatcher.results.sinks import Sink, check_results_path, open_sink
 from dispatcher.results.sqlite_sink import is_sqlite_path
 from dispatcher.run.settings import ConfigError, Rate, SendSettings
 from dispatcher.sending.engine import Engine, StopRules
@@ -65,7 +66,7 @@ def _now() -> datetime:
 
 
 def backend_options() -> dict[str, object]:
-    """anyio's asyncio backend options: uvloop when installed (``dispatcher[speed]``)."""
+    """anyio's asyncio backend options: uvloop when installed (the ``speed`` extra)."""
     return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
 
 
@@ -116,22 +117,17 @@ def read_options(settings: SendSettings) -> ReadOptions:
         event_type=settings.event_type,
         body=settings.body,
         strict_ids=settings.validate_ids,
+        extra_fields=settings.allow_extra_fields,
         batch_size=_BATCH,
     )
 
 
 def check_inputs(settings: SendSettings) -> None:
-    """Fail before sending anything if an input cannot be read at all (exit 2, not mid-run)."""
+    """Fail before sending anything if an input cannot be read as a whole (exit 2, not
+    mid-run): every input's format, the options an id list needs, a CSV header."""
     if not settings.inputs:
         raise ConfigError("INPUT", "give at least one input file, or - for stdin")
-    for path in settings.inputs:
-        detect_format(path, settings.format)
-        if path != "-":
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as exc:
-                raise ConfigError("INPUT", f"cannot read {path}: {exc.strerror}") from exc
+    check_input_files(settings.inputs, settings.format, read_options(settings))
 
 
 async def input_batches(
@@ -627,6 +623,9 @@ async def run(
     ``shard_acks`` (started with the journal) reports envelopes durable in the parent.
     """
     check_inputs(settings)
+    if shard is None and sink is None:
+        # The CLI's rule for the API too: earlier results are touched only when asked.
+        check_results_path(settings.results, resume=settings.resume, overwrite=settings.overwrite)
     stats = RunStats()
     lock: ResultsLock | None = None
     if shard is not None:

@@ -26,6 +26,7 @@ from dispatcher.inputs.validation import (
     MAX_WORKFLOW_LEN,
     NAME_PATTERN,
 )
+from dispatcher.model import UserError
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is missing or wrong.
 
     ``where`` names it the way the user wrote it: ``--rate``, ``CLOUDFLARE_BASE_URL`` or
@@ -387,6 +388,7 @@ class SendSettings:
     event_type: str | None = None  # the event sent to every id of an id list
     body: bytes | None = None  # JSON text, already checked, for id lists
     validate_ids: bool = True  # False lets system-generated (cron) instance ids through
+    allow_extra_fields: bool = False  # True: unknown JSONL fields / CSV columns are ignored
     account_id: str
     base_url: str = DEFAULT_BASE_URL
     credentials: Credentials
@@ -419,6 +421,7 @@ class SendSettings:
             self._check_body(self.body)
         for name in (
             "validate_ids",
+            "allow_extra_fields",
             "quiet",
             "overwrite",
             "resume",

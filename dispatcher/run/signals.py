@@ -8,14 +8,21 @@ import sys
 import anyio
 
 from dispatcher.sending.engine import Engine
+from dispatcher.sending.stats import RunStats
 
 
-async def _grace_then_stop(grace: float, hard_stop: anyio.CancelScope) -> None:
+async def _grace_then_stop(
+    grace: float, hard_stop: anyio.CancelScope, stats: RunStats, name: str
+) -> None:
     await anyio.sleep(grace)
     print(
         f"dispatcher: requests still in flight after --grace {grace:g}s: stopping now",
         file=sys.stderr,
         flush=True,
+    )
+    stats.stop_reason = (
+        f"{name}: stopped reading; requests still in flight after --grace {grace:g}s "
+        "were cut off (their delivery is unknown)"
     )
     hard_stop.cancel()
 
@@ -40,10 +47,15 @@ async def watch_signals(
                             file=sys.stderr,
                             flush=True,
                         )
-                    tg.start_soon(_grace_then_stop, grace, hard_stop)
+                    tg.start_soon(_grace_then_stop, grace, hard_stop, engine.stats, name)
                 else:
                     if announce:
                         print(f"\ndispatcher: {name} again: stopping now", file=sys.stderr)
+                    # The first signal's reason promised to finish what was in flight.
+                    engine.stats.stop_reason = (
+                        f"{name} twice: stopped at once; requests in flight were cut off "
+                        "(their delivery is unknown)"
+                    )
                     hard_stop.cancel()
                     tg.cancel_scope.cancel()
                     return

@@ -66,6 +66,11 @@ class Gate(Protocol):
     @property
     def stats(self) -> GateStats: ...
 
+    @property
+    def paused_until(self) -> float:
+        """The loop time until which every attempt is held (in the past when not paused)."""
+        ...
+
     def set_rate(self, rate: float | None) -> None: ...
 
     def pause_for(self, seconds: float) -> None:
