@@ -9,8 +9,12 @@ holding that file open, however it ends (kill -9 included), and it never goes st
 ``--processes`` workers inherit the parent's descriptor, so the results stay locked until
 the parent and every worker are gone.
 
-The holder writes its pid into the file, for the message a second run prints. The file is
-left in place when the run ends: deleting a lock file races with a run opening it.
+The holder writes its pid into the file, for the message a second run prints, and removes
+the file when it releases the lock, so a run leaves nothing behind. Removing a lock file
+races with a run that opened it just before: that run would lock a file no longer in the
+folder. So a run that gets the lock checks that the path still names the file it locked,
+and starts over when it does not (the usual flock-and-unlink protocol). After kill -9 the
+file stays, unlocked: the next run takes it over.
 
 Standard library rather than the ``filelock`` package: that one's Unix lock is this same
 ``flock`` call, and it neither records nor reports the holder's pid, which is the one
@@ -62,8 +66,14 @@ class ResultsLock:
         return self._fd
 
     def release(self) -> None:
-        """Close this process's descriptor; the lock ends when no process holds it."""
+        """Remove the lock file (still holding it) and close this process's descriptor.
+
+        Workers that inherited the descriptor are gone by the time their parent releases.
+        """
         if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                if _same_file(self._fd, self.path):
+                    os.unlink(self.path)
             os.close(self._fd)
             self._fd = -1
 
@@ -74,22 +84,35 @@ def _holder(fd: int) -> int | None:
     return None
 
 
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
 def acquire(results: str) -> ResultsLock | None:
     """Lock ``results`` for this run, or raise :class:`ResultsLocked`. None for stdout."""
     path = path_for(results)
     if path is None:
         return None
-    # O_CLOEXEC: only the workers we hand it to on purpose (pass_fds) inherit it.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = _holder(fd)
-        os.close(fd)
-        raise ResultsLocked(results, pid) from None
-    except BaseException:
-        os.close(fd)
-        raise
+    while True:
+        # O_CLOEXEC: only the workers we hand it to on purpose (pass_fds) inherit it.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _holder(fd)
+            os.close(fd)
+            raise ResultsLocked(results, pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder removed it as we opened it: lock the file there now
     with contextlib.suppress(OSError):  # the pid is for the message only
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
