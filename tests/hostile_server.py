@@ -440,10 +440,14 @@ class HostileServer:
     other_url: str = ""
     requests: list[bytes] = field(default_factory=list)
     other_requests: list[bytes] = field(default_factory=list)
+    listener: asyncio.Server | None = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: Writer) -> None:
         try:
-            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, OSError):
+            # CancelledError too: the server closing ends a handler, and asyncio 3.11 logs it.
+            with contextlib.suppress(
+                ConnectionError, asyncio.IncompleteReadError, OSError, asyncio.CancelledError
+            ):
                 while True:
                     request = await read_request(reader)
                     self.requests.append(request)
@@ -476,6 +480,7 @@ async def serve(case: Case) -> AsyncIterator[HostileServer]:
     hostile = HostileServer(case)
     main = await asyncio.start_server(hostile._serve, "127.0.0.1", 0)
     other = await asyncio.start_server(hostile._serve_other, "127.0.0.1", 0)
+    hostile.listener = main
     hostile.url = f"http://127.0.0.1:{main.sockets[0].getsockname()[1]}/client/v4"
     hostile.other_url = f"http://127.0.0.1:{other.sockets[0].getsockname()[1]}/steal"
     async with main, other:

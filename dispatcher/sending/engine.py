@@ -308,6 +308,7 @@ class Engine:
         active = _Active(event)
         history = active.history
         slot = id(active)
+        done = False
         try:
             while True:
                 if not await self._wait(None, history):
@@ -342,6 +343,7 @@ class Engine:
                 decision = self._policy.decide(outcome, history.attempts, rate_limited, self._rng)
                 if isinstance(decision, Final):
                     gave_up = ErrorKind.RATE_LIMITED if decision.reason == "rate_limited" else None
+                    done = True
                     return envelopes.for_history(
                         event,
                         history,
@@ -358,6 +360,7 @@ class Engine:
                     break
             # Stopped before its last allowed attempt: not final (resume decides by the
             # table); never attempted: no envelope, left for a later run.
+            done = True
             return envelopes.for_history(
                 event,
                 history,
@@ -366,6 +369,7 @@ class Engine:
                 stopped=self._stopped_message(in_flight=False),
             )
         finally:
-            # On a hard stop (cancellation) the record stays listed for abandoned().
-            if not active.in_flight:
+            # On a hard stop (cancellation), in flight or waiting for a retry, the record
+            # stays listed: abandoned() gives it its envelope.
+            if done:
                 self._active.pop(slot, None)
