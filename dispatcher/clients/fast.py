@@ -166,7 +166,7 @@ class _Conn(asyncio.Protocol):
         if self._waiter is None:
             # A second answer after the one we asked for: the framing is not trustworthy.
             raise _BadResponse("more bytes after the answer")
-        self._reset()
+        # request() has reset the state, and an interim answer's end resets it again.
 
     def on_status(self, status: bytes) -> None:
         self._head_size += len(status) + 13
