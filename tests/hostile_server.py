@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -375,6 +376,13 @@ CASES: tuple[Case, ...] = (
         _send(answer("200 OK", [JSON, "X-Bad: a\x00b"], SUCCESS_BODY)),
         Seen.NO_ANSWER,
         ErrorKind.PROTOCOL,
+    ),
+    Case(
+        "gzip_body_nobody_asked_for",
+        _send(answer("200 OK", [JSON, "Content-Encoding: gzip"], gzip.compress(SUCCESS_BODY))),
+        Seen.IN_DOUBT,
+        ErrorKind.HTTP,
+        why="neither client asks for compression; bytes that are not the envelope confirm nothing",
     ),
     Case(
         "bad_gateway_html_502",

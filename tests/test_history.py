@@ -145,9 +145,10 @@ async def test_stop_between_retries_leaves_records_for_a_plain_resume(tmp_path: 
                 await anyio.sleep(0.01)
             engines[0].stop("SIGINT: stopped reading")
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(stop_once_all_wait)
-            stats = await runner.run(s, policy=SLOW, engine_hook=engines.append)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stop_once_all_wait)
+                stats = await runner.run(s, policy=SLOW, engine_hook=engines.append)
     envs = [orjson.loads(line) for line in results.read_bytes().splitlines()]
     assert len(envs) == 6
     for env in envs:
@@ -174,7 +175,7 @@ async def test_cancelling_dispatch_keeps_the_envelopes_of_records_between_retrie
         s = settings(server.url, tmp_path / "r.jsonl")
         got = []
         stream = runner.dispatch(records(4), s, policy=SLOW)
-        with anyio.move_on_after(1.0):
+        with anyio.move_on_after(1.5):
             async with stream:
                 async for env in stream:
                     got.append(env)
@@ -192,12 +193,14 @@ async def test_stopping_dispatch_gracefully_yields_stopped_envelopes(tmp_path: P
         async with runner.dispatch(records(3), s, policy=SLOW) as stream:
 
             async def stop_soon() -> None:
-                await anyio.sleep(0.5)
+                while stream.stats.attempts < 3:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
                 stream.stop()
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(stop_soon)
-                got = [env async for env in stream]
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(stop_soon)
+                    got = [env async for env in stream]
     assert sorted(e.key for e in got) == ["k0", "k1", "k2"]
     assert {(e.delivery, e.error.kind if e.error else None) for e in got} == {
         (Delivery.REJECTED, ErrorKind.STOPPED)
