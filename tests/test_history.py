@@ -45,8 +45,9 @@ def settings(url: str, results: Path, inputs: tuple[str, ...] = (), **kw: Any) -
         "concurrency": 4,
         "results": str(results),
         "quiet": True,
-        "timeout": 0.5,
-        "connect_timeout": 0.5,
+        # Long enough that a loaded machine does not turn an answer into a timeout.
+        "timeout": 5.0,
+        "connect_timeout": 5.0,
     }
     base.update(kw)
     return SendSettings(**base)
@@ -94,7 +95,7 @@ SLOW = RetryPolicy(max_attempts=5, base_delay=60.0, max_delay=60.0)
 async def test_a_timeout_then_refused_connections_is_unknown(client: str, tmp_path: Path) -> None:
     # The first POST arrived and timed out; the retries were refused. It may have arrived.
     async with serve(scripted("hang+close")) as server:
-        s = settings(server.url, tmp_path / "r.jsonl", http_client=client)
+        s = settings(server.url, tmp_path / "r.jsonl", http_client=client, timeout=0.5)
         got = [env async for env in runner.dispatch(records(1), s, policy=FAST)]
     (env,) = got
     assert (env.ok, env.delivery, env.attempts) == (False, Delivery.UNKNOWN, 3)
@@ -175,10 +176,19 @@ async def test_cancelling_dispatch_keeps_the_envelopes_of_records_between_retrie
         s = settings(server.url, tmp_path / "r.jsonl")
         got = []
         stream = runner.dispatch(records(4), s, policy=SLOW)
-        with anyio.move_on_after(1.5):
-            async with stream:
-                async for env in stream:
-                    got.append(env)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+
+                async def cancel_once_all_wait() -> None:
+                    stats = stream.stats
+                    while stats.attempts < 4 or stats.in_flight:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                    tg.cancel_scope.cancel()  # cancels the loop below, as a caller's would
+
+                tg.start_soon(cancel_once_all_wait)
+                async with stream:
+                    async for env in stream:
+                        got.append(env)
     assert got == []  # every record was waiting for its retry
     assert sorted(e.key for e in stream.abandoned) == ["k0", "k1", "k2", "k3"]
     for env in stream.abandoned:
