@@ -167,3 +167,13 @@ def test_a_503_retry_after_sets_the_records_earliest_retry() -> None:
     headers = CIMultiDict({"Retry-After": "3600"})
     decision = policy.decide(outcome_from_response(503, b"", headers, 0.0), 1, 0, lambda: 0.0)
     assert decision == Retry(delay=20.0, pause_all=False)
+
+
+def test_no_part_of_a_secret_survives_whitespace_and_cuts() -> None:
+    token = "S3cr3t-" + "x" * 30
+    redact = Redactor({"Authorization": f"Bearer {token}"})
+    body = (b" \n" * 700) + f"echo: Bearer {token} end".encode()
+    outcome = outcome_from_response(401, body, CIMultiDict(), 0.0, redact)
+    assert outcome.message is not None
+    assert "S3cr3t" not in outcome.message
+    assert outcome.message == "echo: <redacted> end"

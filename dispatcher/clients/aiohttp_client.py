@@ -99,6 +99,10 @@ class HttpTransport:
             max_headers=MAX_HEADERS,
             # No cookie ever goes back to a server: the endpoint sets none worth keeping.
             cookie_jar=aiohttp.DummyCookieJar(),
+            # Ask for no compression and decode none, as the fast client: an answer is a
+            # few hundred bytes, and both clients must read the same bytes the same way.
+            skip_auto_headers=("Accept-Encoding",),
+            auto_decompress=False,
         )
 
     async def __aenter__(self) -> Self:

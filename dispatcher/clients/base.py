@@ -105,8 +105,10 @@ def _error_from_body(raw: bytes) -> tuple[bool, int | None, str | None]:
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        text = raw[: _MAX_MESSAGE_CHARS * 4].decode("utf-8", "replace").strip()
-        return False, None, " ".join(text.split()) or None
+        # All of it (a body is at most MAX_BODY): a cut made before redaction could leave
+        # the head of a secret behind.
+        text = raw.decode("utf-8", "replace").strip()
+        return False, None, text or None
     if type(doc) is not dict:
         return False, None, None
     refused = doc.get("success") is False
@@ -166,11 +168,12 @@ def short(text: str) -> str:
 
 def describe(exc: BaseException, redact: Redactor) -> str:
     """An exception as one line of text, credentials cut out."""
-    text = " ".join(str(exc).split())
+    # Redact before anything reshapes the text (a secret may hold odd whitespace).
+    text = " ".join(redact(str(exc)).split())
     name = type(exc).__name__
     if not name.startswith("_"):  # our own private kinds say it all in their text
         text = f"{name}: {text}" if text else name
-    return short(redact(text))
+    return short(text)
 
 
 def failure(
@@ -237,7 +240,7 @@ def outcome_from_response(
         latency_s=latency_s,
         error_kind=ErrorKind.HTTP,
         cf_code=code,
-        message=short(redact(message)),
+        message=short(" ".join(redact(message).split())),
         retry_after=(
             parse_retry_after(headers.get("Retry-After")) if status in (429, 503) else None
         ),

@@ -2,12 +2,14 @@
 
 The aiohttp transport spends most of a request's CPU in generic machinery this job never
 uses (cookie jars, redirects, tracing, per-request tasks and stream readers). Here every
-connection is one small :class:`asyncio.Protocol` that parses the answer as it arrives and
-resolves one future; the request head is a template built once per run in which only the
-path and ``Content-Length`` change. Failures map to the same
-:class:`~dispatcher.model.ErrorKind` values, with the same ``sent`` rule, as
-:class:`~dispatcher.clients.aiohttp_client.HttpTransport`, and answers go through the same
-:func:`~dispatcher.clients.base.outcome_from_response`.
+connection is one small :class:`asyncio.Protocol` whose answer llhttp (through
+``httptools``, strict) parses as it arrives, resolving one future; the request head is a
+template built once per run in which only the path and ``Content-Length`` change. Failures
+map to the same :class:`~dispatcher.model.ErrorKind` values, with the same ``sent`` rule,
+as :class:`~dispatcher.clients.aiohttp_client.HttpTransport`, answers go through the same
+:func:`~dispatcher.clients.base.outcome_from_response`, and both apply the same size caps
+(``tests/test_hostile.py`` checks that the two agree on every hostile answer). No redirect
+is followed: a 3xx is the final answer.
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ class _Conn(asyncio.Protocol):
         if self._waiter is None:
             # A second answer after the one we asked for: the framing is not trustworthy.
             raise _BadResponse("more bytes after the answer")
-        self._reset()
+        # request() has reset the state, and an interim answer's end resets it again.
 
     def on_status(self, status: bytes) -> None:
         self._head_size += len(status) + 13

@@ -221,8 +221,15 @@ class Dispatch:
         policy: RetryPolicy | None,
     ) -> None:
         self.abandoned: list[Envelope] = []
-        self._engine: Engine | None = None
-        self._gen = self._run(records, settings, transport, policy)
+        own = transport is None
+        tx: Transport = transport_for(settings) if transport is None else transport
+        self._engine = engine_for(settings, tx, policy=policy)
+        self._gen = self._run(records, settings, tx, own)
+
+    @property
+    def stats(self) -> RunStats:
+        """The run's statistics so far (attempts, retries, confirmed...)."""
+        return self._engine.stats
 
     def __aiter__(self) -> Dispatch:
         return self
@@ -240,19 +247,16 @@ class Dispatch:
         await self._gen.aclose()
 
     def stop(self, reason: str = "the caller asked to stop") -> None:
-        if self._engine is not None:
-            self._engine.stop(reason)
+        self._engine.stop(reason)
 
     async def _run(
         self,
         records: Iterable[Record] | AsyncIterable[Record],
         settings: SendSettings,
-        transport: Transport | None,
-        policy: RetryPolicy | None,
+        tx: Transport,
+        own: bool,
     ) -> AsyncGenerator[Envelope, None]:
-        own = transport is None
-        tx: Transport = transport_for(settings) if transport is None else transport
-        engine = self._engine = engine_for(settings, tx, policy=policy)
+        engine = self._engine
         send, receive = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)
         try:
             async with anyio.create_task_group() as tg:

@@ -327,6 +327,7 @@ class Engine:
         active = _Active(event)
         history = active.history
         slot = id(active)
+        done = False
         try:
             while True:
                 if not await self._wait(None, history):
@@ -368,6 +369,7 @@ class Engine:
                     gave_up = ErrorKind.RATE_LIMITED if decision.reason == "rate_limited" else None
                     if gave_up is not None:
                         self._check_lockout(outcome)
+                    done = True
                     return envelopes.for_history(
                         event,
                         history,
@@ -384,6 +386,7 @@ class Engine:
                     break
             # Stopped before its last allowed attempt: not final (resume decides by the
             # table); never attempted: no envelope, left for a later run.
+            done = True
             return envelopes.for_history(
                 event,
                 history,
@@ -392,6 +395,7 @@ class Engine:
                 stopped=self._stopped_message(in_flight=False),
             )
         finally:
-            # On a hard stop (cancellation) the record stays listed for abandoned().
-            if not active.in_flight:
+            # On a hard stop (cancellation), in flight or waiting for a retry, the record
+            # stays listed: abandoned() gives it its envelope.
+            if done:
                 self._active.pop(slot, None)
