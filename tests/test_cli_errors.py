@@ -45,6 +45,9 @@ def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+LOAD = ["load", "--workflow", "wf", "--event-type", "e", "--instance-prefix", "i"]
+LOAD += ["--instance-count", "2", "--rate", "5/s"]
+
 CASES: list[tuple[list[str], str]] = [
     (["send", "ids.txt", "--workflow", "wf"], "ids.txt: an id list needs --event-type"),
     (["send", "headless.csv"], "headless.csv: the CSV header has no instance_id column"),
@@ -68,7 +71,16 @@ CASES: list[tuple[list[str], str]] = [
     (["report", "good.jsonl", "--topp", "3"], "did you mean --top"),
     (["load", "--workflow", "wf", "--event-type", "e"], "instance"),
     (["load", "--workflow", "wf", "--event-type", "e", "--instances", "no.txt", "--rate", "1"], ""),
+    (
+        [*LOAD, "--results", "nodir/x.jsonl"],
+        "nodir/x.jsonl: the folder",
+    ),
+    (
+        [*LOAD, "--results", "earlier.jsonl"],
+        "pass --overwrite to replace it",
+    ),
     (["demo", "--events", "0"], "--events must be at least 1"),
+    (["sen", "x"], "did you mean send?"),
     (["emulate", "--fault", "nonsense"], "nonsense"),
     (["nosuchcommand"], "invalid choice"),
     ([], "required"),

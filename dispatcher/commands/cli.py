@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (?P<args>.*)")
+_INVALID_CHOICE = re.compile(r"argument COMMAND: invalid choice: '(?P<value>[^']*)'")
 
 
 class Parser(argparse.ArgumentParser):
@@ -66,6 +67,11 @@ class Parser(argparse.ArgumentParser):
         return flags
 
     def error(self, message: str) -> NoReturn:
+        choice = _INVALID_CHOICE.search(message)
+        if choice is not None:
+            close = difflib.get_close_matches(choice["value"], list(COMMANDS), n=1)
+            if close:
+                message = f"{message}; did you mean {close[0]}?"
         match = _UNRECOGNIZED.search(message)
         if match is not None:
             known = sorted(set(self.known_flags()))
@@ -123,6 +129,15 @@ def user_error(exc: BaseException) -> UserError | None:
     return None
 
 
+def _file_error(exc: BaseException) -> OSError | None:
+    """An error opening a file the user named, also inside a task group's group."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return exc
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _file_error(exc.exceptions[0])
+    return None
+
+
 def _stdout_gone() -> int:
     # Further writes (and the interpreter's last flush) must not raise again.
     try:
@@ -151,10 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (UserError, BaseExceptionGroup) as exc:
         found = user_error(exc)
-        if found is None:
+        if found is not None:
+            print(f"{prog}: error: {found}", file=sys.stderr)
+            return found.exit_code
+        named = _file_error(exc)
+        if named is None:
             raise
-        print(f"{prog}: error: {found}", file=sys.stderr)
-        return found.exit_code
+        print(f"{prog}: error: {named.filename}: {named.strerror or named}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         # A file the user named cannot be read or written (a --plot path in a missing
         # folder, a full disk): their problem to fix, said in one line.

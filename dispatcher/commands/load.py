@@ -19,6 +19,7 @@ from dispatcher.inputs.records import InputError, KeyDeriver, ReadOptions, read_
 from dispatcher.inputs.validation import MAX_BODY_BYTES, RuleViolation, check_path
 from dispatcher.model import Invalid
 from dispatcher.report.summary import Threshold, format_metric, parse_threshold, render
+from dispatcher.results.sinks import check_results_path
 from dispatcher.run.config import add_send_arguments, load_send_settings
 from dispatcher.run.loadtest import (
     DEFAULT_CONCURRENCY,
@@ -378,10 +379,6 @@ def _load_dict(result: LoadResult, settings: LoadSettings) -> dict[str, object]:
     }
 
 
-def _results_in_the_way(path: str) -> bool:
-    return path != "-" and os.path.exists(path) and os.path.getsize(path) > 0
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args, os.environ)
@@ -395,13 +392,11 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, _Usage) as exc:
         print(f"dispatcher load: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if not settings.overwrite and _results_in_the_way(settings.results):
-        print(
-            f"dispatcher load: error: --results {settings.results} already holds results; "
-            "pass --overwrite to replace it or choose another path",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
+    # Folder missing, read-only, or earlier results without --overwrite: one line, exit 2
+    # (commands.cli.main prints it), before a single arrival.
+    check_results_path(
+        settings.results, resume=False, overwrite=settings.overwrite, can_resume=False
+    )
     quiet = bool(args.quiet)
     if not quiet:
         print(

@@ -28,13 +28,16 @@ class ResultsPathError(UserError):
     """The results path cannot be used as asked; the message names it and what to do."""
 
 
-def check_results_path(path: str, *, resume: bool, overwrite: bool) -> None:
+def check_results_path(
+    path: str, *, resume: bool, overwrite: bool, can_resume: bool = True
+) -> None:
     """Raise :class:`ResultsPathError` unless a run may write its results at ``path``.
 
     Checked before anything is sent, so that a mistake costs no request and leaves no
     empty file behind: the folder must exist and be writable, an existing file must be
     writable, and an existing non-empty file is touched only with ``resume`` or
     ``overwrite`` (the rule of the CLI and of :func:`dispatcher.run` alike).
+    ``can_resume=False`` (``load``) leaves ``--resume`` out of the advice.
     """
     if path == "-":
         return
@@ -49,9 +52,10 @@ def check_results_path(path: str, *, resume: bool, overwrite: bool) -> None:
             raise ResultsPathError(f"{where}: cannot create a file in {folder}: permission denied")
         return
     if os.path.getsize(path) > 0 and not (resume or overwrite):
+        options = "--resume to continue that run, --overwrite" if can_resume else "--overwrite"
         raise ResultsPathError(
-            f"{where} already holds results; pass --resume to continue that run, "
-            "--overwrite to replace it, or choose another --results path"
+            f"{where} already holds results; pass {options} to replace it, "
+            "or choose another --results path"
         )
     if not os.access(path, os.W_OK):
         raise ResultsPathError(f"{where}: the file is read-only; cannot resume or overwrite it")
