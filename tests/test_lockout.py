@@ -51,6 +51,7 @@ async def spend_the_budget(emu: Emulator) -> int:
             async with session.post(url, json={}, headers=headers) as resp:
                 if resp.status == 429:
                     return n
+    raise AssertionError("unreachable")
 
 
 async def test_a_lockout_longer_than_max_retry_wait_stops_the_run(tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -11,7 +14,7 @@ from dispatcher.emulator import Emulator, EmulatorConfig, Limit
 from dispatcher.model import ErrorKind, Outcome, RateLimitInfo
 from dispatcher.run import runner
 from dispatcher.run.settings import Credentials, SendSettings, parse_rate
-from dispatcher.sending.pacing import AUTO_START, SAFETY, Pacer
+from dispatcher.sending.pacing import AUTO_START, BACKOFF, CLOSE, INTERVAL, SAFETY, Pacer
 
 
 class FakeGate:
@@ -43,6 +46,8 @@ def answer(
     t: float | None = None,
     q: int | None = None,
     w: float | None = None,
+    retry_after: float | None = None,
+    latency: float = 0.01,
 ) -> Outcome:
     info = None
     if any(v is not None for v in (r, t, q, w)):
@@ -52,9 +57,96 @@ def answer(
         status=status,
         ok=ok,
         sent=True,
-        latency_s=0.01,
+        latency_s=latency,
         error_kind=None if ok else ErrorKind.HTTP,
+        retry_after=retry_after,
         ratelimit=info,
+    )
+
+
+@dataclass
+class SimRun:
+    wall: float
+    attempts: int
+    refused: int
+    accepted: list[float]
+    found: float | None
+
+
+class SimGate:
+    """A perfect pacer's gate on simulated time: the rate and pause-until, nothing else."""
+
+    def __init__(self) -> None:
+        self.rate: float | None = None
+        self.paused_until = -math.inf
+        self.now = 0.0
+
+    def set_rate(self, rate: float | None) -> None:
+        self.rate = rate
+
+    def pause_for(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, self.now + seconds)
+
+
+def simulate(
+    limit: float,
+    records: int,
+    *,
+    burst: int = 5,
+    delay: bool = False,
+    rtt: float = 0.002,
+    retry_after: float = 1.0,
+    remembered: float | None = None,
+) -> SimRun:
+    """Send ``records`` with ``--rate auto`` through nginx's ``limit_req`` (a GCRA of
+    ``limit``/s with ``burst``; refused requests answer 429 with ``Retry-After``, and with
+    ``delay`` the ones within the burst wait for their turn instead of passing at once).
+    Every 429 pauses the run, as the engine does; the refused record is sent again."""
+    gate = SimGate()
+    pacer = Pacer(gate, None, auto=True, clock=lambda: gate.now, remembered=remembered)
+    tat = 0.0  # the limiter's theoretical arrival time
+    pending, attempts, refused, in_flight, seq = records, 0, 0, 0, 0
+    accepted: list[float] = []
+    answers: list[tuple[float, int, bool, float]] = []  # (when, seq, ok, sent at)
+    next_send = now = 0.0
+    while len(accepted) < records:
+        send_at = max(next_send, gate.paused_until) if pending else math.inf
+        if answers and answers[0][0] <= send_at:
+            now, _, ok, sent_at = heapq.heappop(answers)
+            gate.now = now
+            in_flight -= 1
+            outcome = Outcome(
+                status=200 if ok else 429,
+                ok=ok,
+                sent=True,
+                latency_s=now - sent_at,
+                error_kind=None if ok else ErrorKind.HTTP,
+                retry_after=None if ok else retry_after,
+            )
+            pacer.observe(outcome, in_flight)
+            if ok:
+                accepted.append(now)
+            else:
+                refused += 1
+                gate.pause_for(retry_after)
+                pending += 1
+            continue
+        now = gate.now = send_at
+        pending -= 1
+        attempts += 1
+        in_flight += 1
+        arrive = now + rtt / 2
+        tat = max(tat, arrive)
+        if tat - arrive > burst / limit + 1e-12:
+            ok, done = False, arrive + rtt / 2
+        else:
+            ok, done = True, (tat if delay else arrive) + rtt / 2
+            tat += 1 / limit
+        seq += 1
+        heapq.heappush(answers, (done, seq, ok, now))
+        next_send = now + (1 / gate.rate if gate.rate else 0.0)
+    return SimRun(
+        wall=now, attempts=attempts, refused=refused, accepted=accepted, found=pacer.found
     )
 
 
@@ -101,22 +193,91 @@ def test_spent_budget_pauses_the_run_until_reset() -> None:
     assert gate.pauses == [40]
 
 
-def test_auto_slow_start_doubles_then_halves_on_429() -> None:
+def test_auto_slow_start_doubles_after_a_few_clean_answers() -> None:
     gate, clock = FakeGate(), Clock()
     pacer = Pacer(gate, None, auto=True, clock=clock)
     assert gate.rate == AUTO_START
-    for expected in (2.0, 4.0, 8.0):
-        clock.now += 1.0
-        pacer.observe(answer(), in_flight=1)
-        assert gate.rate == pytest.approx(expected)
-    pacer.observe(answer(429), in_flight=1)
-    assert gate.rate == pytest.approx(4.0)
-    # After the 429: one quiet interval, then additive increase, not doubling.
-    clock.now += 1.0
-    pacer.observe(answer(), in_flight=1)
-    clock.now += 1.0
-    pacer.observe(answer(), in_flight=1)
-    assert 4.0 < gate.rate < 5.0
+    rates = []
+    for _ in range(12):
+        clock.now += 0.1
+        pacer.observe(answer(), in_flight=0)
+        rates.append(gate.rate)
+    # 3 answers and at least 0.1 s per doubling: 4 doublings in 1.2 s.
+    assert rates[-1] == pytest.approx(AUTO_START * 2**4)
+    assert rates[1] == AUTO_START
+
+
+def test_one_episode_of_many_429s_is_one_decrease() -> None:
+    gate, clock = FakeGate(), Clock()
+    pacer = Pacer(gate, None, auto=True, clock=clock, remembered=64 / (1 - CLOSE))
+    assert gate.rate == pytest.approx(64.0)
+    # 32 requests were in flight when the limiter started refusing: all 32 come back 429
+    # over the next 20 ms, each sent before the first of them was answered.
+    for k in range(32):
+        clock.now += 0.000625
+        pacer.observe(answer(429, retry_after=1.0, latency=0.05), in_flight=31 - k)
+    assert gate.rate == pytest.approx(64.0 * BACKOFF)
+    # A 429 for a request sent after that decrease is news: a second episode.
+    clock.now += 1.5
+    pacer.observe(answer(429, retry_after=1.0, latency=0.01), in_flight=0)
+    assert (gate.rate or 0.0) < 64.0 * BACKOFF
+
+
+def test_recovers_within_seconds_after_one_episode() -> None:
+    gate, clock = FakeGate(), Clock()
+    pacer = Pacer(gate, None, auto=True, clock=clock, remembered=100.0)
+    before = gate.rate
+    assert before is not None
+    # Others spent the budget for a moment: one 429, then clean answers at the pace.
+    pacer.observe(answer(429, retry_after=1.0, latency=0.01), in_flight=0)
+    assert (gate.rate or 0.0) < before
+    recovered_at = None
+    for k in range(1, 2000):
+        clock.now += 0.01
+        pacer.observe(answer(), in_flight=0)
+        if recovered_at is None and (gate.rate or 0.0) >= 0.97 * before:
+            recovered_at = k * 0.01
+    # Back to 97% of the rate before in a few seconds of clean answers (it took 45 s when
+    # each 429 of one lockout halved the rate again).
+    assert recovered_at is not None
+    assert recovered_at <= 1 + 3 * INTERVAL + 0.1  # the Retry-After, then three steps
+
+
+@pytest.mark.parametrize("delay", [False, True], ids=["nodelay", "delay"])
+@pytest.mark.parametrize("limit", [5, 20, 200, 500])
+def test_auto_converges_to_an_unannounced_limit(limit: int, delay: bool) -> None:
+    run = simulate(limit, limit * 30, delay=delay)
+    # At 5/s a burst of 5 is a whole second of traffic, hiding how far slow start went
+    # past the limit: each halving back down costs a 429 (3% of 150 attempts).
+    assert run.refused <= (5 if limit == 5 else 0.02 * run.attempts)
+    # After the search (10 s), goodput close to the limit.
+    late = [t for t in run.accepted if t >= 10.0]
+    goodput = (len(late) - 1) / (late[-1] - late[0])
+    assert goodput >= 0.93 * limit
+    assert run.found is not None
+    assert 0.9 * limit <= run.found <= 1.05 * limit
+
+
+@pytest.mark.parametrize("limit", [20, 200, 500])
+def test_a_remembered_ceiling_skips_the_search(limit: int) -> None:
+    first = simulate(limit, limit * 12)
+    second = simulate(limit, limit * 12, remembered=first.found)
+    assert second.refused == 0
+    assert limit * 12 / second.wall >= 0.93 * limit
+    assert second.wall < first.wall
+
+
+def test_spent_short_window_pauses_to_its_end_not_a_whole_second() -> None:
+    gate, clock = FakeGate(), Clock()
+    Pacer(gate, 19.0, auto=False, clock=clock)
+    pacer = Pacer(gate, 19.0, auto=False, clock=clock)
+    pacer.observe(answer(r=19, t=1, q=20, w=1), in_flight=0)  # the window's first request
+    for r in range(18, -1, -1):
+        clock.now += 0.05
+        pacer.observe(answer(r=r, t=1, q=20, w=1), in_flight=0)
+    # The 20th answer, 0.95 s in, says nothing is left; "t=1" is rounded up to whole
+    # seconds, but the window began with the first answer: 0.05 s to go, not 1 s.
+    assert gate.pauses == [pytest.approx(0.05)]
 
 
 def test_auto_follows_the_policy_header_at_once() -> None:

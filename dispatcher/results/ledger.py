@@ -40,10 +40,13 @@ __all__ = [
     "LedgerError",
     "TornTail",
     "TornTailWarning",
+    "ceiling_path",
     "envelope_from_json",
+    "load_ceiling",
     "load_ledger",
     "read_envelopes",
     "repair_jsonl_tail",
+    "save_ceiling",
 ]
 
 _READ_BUFFER: Final = 1 << 20
@@ -420,3 +423,53 @@ def repair_jsonl_tail(path: str) -> bool:
         f.flush()
         os.fsync(f.fileno())
         return not complete
+
+
+# --- the rate ceiling `--rate auto` found, remembered beside the results -----------------
+
+
+def ceiling_path(results: str) -> str | None:
+    """Where the ceilings found by ``--rate auto`` are kept: beside the results file."""
+    return None if results == "-" else f"{results}.ceiling.json"
+
+
+def _ceiling_key(base_url: str, account_id: str) -> str:
+    return f"{base_url.rstrip('/')} {account_id}"
+
+
+def _read_ceilings(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = orjson.loads(f.read())
+    except (OSError, orjson.JSONDecodeError):
+        return {}  # only a hint for the next run: a missing or damaged file means "search"
+    return data if type(data) is dict else {}
+
+
+def load_ceiling(results: str, base_url: str, account_id: str) -> float | None:
+    """The rate (requests/s) an earlier ``--rate auto`` run found for this endpoint and
+    account, or ``None``."""
+    path = ceiling_path(results)
+    if path is None:
+        return None
+    entry = _read_ceilings(path).get(_ceiling_key(base_url, account_id))
+    rate = entry.get("rate") if type(entry) is dict else None
+    if isinstance(rate, int | float) and not isinstance(rate, bool) and 0 < rate < float("inf"):
+        return float(rate)
+    return None
+
+
+def save_ceiling(results: str, base_url: str, account_id: str, rate: float, at: datetime) -> None:
+    """Remember ``rate`` for this endpoint and account (atomically: write, then rename)."""
+    path = ceiling_path(results)
+    if path is None:
+        return
+    data = _read_ceilings(path)
+    data[_ceiling_key(base_url, account_id)] = {"rate": round(rate, 3), "at": at.isoformat()}
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a hint lost costs the next run a search, not a record

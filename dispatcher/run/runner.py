@@ -30,7 +30,13 @@ from dispatcher.model import Delivery, Envelope, ErrorKind, Invalid, Record
 from dispatcher.results import envelopes
 from dispatcher.results.journal import Journal, read_crashed
 from dispatcher.results.journal import path_for as journal_path_for
-from dispatcher.results.ledger import KeyState, load_ledger, repair_jsonl_tail
+from dispatcher.results.ledger import (
+    KeyState,
+    load_ceiling,
+    load_ledger,
+    repair_jsonl_tail,
+    save_ceiling,
+)
 from dispatcher.results.sinks import Sink, open_sink
 from dispatcher.results.sqlite_sink import is_sqlite_path
 from dispatcher.run.settings import ConfigError, Rate, SendSettings
@@ -44,6 +50,10 @@ FLUSH_INTERVAL: Final = 1.0  # seconds between sink flush+fsync during a run
 _BATCH: Final = 1000
 
 
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 def backend_options() -> dict[str, object]:
     """anyio's asyncio backend options: uvloop when installed (``dispatcher[speed]``)."""
     return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
@@ -53,15 +63,25 @@ def policy_for(settings: SendSettings) -> RetryPolicy:
     return RetryPolicy(max_attempts=settings.max_attempts, max_retry_wait=settings.max_retry_wait)
 
 
-def gate_for(settings: SendSettings, share: float = 1.0) -> tuple[RateGate, Pacer]:
+def gate_for(
+    settings: SendSettings, share: float = 1.0, remembered: float | None = None
+) -> tuple[RateGate, Pacer]:
     """The run's gate and the pacer that adapts it to the server's rate headers.
 
-    ``share`` is this process's part of the budget when ``--processes`` splits a run.
+    ``share`` is this process's part of the budget when ``--processes`` splits a run;
+    ``remembered`` the ceiling an earlier ``--rate auto`` run found (see ``load_ceiling``).
     """
     rate = settings.rate
     requested = rate.per_second if isinstance(rate, Rate) else None
     gate = RateGate(requested)
-    pacer = Pacer(gate, requested, auto=rate == "auto", clock=time.monotonic, share=share)
+    pacer = Pacer(
+        gate,
+        requested,
+        auto=rate == "auto",
+        clock=time.monotonic,
+        share=share,
+        remembered=remembered,
+    )
     return gate, pacer
 
 
@@ -395,7 +415,13 @@ async def run(
     # A shard's envelopes reach the disk only in its parent: its journal is never
     # compacted, and stays until the parent has written everything.
     tracked = journal if shard is None else None
-    gate, pacer = gate_for(settings, share=1.0 if shard is None else 1.0 / shard[1])
+    remembered = (
+        load_ceiling(settings.results, settings.base_url, settings.account_id)
+        if settings.rate == "auto"
+        else None
+    )
+    share = 1.0 if shard is None else 1.0 / shard[1]
+    gate, pacer = gate_for(settings, share=share, remembered=remembered)
     engine = Engine(
         transport=tx,
         gate=gate,
@@ -438,6 +464,12 @@ async def run(
                     tracked.written(env.key)
             receive.close()
             await out.aclose()
+            found = pacer.found
+            if found is not None and (shard is None or shard[0] == 0):
+                # The next run (and --resume) starts its search near this.
+                save_ceiling(
+                    settings.results, settings.base_url, settings.account_id, found, _now()
+                )
             if journal is not None:
                 journal.close(delete=tracked is not None)
             if own_transport:

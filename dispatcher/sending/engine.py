@@ -22,7 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from dispatcher.clients.base import Transport
 from dispatcher.model import Envelope, ErrorKind, Event, Invalid, Outcome, Record
 from dispatcher.results import envelopes
-from dispatcher.sending.gate import RateGate
+from dispatcher.sending.gate import Gate
 from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.policy import Final, RetryPolicy
 from dispatcher.sending.stats import RunStats
@@ -124,7 +124,7 @@ class Engine:
         self,
         *,
         transport: Transport,
-        gate: RateGate,
+        gate: Gate,
         policy: RetryPolicy,
         concurrency: int,
         queue_size: int | None = None,

@@ -12,11 +12,12 @@ import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 from aiolimiter import AsyncLimiter
 
-__all__ = ["GateStats", "RateGate", "default_burst"]
+__all__ = ["Gate", "GateStats", "RateGate", "default_burst"]
 
 # Sleeps in an event loop end late: epoll rounds timeouts up to whole milliseconds and a
 # busy loop wakes later still. With a bucket of one, that lateness is lost for good (the
@@ -46,6 +47,38 @@ class GateStats:
     acquired: int  # slots handed out: one per attempt sent
     pauses: int  # pause periods started (an extension of a running pause is not a new one)
     paused_s: float  # total length of all pauses as set, overlaps counted once
+
+
+class Gate(Protocol):
+    """A run's budget, shared by every worker: what the engine and the pacer use of it.
+
+    :class:`RateGate` is the one-process implementation; a gate shared by several runs of
+    one account (in Redis, say) offers the same. Every attempt calls :meth:`acquire` just
+    before its request leaves; :meth:`pause_for` holds every attempt of the run (a 429's
+    ``Retry-After``, a spent budget); the pacer steers :attr:`rate` with :meth:`set_rate`.
+    """
+
+    @property
+    def rate(self) -> float | None:
+        """Requests per second, or ``None`` when unlimited."""
+        ...
+
+    @property
+    def stats(self) -> GateStats: ...
+
+    def set_rate(self, rate: float | None) -> None: ...
+
+    def pause_for(self, seconds: float) -> None:
+        """Hold every acquire until ``seconds`` from now; never shortens a longer pause."""
+        ...
+
+    def ready(self) -> bool:
+        """Whether :meth:`acquire` would return without suspending."""
+        ...
+
+    async def acquire(self) -> None:
+        """Wait until the run is not paused and the rate allows one more request."""
+        ...
 
 
 def _check_rate(rate: float | None) -> None:
