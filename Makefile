@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo emulate clean bench bench-quick
+.PHONY: install test lint typecheck pytest demo emulate clean bench bench-quick bench-rate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
+
+# --rate auto against nginx limit_req (no rate headers) and the emulator (headers), ~3 min.
+bench-rate: $(STAMP)
+	$(BIN)/python benchmarks/rate_discovery.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -12,6 +13,7 @@ import pytest
 
 from dispatcher.emulator import Emulator, EmulatorConfig, Limit
 from dispatcher.model import ErrorKind, Outcome, RateLimitInfo
+from dispatcher.results.ledger import load_ceiling, save_ceiling
 from dispatcher.run import runner
 from dispatcher.run.settings import Credentials, SendSettings, parse_rate
 from dispatcher.sending.pacing import AUTO_START, BACKOFF, CLOSE, INTERVAL, SAFETY, Pacer
@@ -220,8 +222,7 @@ def test_one_episode_of_many_429s_is_one_decrease() -> None:
     # A 429 for a request sent after that decrease is news: a second episode.
     clock.now += 1.5
     pacer.observe(answer(429, retry_after=1.0, latency=0.01), in_flight=0)
-    assert gate.rate is not None
-    assert gate.rate < 64.0 * BACKOFF
+    assert (gate.rate or 0.0) < 64.0 * BACKOFF
 
 
 def test_recovers_within_seconds_after_one_episode() -> None:
@@ -231,14 +232,12 @@ def test_recovers_within_seconds_after_one_episode() -> None:
     assert before is not None
     # Others spent the budget for a moment: one 429, then clean answers at the pace.
     pacer.observe(answer(429, retry_after=1.0, latency=0.01), in_flight=0)
-    assert gate.rate is not None
-    assert gate.rate < before
+    assert (gate.rate or 0.0) < before
     recovered_at = None
     for k in range(1, 2000):
         clock.now += 0.01
         pacer.observe(answer(), in_flight=0)
-        assert gate.rate is not None
-        if recovered_at is None and gate.rate >= 0.97 * before:
+        if recovered_at is None and (gate.rate or 0.0) >= 0.97 * before:
             recovered_at = k * 0.01
     # Back to 97% of the rate before in a few seconds of clean answers (it took 45 s when
     # each 429 of one lockout halved the rate again).
@@ -350,3 +349,44 @@ async def test_auto_rate_delivers_everything_near_the_limit(tmp_path: Path) -> N
     window = [t for t in accepted if start <= t < end]
     goodput = len(window) / (end - start)
     assert goodput >= 0.85 * 50
+
+
+async def test_rate_just_under_an_announced_short_window_keeps_its_pace(tmp_path: Path) -> None:
+    # 19/s under 20/1s: the 20th request of a window is often answered r=0, t=1 (t rounds
+    # up). Pausing for that whole second cut the pace to 13.9/s; the window ends sooner.
+    cfg = EmulatorConfig(tokens=(TOKEN,), limit=Limit.parse("20/1s"))
+    src = write_input(tmp_path / "in.jsonl", 100)
+    async with Emulator(cfg) as emu:
+        stats = await runner.run(settings_for(emu, src, tmp_path / "out.jsonl", "19/s"))
+        accepted = sorted(t for times in emu.log.accepted.values() for t in times)
+    assert stats.confirmed == 100
+    assert stats.rate_limited == 0
+    assert stats.paused_s < 0.5
+    assert (len(accepted) - 1) / (accepted[-1] - accepted[0]) >= 0.9 * 19
+
+
+def test_the_ceiling_found_is_remembered_per_endpoint_and_account(tmp_path: Path) -> None:
+    results = str(tmp_path / "out.jsonl")
+    at = datetime.now(UTC)
+    assert load_ceiling(results, "http://a/client/v4", "acc") is None
+    save_ceiling(results, "http://a/client/v4", "acc", 196.5, at)
+    save_ceiling(results, "http://b/client/v4", "acc", 20.0, at)
+    assert load_ceiling(results, "http://a/client/v4/", "acc") == 196.5
+    assert load_ceiling(results, "http://a/client/v4", "other") is None
+    assert load_ceiling(results, "http://b/client/v4", "acc") == 20.0
+    Path(f"{results}.ceiling.json").write_text("{not json")
+    assert load_ceiling(results, "http://a/client/v4", "acc") is None  # a hint, not a must
+
+
+def test_auto_starts_just_under_a_remembered_ceiling() -> None:
+    settings = SendSettings(
+        inputs=("in.jsonl",),
+        workflow="wf",
+        account_id="acc",
+        credentials=Credentials(token=TOKEN),
+        rate=parse_rate("auto"),
+    )
+    gate, _ = runner.gate_for(settings, remembered=200.0)
+    assert gate.rate == pytest.approx(200.0 * (1 - CLOSE))
+    gate, _ = runner.gate_for(settings)
+    assert gate.rate == AUTO_START

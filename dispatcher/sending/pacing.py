@@ -53,6 +53,10 @@ GOODPUT_WINDOW: Final = 0.2  # s of 2xx answers the goodput is measured over
 CLOSE: Final = 0.03  # within this share of the ceiling, hold
 HOLD: Final = 30.0  # s held clean just under the ceiling before probing past it
 PROBE: Final = 0.05  # growth past a ceiling held clean, per clean interval
+# The gate's bucket under --rate auto: a limiter nobody announced may tolerate little burst
+# (nginx's limit_req: none unless configured), and the gate's usual 20 ms of traffic (10
+# requests at 500/s) would be refused in part after any late timer.
+AUTO_BURST: Final = 2
 _MIN_STRETCH_RESET: Final = 2.0
 _CHANGE: Final = 0.01  # ignore rate changes smaller than this fraction (each costs a bucket)
 _OK_TIMES: Final = 4096  # answers kept for the goodput measure (bounded memory)
@@ -225,10 +229,11 @@ class Pacer:
         self, now: float, remaining: int, window: float | None, in_flight: int
     ) -> None:
         """Note when the server's window began: when ``remaining`` went up by more than
-        answers overtaking each other can explain."""
+        answers overtaking each other can explain, or the last one must have ended."""
         last = self._last_remaining
         self._last_remaining = remaining
-        if window and (last is None or remaining > last + in_flight):
+        ended = self._window_end is not None and now >= self._window_end
+        if window and (last is None or ended or remaining > last + in_flight):
             # It began before this answer arrived, so it ends no later than a window on.
             self._window_end = now + window
 
