@@ -258,12 +258,31 @@ def test_set_rate_changes_the_pace() -> None:
         times = await acquire_times(gate, loop, 2)  # 0, 1
         gate.set_rate(4)
         assert gate.rate == 4
-        times += await acquire_times(gate, loop, 3)  # fresh bucket: 1, then every 0.25 s
+        # The bucket stays as full as it was (one just left at 1.0): no free burst.
+        times += await acquire_times(gate, loop, 3)  # every 0.25 s after 1.0
         gate.set_rate(0.5)
-        times += await acquire_times(gate, loop, 2)  # fresh bucket: 1.5, then 2 s later
+        times += await acquire_times(gate, loop, 2)  # full again: 2 s after 1.75
         return times
 
-    assert run(main) == pytest.approx([0.0, 1.0, 1.0, 1.25, 1.5, 1.5, 3.5])
+    assert run(main) == pytest.approx([0.0, 1.0, 1.25, 1.5, 1.75, 3.75, 5.75])
+
+
+def test_many_small_rate_changes_never_add_up_to_a_burst() -> None:
+    """The pacer may trim the rate after every answer (stretching a budget); each change
+    used to start an empty bucket, which let the run out at many times the rate."""
+
+    async def main(loop: FakeTimeLoop) -> list[float]:
+        gate = RateGate(10)
+        times: list[float] = []
+        for k in range(20):
+            await gate.acquire()
+            times.append(loop.time())
+            gate.set_rate(10 - 0.1 * k)
+        return times
+
+    times = run(main)
+    # 20 requests at just under 10/s: about 2 s, not 20 at once.
+    assert times[-1] - times[0] >= 19 / 10.0
 
 
 def test_burst_given_to_the_constructor_survives_set_rate() -> None:
@@ -292,7 +311,9 @@ def test_set_rate_moves_tasks_already_waiting_in_the_bucket() -> None:
             gate.set_rate(2)  # speeding up reaches tasks already queued
         return sorted(times)
 
-    assert run(main) == pytest.approx([1.0, 1.5, 2.0])
+    # The bucket keeps its fill (90% of it at t=1, the request at t=0 still in it), so
+    # the first one waits that share of a new interval: never a burst from a change.
+    assert run(main) == pytest.approx([1.45, 1.95, 2.45])
 
 
 def test_set_rate_to_unlimited_releases_waiters() -> None:

@@ -158,9 +158,10 @@ def run(args: argparse.Namespace) -> int:
     return exit_code(stats)
 
 
-# Answers that say nothing of the record itself: after fixing the cause (the token, the
-# rate), the records they rejected must be sent again, which takes --retry-failed.
-_NOT_THE_RECORDS_FAULT: Final = frozenset({"401", "403", "429"})
+# Answers that say nothing of the record itself: after fixing the cause (the token), the
+# records they rejected must be sent again, which takes --retry-failed. Records refused
+# with 429 need no flag: a plain --resume sends them (they were never delivered).
+_NOT_THE_RECORDS_FAULT: Final = frozenset({"401", "403"})
 
 
 def finish_command(

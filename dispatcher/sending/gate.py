@@ -86,6 +86,22 @@ class Gate(Protocol):
         ...
 
 
+def _carry_level(old: AsyncLimiter, new: AsyncLimiter) -> None:
+    """Fill ``new`` to the share of its capacity that ``old`` holds right now.
+
+    aiolimiter has no public way to read or set a bucket's level; its two attributes have
+    been stable since 1.0. Without a running loop (or should they change) the new bucket
+    simply starts empty, as aiolimiter's own would.
+    """
+    try:
+        old._leak()  # brings _level up to date with the loop's clock
+        share = old._level / old.max_rate
+        new._level = min(share, 1.0) * new.max_rate
+        new._last_check = old._last_check
+    except (AttributeError, RuntimeError):
+        return
+
+
 def _check_rate(rate: float | None) -> None:
     if rate is not None and not (math.isfinite(rate) and rate > 0):
         raise ValueError(f"rate must be a finite number of requests per second > 0, got {rate!r}")
@@ -164,13 +180,17 @@ class RateGate:
     def set_rate(self, rate: float | None) -> None:
         """Change the rate now.
 
-        The bucket is replaced by a fresh, empty one, so up to ``burst`` requests may leave
-        at once right after a change. Tasks already queued in the old bucket are moved to
-        the new one, so a faster rate speeds them up and a slower one holds them back at
-        once. A ``burst`` given to the constructor is kept; otherwise it follows the rate.
+        The bucket is replaced by one for the new rate that is as full as the old one was,
+        so a change never lets a burst out by itself: the pacer may change the rate after
+        every answer (stretching a budget), and fresh empty buckets let ``burst`` requests
+        out each time, many times the rate in all. Tasks already queued in the old bucket
+        are moved to the new one, so a faster rate speeds them up and a slower one holds
+        them back at once. A ``burst`` given to the constructor is kept; otherwise it
+        follows the rate.
         """
         _check_rate(rate)
         self._rate = rate
+        old = self._limiter
         if rate is None:
             self._limiter = None
         else:
@@ -178,6 +198,8 @@ class RateGate:
             # AsyncLimiter(n, period) lets n through at once, then one every period / n:
             # n / rate as the period keeps the pace at `rate` with a bucket of n.
             self._limiter = AsyncLimiter(burst, burst / rate)
+            if old is not None:
+                _carry_level(old, self._limiter)
         waiters, self._bucket_waiters = self._bucket_waiters, set()
         for scope in waiters:
             scope.cancel()
