@@ -113,7 +113,9 @@ def test_no_import_cycles() -> None:
     # The top-level package imports the public API from the stages, which import the
     # top-level package's submodules only through their own stage: checked above. Here
     # every module, the package's __init__ excepted, must form an acyclic graph.
-    edges = {m: {t for t in ts if t != "dispatcher"} for m, ts in edges.items() if m != "dispatcher"}
+    edges = {
+        m: {t for t in ts if t != "dispatcher"} for m, ts in edges.items() if m != "dispatcher"
+    }
     state: dict[str, int] = {}
     stack: list[str] = []
 

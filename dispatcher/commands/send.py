@@ -110,10 +110,14 @@ def run(args: argparse.Namespace) -> int:
     except LedgerError as exc:
         print(f"dispatcher send: error: cannot resume: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except UserError as exc:
-        # Another run holds the results (2), or they cannot be written at all (5).
-        print(f"dispatcher send: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (UserError, BaseExceptionGroup) as exc:
+        # Another run holds the results (2), or they cannot be written at all (5); it may
+        # come wrapped in the task group's exception group.
+        error = _user_error(exc)
+        if error is None:
+            raise
+        print(f"dispatcher send: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         # Ctrl-C before the run had installed its own handler: nothing was sent yet.
         print("dispatcher send: interrupted", file=sys.stderr)
@@ -129,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     return exit_code(stats)
+
+
+def _user_error(exc: BaseException) -> UserError | None:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, UserError) else None
 
 
 def resume_command(argv: list[str] | None = None) -> str:

@@ -287,9 +287,9 @@ class GroupCommit:
 
     async def commit(self) -> None:
         """One flush of everything written so far; failures are kept, not raised."""
+        self._dirty = False
         if self.error is not None:
             return
-        self._dirty = False
         journal = self._journal
         upto = journal.given_total if journal is not None else 0
         try:
