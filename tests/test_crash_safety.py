@@ -78,6 +78,7 @@ async def test_kill_9_at_400_per_s_leaves_at_most_40_unknown(tmp_path: Path, res
             counts = accepted_counts(emu)
             assert not [i for i in before if counts[i] != 1], "confirmed before, sent again"
             before, unknown_before = confirmed(out), crashed_unknown(out)
+    print(f"\n{results}: unknown after each kill -9 at 400/s: {windows}")
     assert max(windows) <= BOUND, windows
     deliveries = check_after_resume(emu, out, ids, set())
     assert sum(d == "unknown" for d in deliveries.values()) == sum(windows)
