@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import anyio
@@ -34,7 +35,7 @@ async def test_a_second_run_on_the_same_results_exits_2_naming_the_pid(
     async with Emulator(cfg) as emu:
         env = env_for(emu)
         first = await anyio.open_process(
-            cmd(src, out, "--rate", "100/s", "--processes", processes), env=env
+            cmd(src, out, "--rate", "40/s", "--processes", processes), env=env
         )
         await wait_until_sending(emu, 30)
         # The cron overlap: the same command again, resuming, while the first still runs.
@@ -43,14 +44,13 @@ async def test_a_second_run_on_the_same_results_exits_2_naming_the_pid(
         assert stderr.count("\n") == 1, stderr  # one line, no traceback
         assert f"pid {first.pid}" in stderr
         assert str(out) in stderr
+        first.send_signal(signal.SIGINT)  # it drains and ends, whatever the machine's load
         with anyio.fail_after(30):
-            assert await first.wait() == 0
-        counts = accepted_counts(emu)
-        # Once the first has ended, the lock is free: a resume runs and has nothing to send.
-        sent = emu.log.total_requests()
+            assert await first.wait() == 130
+        # Once the first has ended, the lock is free: a resume sends the rest.
         code, stderr = await run_cli(cmd(src, out, "--rate", "unlimited", "--resume"), env)
         assert code == 0, stderr
-        assert emu.log.total_requests() == sent
+        counts = accepted_counts(emu)
     assert counts == dict.fromkeys(ids, 1)  # nothing delivered twice
     assert len(final_by_instance(out)) == 400
 

@@ -114,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
         # Another run holds the results (2), or they cannot be written at all (5); it may
         # come wrapped in the task group's exception group.
         error = _user_error(exc)
+        if isinstance(error, KeyboardInterrupt):
+            print("dispatcher send: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         if error is None:
             raise
         print(f"dispatcher send: error: {error}", file=sys.stderr)
@@ -135,10 +138,10 @@ def run(args: argparse.Namespace) -> int:
     return exit_code(stats)
 
 
-def _user_error(exc: BaseException) -> UserError | None:
+def _user_error(exc: BaseException) -> UserError | KeyboardInterrupt | None:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    return exc if isinstance(exc, UserError) else None
+    return exc if isinstance(exc, UserError | KeyboardInterrupt) else None
 
 
 def resume_command(argv: list[str] | None = None) -> str:

@@ -15,30 +15,22 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from typing import Final, Protocol
+from typing import Protocol
 
 import anyio
 import orjson
 
-from dispatcher.model import Envelope, UserError
+from dispatcher.model import Envelope
+from dispatcher.results.errors import EXIT_WRITE_FAILED, ResultsWriteError
 
-EXIT_WRITE_FAILED: Final = 5
-
-
-class ResultsWriteError(UserError):
-    """The results (or the journal beside them) could not be written: exit 5.
-
-    Nothing more is sent once it is raised; ``--resume`` continues from what is durable.
-    """
-
-    exit_code = EXIT_WRITE_FAILED
-
-    def __init__(self, results: str, error: OSError | Exception) -> None:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        target = "standard output" if results == "-" else results
-        super().__init__(f"cannot write results to {target}: {reason}")
-        self.results = results
-        self.error = error
+__all__ = [
+    "EXIT_WRITE_FAILED",
+    "JsonlSink",
+    "ResultsWriteError",
+    "Sink",
+    "encode",
+    "open_sink",
+]
 
 
 def encode(env: Envelope) -> bytes:

@@ -37,7 +37,7 @@ import anyio
 import orjson
 
 from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind
-from dispatcher.results.sinks import ResultsWriteError
+from dispatcher.results.errors import ResultsWriteError
 
 __all__ = [
     "SCHEMA_VERSION",
