@@ -107,3 +107,22 @@ async def wait_until_sending(emu: Emulator, at_least: int) -> None:
     with anyio.fail_after(20):
         while emu.log.total_requests() < at_least:  # noqa: ASYNC110 (the log has no event)
             await anyio.sleep(0.02)
+
+
+def check_after_resume(
+    emu: Emulator, out: Path, ids: list[str], confirmed_before: set[str]
+) -> dict[str, str]:
+    """The three checks of every crash test; returns each instance's final delivery."""
+    final = final_by_instance(out)
+    assert sorted(final) == sorted(ids), "every record has exactly one final envelope"
+    counts = accepted_counts(emu)
+    assert not [i for i in confirmed_before if counts[i] > 1], "confirmed ones sent again"
+    # Without --resend-unknown nothing goes out twice; whatever arrived says so or is
+    # marked unknown (it may have arrived): nothing lost, no false claim.
+    assert [i for i, n in counts.items() if n > 1] == []
+    for instance in counts:
+        assert final[instance]["delivery"] in ("confirmed", "unknown"), instance
+    for instance, env in final.items():
+        if env["delivery"] == "confirmed":
+            assert counts[instance] == 1, instance
+    return {i: e["delivery"] for i, e in final.items()}

@@ -171,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return found.exit_code
         named = _file_error(exc)
         if named is None:
+            if isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt):
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return EXIT_INTERRUPTED
             raise
         print(f"{prog}: error: {named.filename}: {named.strerror or named}", file=sys.stderr)
         return EXIT_USAGE

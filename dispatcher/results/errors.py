@@ -1,4 +1,4 @@
-"""The error every results store raises when it cannot write: one line, exit 5."""
+"""The error every results writer raises when the disk refuses: exit 5."""
 
 from __future__ import annotations
 

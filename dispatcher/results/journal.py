@@ -58,10 +58,10 @@ def path_for(results: str) -> str | None:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    """One ``write``; a short one raises (the rest is not retried: the line stays torn)."""
+    """One ``write``; a short one raises (the rest is not retried: the caller cuts it off)."""
     written = os.write(fd, data)
     if written != len(data):
-        raise OSError(0, f"short write: {written} of {len(data)} bytes")
+        raise OSError(0, f"short write to the journal: {written} of {len(data)} bytes")
 
 
 class Journal:
@@ -81,6 +81,7 @@ class Journal:
         "_given",
         "_path",
         "_results",
+        "_size",
         "_started",
     )
 
@@ -93,6 +94,7 @@ class Journal:
         self._durable = 0  # how many envelopes given so far are durable
         self._appended = 0
         self._broken: OSError | None = None
+        self._size = 0
         try:
             self._fd = self._open(path, ())
         except OSError as exc:
@@ -113,11 +115,13 @@ class Journal:
 
     def _open(self, path: str, lines: tuple[bytes, ...] | list[bytes]) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        data = self._header() + b"".join(lines)
         try:
-            _write_all(fd, self._header() + b"".join(lines))
+            _write_all(fd, data)
         except BaseException:
             os.close(fd)
             raise
+        self._size = len(data)
         return fd
 
     def mark(self, event: Event) -> None:
@@ -133,7 +137,12 @@ class Journal:
             _write_all(self._fd, line)
         except OSError as exc:
             self._broken = exc
+            # Cut off what a short write left, so no torn line says "may have been sent"
+            # of a record that never was; if that fails too, the torn line stays: safe.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
             raise ResultsWriteError(self._results, exc) from exc
+        self._size += len(line)
         self._entries[event.key] = line
         self._appended += 1
 
@@ -150,7 +159,7 @@ class Journal:
 
     def sync(self) -> None:
         """fsync the journal (from the group commit's thread, between compactions)."""
-        if self._fd >= 0 and self._broken is None:
+        if self._fd >= 0:
             os.fsync(self._fd)
 
     def maybe_compact(self) -> None:
@@ -166,6 +175,7 @@ class Journal:
         if self._broken is not None or self._fd < 0:
             return
         tmp = self._path + ".tmp"
+        size = self._size
         try:
             fd = self._open(tmp, list(self._entries.values()))
             try:
@@ -175,6 +185,7 @@ class Journal:
                 os.close(fd)
                 raise
         except OSError:
+            self._size = size
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             return

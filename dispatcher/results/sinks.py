@@ -21,7 +21,18 @@ import anyio
 import orjson
 
 from dispatcher.model import Envelope, UserError
-from dispatcher.results.errors import ResultsWriteError
+from dispatcher.results.errors import EXIT_WRITE_FAILED, ResultsWriteError
+
+__all__ = [
+    "EXIT_WRITE_FAILED",
+    "JsonlSink",
+    "ResultsPathError",
+    "ResultsWriteError",
+    "Sink",
+    "check_results_path",
+    "encode",
+    "open_sink",
+]
 
 
 class ResultsPathError(UserError):

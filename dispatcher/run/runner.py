@@ -336,6 +336,7 @@ class GroupCommit:
         "_closing",
         "_dirty",
         "_journal",
+        "_journal_error",
         "_on_error",
         "_sink",
         "_wake",
@@ -359,6 +360,7 @@ class GroupCommit:
         self._dirty = False
         self._closing = False
         self.error: ResultsWriteError | None = None
+        self._journal_error: OSError | None = None
 
     def write(self, env: Envelope) -> None:
         self._sink.write(env)
@@ -375,25 +377,37 @@ class GroupCommit:
 
     async def commit(self) -> None:
         """One flush of everything written so far; failures are kept, not raised."""
+        self._dirty = False
         if self.error is not None:
             return
-        self._dirty = False
         journal = self._journal
         upto = journal.given_total if journal is not None else 0
-        try:
-            await self._sink.flush()
+        failed: ResultsWriteError | None = None
+        async with anyio.create_task_group() as tg:
             if journal is not None:
-                await anyio.to_thread.run_sync(journal.sync)
-        except ResultsWriteError as exc:
-            self._fail(exc)
-            return
-        except OSError as exc:
-            self._fail(ResultsWriteError(getattr(self._sink, "_path", "results"), exc))
+                # The journal's fsync (for power loss) alongside the results' own.
+                tg.start_soon(self._sync_journal, journal)
+            try:
+                await self._sink.flush()
+            except ResultsWriteError as exc:
+                failed = exc
+            except OSError as exc:
+                failed = ResultsWriteError(getattr(self._sink, "_path", "results"), exc)
+        if failed is None and self._journal_error is not None:
+            failed = ResultsWriteError("the journal", self._journal_error)
+        if failed is not None:
+            self._fail(failed)
             return
         if journal is not None:
             if self.durable:
                 journal.durable(upto)
             journal.maybe_compact()
+
+    async def _sync_journal(self, journal: Durability) -> None:
+        try:
+            await anyio.to_thread.run_sync(journal.sync)
+        except OSError as exc:
+            self._journal_error = exc
 
     def _fail(self, exc: ResultsWriteError) -> None:
         self.error = exc
