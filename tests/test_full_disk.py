@@ -152,13 +152,19 @@ async def test_a_short_journal_write_stops_that_record_before_its_request(
     lines = 0
     cut: list[str] = []
 
+    full: list[int] = []
+
     def short_on_the_50th_line(fd: int, data: bytes) -> int:
+        # What a disk filling up does: half a line fits, the write for the rest fails.
         nonlocal lines
+        if fd in full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raw = bytes(data)
         if raw.startswith(b'{"key":"') and b'"ok":' not in raw and raw.count(b"\n") == 1:
             lines += 1
             if lines == 50:
                 cut.append(orjson.loads(raw)["instance_id"])
+                full.append(fd)
                 return real_write(fd, raw[: len(raw) // 2])  # half a line
         return real_write(fd, data)
 
@@ -168,7 +174,7 @@ async def test_a_short_journal_write_stops_that_record_before_its_request(
         stats = await runner.run(settings_for(emu, src, out))
         monkeypatch.setattr(os, "write", real_write)
         assert stats.write_error is not None
-        assert "short write" in stats.write_error
+        assert "No space left on device" in stats.write_error
         # The 50th record never left, nor anything after it.
         assert emu.log.total_requests() <= 49
         assert cut[0] not in {r.instance_id for r in emu.log.requests}

@@ -149,9 +149,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"dispatcher send: stopped; to finish the job: {finish}", file=sys.stderr)
     if stats.write_error is not None:
         # Even with --quiet: the run stopped for a reason the user must fix first.
+        then = finish_command(getattr(args, "_argv", None), settings, stats)
         print(
             f"dispatcher send: error: {stats.write_error}; nothing more was sent and what is "
-            "on disk is kept: free space or fix the folder, then run the command above",
+            "on disk is kept: free space or fix the folder, then: "
+            f"{then or 'run the same command with --resume'}",
             file=sys.stderr,
             flush=True,
         )

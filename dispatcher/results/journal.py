@@ -58,10 +58,17 @@ def path_for(results: str) -> str | None:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    """One ``write``; a short one raises (the rest is not retried: the caller cuts it off)."""
+    """Write all of ``data`` or raise; the caller cuts off whatever part got written.
+
+    A short write is followed by one more for the rest, as POSIX intends: on a full disk
+    that one fails with the reason (``ENOSPC``), which the user then reads.
+    """
     written = os.write(fd, data)
-    if written != len(data):
-        raise OSError(0, f"short write to the journal: {written} of {len(data)} bytes")
+    if written == len(data):
+        return
+    more = os.write(fd, data[written:]) if written > 0 else 0
+    if written + more != len(data):
+        raise OSError(0, f"short write to the journal: {written + more} of {len(data)} bytes")
 
 
 class Journal:
