@@ -58,7 +58,7 @@ PROBE: Final = 0.05  # growth past a ceiling held clean, per clean interval
 # requests at 500/s) would be refused in part after any late timer.
 AUTO_BURST: Final = 2
 _MIN_STRETCH_RESET: Final = 2.0
-_CHANGE: Final = 0.01  # ignore rate changes smaller than this fraction (each costs a bucket)
+_CHANGE: Final = 0.03  # ignore rate changes smaller than this fraction (each costs a bucket)
 _OK_TIMES: Final = 4096  # answers kept for the goodput measure (bounded memory)
 
 
@@ -93,12 +93,14 @@ class Pacer:
         "_held_since",
         "_last_remaining",
         "_last_tick",
+        "_moved",
         "_ok_times",
         "_policy_rate",
         "_quiet_until",
         "_share",
         "_slow_start",
         "_stretch_until",
+        "_stretched_at",
         "_target",
         "_trouble",
         "_unproven",
@@ -130,6 +132,7 @@ class Pacer:
         self._clock = clock
         self._policy_rate: float | None = None
         self._stretch_until = 0.0
+        self._stretched_at = -math.inf
         self._slow_start = True
         self._trouble = False
         now = clock()
@@ -141,6 +144,7 @@ class Pacer:
         self._good = 0.0  # the fastest rate held clean for a whole interval
         self._held_since: float | None = None
         self._unproven = False  # out of slow start by a 429, no rate held clean since
+        self._moved = False  # the search changed the target since the gate was last set
         self._ok_times: deque[float] = deque(maxlen=_OK_TIMES)
         self._last_remaining: int | None = None
         self._window_end: float | None = None
@@ -223,7 +227,15 @@ class Pacer:
         if stretched is None and now < self._stretch_until:
             return  # keep the stretched pace until the reset we were told of
         rate = stretched if stretched is not None else self._ceiling(self._target)
-        self._apply(rate)
+        # A step of the search is applied however small: it comes at most once an interval.
+        moved, self._moved = self._moved, False
+        if stretched is not None and now - self._stretched_at < INTERVAL:
+            # Each change hands out a fresh bucket, and the budget left moves with every
+            # answer: re-stretch at most once an interval (the guard still pauses in time).
+            return
+        if stretched is not None:
+            self._stretched_at = now
+        self._apply(rate, force=moved and stretched is None)
 
     def _track_window(
         self, now: float, remaining: int, window: float | None, in_flight: int
@@ -232,7 +244,9 @@ class Pacer:
         answers overtaking each other can explain, or the last one must have ended."""
         last = self._last_remaining
         self._last_remaining = remaining
-        ended = self._window_end is not None and now >= self._window_end
+        # Past the end of the window we know of, an answer that still finds budget left is
+        # from a new window; one saying nothing is left answers a request of the old one.
+        ended = self._window_end is not None and now >= self._window_end and remaining > 0
         if window and (last is None or ended or remaining > last + in_flight):
             # It began before this answer arrived, so it ends no later than a window on.
             self._window_end = now + window
@@ -240,8 +254,8 @@ class Pacer:
     def _until_reset(self, now: float, reset: float) -> float:
         if reset < _MIN_STRETCH_RESET and self._window_end is not None:
             left = self._window_end - now
-            if 0 < left < reset:
-                return left
+            if left < reset:
+                return max(0.0, left)  # at most until the latest the window can end
         return reset
 
     def _goodput(self, now: float) -> float | None:
@@ -285,6 +299,7 @@ class Pacer:
             new = min(new, GOODPUT_SHARE * goodput)
             self._ceiling_rate = min(self._ceiling_rate, goodput)
         self._target = max(AUTO_FLOOR, new)
+        self._moved = True
         self._slow_start = False
         self._decreased_at = now
         wait = outcome.retry_after if outcome.retry_after is not None else 0.0
@@ -305,6 +320,7 @@ class Pacer:
                 return
             self._last_tick, self._answers = now, 0
             self._target = target * 2.0
+            self._moved = True
             return
         if elapsed < INTERVAL:
             return
@@ -324,4 +340,5 @@ class Pacer:
                 self._ceiling_rate = None  # held clean long enough: the limit may have moved
         else:
             target *= 1 + PROBE * min(elapsed / INTERVAL, 4.0)
+        self._moved = target != self._target
         self._target = target
