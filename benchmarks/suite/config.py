@@ -20,7 +20,7 @@ SUCCESS_BODY: Final = (
 )
 EVENT_BODY: Final = '{"order":42,"amount_cents":1999,"currency":"EUR"}'
 CONCURRENCY: Final = 64
-SDK_EVENTS: Final = 2500
+SDK_EVENTS: Final = 1500
 EVENTS: Final = 100_000  # per dispatcher and baseline run: start-up a small share
 QUICK_EVENTS: Final = 20_000
 

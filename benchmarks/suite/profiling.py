@@ -42,10 +42,13 @@ STAGES: Final = (
     ("crash journal (one write per record)", "dispatcher/results/journal.py"),
     ("envelopes: building", "dispatcher/results/envelopes.py"),
     ("envelopes: encoding and writes", "dispatcher/results/sinks.py"),
-    ("envelopes: encoding and writes", "dispatcher/run/runner.py"),  # drain_to_sink
+    ("envelopes: encoding and writes", "drain_to_sink (dispatcher/run/runner.py"),
+    ("input: reading, parsing, validating", "input_batches (dispatcher/run/runner.py"),
     ("client: request and answer", "dispatcher/clients/"),
     ("engine, gate, stats", "dispatcher/sending/"),
 )
+# Frames that only start the loop and wait on it: what runs under them is the loop's own.
+OUTER: Final = ("dispatcher/commands/", "dispatcher/__main__.py", "run (dispatcher/run/runner.py")
 OTHER_OURS: Final = "other dispatcher code"
 STARTUP: Final = "start-up: imports"
 LOOP: Final = "event loop and anyio (no dispatcher frame)"
@@ -72,6 +75,8 @@ def _stage(frames: list[str]) -> str:
         return STARTUP
     for frame in reversed(frames):
         if "dispatcher/" in frame and "site-packages" not in frame:
+            if any(outer in frame for outer in OUTER):
+                continue  # the CLI and the runner wait under the loop: not a stage
             for stage, where in STAGES:
                 if where in frame:
                     return stage

@@ -396,7 +396,8 @@ class Report:
                 "",
                 *self.loop_table(),
             ]
-        out += ["", "### Peak RSS of `dispatcher send` at 1M records, on each loop", ""]
+        records = f"{self.memory[0].records:,}" if self.memory else "1,000,000"
+        out += ["", f"### Peak RSS of `dispatcher send` at {records} records, on each loop", ""]
         if self.memory:
             out += [
                 "The same command and server, with "
