@@ -89,6 +89,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=600.0,
         help="time limit of each memory run, seconds (default 600)",
     )
+    p.add_argument(
+        "--memory-loops",
+        default=",".join(LOOPS),
+        help="event loops of the memory runs, in order (default asyncio,uvloop)",
+    )
     p.add_argument("--profile-events", type=int, default=PROFILE_EVENTS)
     p.add_argument("--rate", type=float, default=500.0, help="rate of the accuracy run, per s")
     p.add_argument("--rate-seconds", type=float, default=10.0, help="length of that run")
@@ -153,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         report.profiles.append(prof)
                 report.strict_ns = strict_check_ns()
             if "memory" not in args.skip:
-                report.memory = memory_runs(setup, args.big, LOOPS, args.big_timeout)
+                loops = [loop for loop in args.memory_loops.split(",") if loop in LOOPS]
+                report.memory = memory_runs(setup, args.big, loops, args.big_timeout)
             if "rate" not in args.skip:
                 report.rate = rate_run(setup, args.rate, args.rate_seconds)
             ceiling, _ = wrk_ceiling(nginx, tmp, args.concurrency)
