@@ -2,7 +2,7 @@
 
     python benchmarks/sdk_cloudflare.py INPUT.jsonl RESULTS.jsonl \
         --base-url http://127.0.0.1:8080/client/v4 --account-id acc --workflow wf \
-        --concurrency 64
+        --concurrency 64 --loop uvloop
 
 The token comes from CLOUDFLARE_API_TOKEN. One client (its httpx keep-alive pool holds up
 to 100 idle connections, more than the workers), a fixed pool of workers fed through a
@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import cloudflare
@@ -81,6 +82,14 @@ async def send_all(args: argparse.Namespace, inp: TextIO, out: TextIO) -> None:
         await client.close()
 
 
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None  # asyncio's default
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("input")
@@ -89,9 +98,19 @@ def main() -> int:
     parser.add_argument("--account-id", required=True)
     parser.add_argument("--workflow", required=True)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop: asyncio's default, or uvloop's (to compare like with like)",
+    )
     args = parser.parse_args()
-    with open(args.input) as inp, open(args.results, "w") as out:
-        asyncio.run(send_all(args, inp, out))
+    with (
+        open(args.input) as inp,
+        open(args.results, "w") as out,
+        asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner,
+    ):
+        runner.run(send_all(args, inp, out))
     return 0
 
 

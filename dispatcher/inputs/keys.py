@@ -81,7 +81,7 @@ class FingerprintTable:
     8 probes for a new fingerprint at the fullest, 2 to 3 on average).
     """
 
-    __slots__ = ("_limits", "_repeats", "_shards", "_used")
+    __slots__ = ("_distinct", "_limits", "_repeats", "_shards", "_used")
 
     def __init__(self, initial_slots: int = _INITIAL_SLOTS) -> None:
         if initial_slots < 2 or initial_slots & (initial_slots - 1):
@@ -90,6 +90,7 @@ class FingerprintTable:
         self._shards = [_zeros(per_shard) for _ in range(_SHARDS)]
         self._limits = [per_shard * 3 // 4] * _SHARDS
         self._used = [0] * _SHARDS
+        self._distinct = 0  # sum(self._used), kept: len() runs once per new record
         self._repeats: dict[int, int] = {}
 
     def add(self, fingerprint: int) -> int:
@@ -110,6 +111,7 @@ class FingerprintTable:
                 i = 0
             found = slots[i]
         slots[i] = fingerprint
+        self._distinct += 1
         used = self._used[shard] = self._used[shard] + 1
         if used > self._limits[shard]:
             self._grow(shard)
@@ -129,7 +131,7 @@ class FingerprintTable:
 
     def __len__(self) -> int:
         """Distinct fingerprints held."""
-        return sum(self._used)
+        return self._distinct
 
     def items(self) -> Iterator[tuple[int, int]]:
         """``(fingerprint as a signed 64-bit int, times seen before the first)`` pairs."""
