@@ -22,9 +22,8 @@ from typing import Final
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from dispatcher.clients.aiohttp_client import HttpTransport
-from dispatcher.clients.base import Transport, TransportConfig
-from dispatcher.clients.fast import FastTransport
+from dispatcher.clients.base import Transport
+from dispatcher.clients.targets import build_transport
 from dispatcher.inputs.records import KeyDeriver, ReadOptions, detect_format, read_batches
 from dispatcher.model import Delivery, Envelope, ErrorKind, Invalid, Record
 from dispatcher.results import envelopes
@@ -66,18 +65,20 @@ def gate_for(settings: SendSettings, share: float = 1.0) -> tuple[RateGate, Pace
 
 
 def transport_for(settings: SendSettings) -> Transport:
-    """The run's transport: the lean HTTP/1.1 client, or aiohttp (``--http-client``)."""
-    config = TransportConfig(
+    """The run's transport for its ``--target``: for the API and wrangler dev the lean
+    HTTP/1.1 client or aiohttp (``--http-client``); for a relay, the batching client."""
+    return build_transport(
+        settings.target,
         base_url=settings.base_url,
         account_id=settings.account_id,
-        auth_headers=settings.credentials.headers(),
+        auth_headers=settings.credentials.headers() if settings.credentials else {},
         timeout=settings.timeout,
         connect_timeout=settings.connect_timeout,
         pool_size=settings.concurrency,
+        http_client=settings.http_client,
+        relay_secret=settings.relay_secret,
+        batch_size=settings.batch_size,
     )
-    if settings.http_client == "aiohttp":
-        return HttpTransport(config)
-    return FastTransport(config)
 
 
 def read_options(settings: SendSettings) -> ReadOptions:
