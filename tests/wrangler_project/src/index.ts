@@ -10,7 +10,7 @@ export { RelayDedupe };
 
 type Env = RelayEnv & {
   WORKFLOW: RelayEnv["WORKFLOW"] & {
-    create(options: { id: string; params?: unknown }): Promise<{ id: string }>;
+    create(options: { id: string; params?: Params }): Promise<{ id: string }>;
     get(id: string): Promise<{ sendEvent: (e: { type: string; payload?: unknown }) => Promise<void>; status(): Promise<{ status: string; output?: unknown; error?: unknown }> }>;
   };
 };
@@ -19,10 +19,22 @@ type Step = {
   waitForEvent<T>(name: string, options: { type: string; timeout?: string }): Promise<{ payload: T; type: string }>;
 };
 
-export class WaitWorkflow extends WorkflowEntrypoint<Env, unknown> {
-  async run(_event: unknown, step: Step): Promise<unknown> {
+type Params = { probe?: boolean };
+
+export class WaitWorkflow extends WorkflowEntrypoint<Env, Params> {
+  async run(event: { payload: Params }, step: Step): Promise<unknown> {
     const got = await step.waitForEvent<unknown>("wait for go", { type: "go", timeout: "1 hour" });
-    return { payload: got.payload };
+    if (!event.payload?.probe) return { payload: got.payload };
+    // A probe looks for a second "go": events sent before a wait are queued for it, so
+    // any copy sent before "check" is picked up here at once.
+    await step.waitForEvent<unknown>("wait for check", { type: "check", timeout: "1 hour" });
+    let duplicate: unknown = null;
+    try {
+      duplicate = (await step.waitForEvent<unknown>("second go", { type: "go", timeout: "2 seconds" })).payload;
+    } catch {
+      duplicate = null;
+    }
+    return { payload: got.payload, duplicate };
   }
 }
 
@@ -43,8 +55,8 @@ export default {
   async fetch(request: Request, env: Env): Promise<Response> {
     const url = new URL(request.url);
     if (url.pathname === "/test/create" && request.method === "POST") {
-      const { ids } = (await request.json()) as { ids: string[] };
-      await mapLimit(ids, 16, (id) => env.WORKFLOW.create({ id }));
+      const { ids, params } = (await request.json()) as { ids: string[]; params?: Params };
+      await mapLimit(ids, 16, (id) => env.WORKFLOW.create({ id, params: params ?? {} }));
       return Response.json({ created: ids.length });
     }
     if (url.pathname === "/test/status" && request.method === "POST") {
