@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo emulate clean bench bench-quick
+.PHONY: install test lint typecheck pytest demo emulate clean bench bench-quick bench-targets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
+
+# Events/s through the emulator, wrangler dev and the relay in wrangler dev (~2 min);
+# needs Node 22 and wrangler: bash .ci/setup.d/20-node-wrangler.sh
+bench-targets: $(STAMP)
+	$(BIN)/python benchmarks/targets.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
