@@ -16,6 +16,9 @@ secrets as empty strings):
 ``DISPATCHER_CONCURRENCY`` ``--concurrency``
 =========================  ====================================================
 
+With ``--target relay``, ``DISPATCHER_RELAY_SECRET`` holds the relay's shared secret
+(``--relay-secret-file`` beats it); there is no flag for the secret itself.
+
 The ``CLOUDFLARE_*`` names are the official SDK's, so one environment serves both.
 
 Credentials, first found wins: ``--token-file``, ``CLOUDFLARE_API_TOKEN``, the
@@ -88,6 +91,7 @@ ENV_VARS: Final = (
     "CLOUDFLARE_BASE_URL",
     "DISPATCHER_RATE",
     "DISPATCHER_CONCURRENCY",
+    RELAY_SECRET_ENV,
 )
 """Every environment variable `dispatcher send` reads."""
 
