@@ -20,7 +20,7 @@ import asyncio
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -73,59 +73,54 @@ async def main() -> int:
     results: dict[str, list[float]] = {}
     with wrangler_dev(SECRET) as wd:
         async with Emulator(EmulatorConfig(limit=None)) as emu:
-            common = {"inputs": (), "rate": "unlimited", "results": "-", "quiet": True}
-            scenarios: list[tuple[str, Callable[[], SendSettings], bool]] = [
+            base = SendSettings(
+                inputs=(),
+                rate="unlimited",
+                results="-",
+                quiet=True,
+                target="wrangler-dev",
+                base_url=wd.base_url,
+                concurrency=16,
+            )
+            scenarios: list[tuple[str, SendSettings, bool]] = [
                 (
                     "emulator (REST)",
-                    lambda: SendSettings(
-                        **common,
+                    replace(
+                        base,
                         target="api",
                         base_url=emu.base_url,
                         account_id="bench",
                         credentials=Credentials(token="bench"),
-                        concurrency=16,
                     ),
                     False,
                 ),
-                (
-                    "wrangler dev (REST)",
-                    lambda: SendSettings(
-                        **common, target="wrangler-dev", base_url=wd.base_url, concurrency=16
-                    ),
-                    True,
-                ),
+                ("wrangler dev (REST)", base, True),
             ]
             for size in (1, 10, 100):
-                scenarios.append(
-                    (
-                        f"relay in wrangler dev, batch {size}",
-                        lambda size=size: SendSettings(  # type: ignore[misc]
-                            **common,
-                            target="relay",
-                            base_url=wd.base_url,
-                            relay_secret=SECRET,
-                            batch_size=size,
-                            concurrency=max(16, 2 * size),
-                        ),
-                        True,
-                    )
+                relay = replace(
+                    base,
+                    target="relay",
+                    relay_secret=SECRET,
+                    batch_size=size,
+                    concurrency=max(16, 2 * size),
                 )
+                scenarios.append((f"relay in wrangler dev, batch {size}", relay, True))
             for r in range(args.rounds):
-                for name, make, needs_instances in scenarios:
+                for name, settings, needs_instances in scenarios:
                     prefix = f"b{r}-{len(results.get(name, []))}-{abs(hash(name)) % 10**6}"
                     batch = events(prefix, n)
                     if needs_instances:
                         await asyncio.to_thread(_create, wd, [e.instance_id for e in batch])
-                    rate = await timed(batch, make())
+                    rate = await timed(batch, settings)
                     results.setdefault(name, []).append(rate)
                     print(f"round {r + 1}: {name}: {rate:.0f} events/s", file=sys.stderr)
-    base = statistics.median(results["emulator (REST)"])
+    baseline = statistics.median(results["emulator (REST)"])
     print(f"\n{n} events per scenario, median of {args.rounds} rounds\n")
     print("| target | events/s | vs emulator |")
     print("| --- | ---: | ---: |")
     for name, rates in results.items():
         med = statistics.median(rates)
-        print(f"| {name} | {med:.0f} | {med / base:.2f}x |")
+        print(f"| {name} | {med:.0f} | {med / baseline:.2f}x |")
     return 0
 
 
