@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo emulate clean bench bench-quick bench-rate
+.PHONY: install test lint typecheck pytest demo emulate clean bench bench-quick bench-rate bench-targets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench-quick: $(BENCH_STAMP)
 # --rate auto against nginx limit_req (no rate headers) and the emulator (headers), ~3 min.
 bench-rate: $(STAMP)
 	$(BIN)/python benchmarks/rate_discovery.py --write BENCHMARKS.md
+
+# Events/s through the emulator, wrangler dev and the relay in wrangler dev (~2 min);
+# needs Node 22 and wrangler: bash .ci/setup.d/20-node-wrangler.sh
+bench-targets: $(STAMP)
+	$(BIN)/python benchmarks/targets.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

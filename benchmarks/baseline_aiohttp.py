@@ -78,7 +78,9 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     if name == "uvloop":
         import uvloop
 
-        return uvloop.new_event_loop
+        # Typed here: uvloop is only in the bench extra, so mypy may not see it.
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return factory
     return None  # asyncio's default
 
 

@@ -462,6 +462,7 @@ def test_oversized_and_missing_body_file(tmp_path: Path) -> None:
 
 def test_token_appears_in_no_repr_or_error(tmp_path: Path, toml: Callable[[str], str]) -> None:
     value = load()
+    assert value.credentials is not None
     assert value.credentials.headers() == {"Authorization": f"Bearer {TOKEN}"}
     for text in (repr(value), str(value), repr(value.credentials), str(value.credentials)):
         assert TOKEN not in text

@@ -49,7 +49,7 @@ class TransportConfig:
     """Everything a transport needs, built once per run."""
 
     base_url: str
-    account_id: str
+    account_id: str | None  # None: the target's URLs have no /accounts/{id} segment
     auth_headers: Mapping[str, str]
     timeout: float = 30.0
     connect_timeout: float = 10.0
@@ -75,8 +75,11 @@ class UrlBuilder:
 
     __slots__ = ("_prefix", "_workflow_parts")
 
-    def __init__(self, base_url: str, account_id: str) -> None:
-        self._prefix = f"{base_url.rstrip('/')}/accounts/{_seg(account_id)}/workflows/"
+    def __init__(self, base_url: str, account_id: str | None) -> None:
+        # No account id: a target such as wrangler dev, whose base URL ends where
+        # "/workflows/" begins (see dispatcher.clients.targets).
+        account = "" if account_id is None else f"/accounts/{_seg(account_id)}"
+        self._prefix = f"{base_url.rstrip('/')}{account}/workflows/"
         self._workflow_parts: dict[str, str] = {}
 
     def __call__(self, workflow: str, instance_id: str, event_type: str) -> str:

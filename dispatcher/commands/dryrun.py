@@ -13,7 +13,8 @@ import argparse
 from collections import Counter
 from typing import Final, TextIO
 
-from dispatcher.clients.base import USER_AGENT, UrlBuilder
+from dispatcher.clients.base import USER_AGENT
+from dispatcher.clients.targets import event_url
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.records import InputError, detect_format, read_batches
 from dispatcher.model import Event, Invalid
@@ -68,7 +69,10 @@ def estimate_seconds(requests: int, settings: SendSettings) -> float | None:
 
 def _redacted_headers(settings: SendSettings, has_body: bool) -> list[tuple[str, str]]:
     headers = [("User-Agent", USER_AGENT)]
-    for name, value in settings.credentials.headers().items():
+    auth = settings.credentials.headers() if settings.credentials is not None else {}
+    if settings.target == "relay":
+        auth = {"Authorization": "Bearer relay-secret"}
+    for name, value in auth.items():
         if name.lower() == "authorization":
             # Keep the scheme: "Bearer" tells the reader which credential kind is used.
             scheme = value.split(" ", 1)[0]
@@ -172,9 +176,14 @@ def dry_run(settings: SendSettings, out: TextIO, *, max_invalid: int = MAX_INVAL
             w(f"  {rec.source}:{rec.line}  [{rec.rule}] {rec.message}\n")
     if samples:
         w(f"\nfirst {len(samples)} request{'s' if len(samples) > 1 else ''} as they would go out\n")
-        url = UrlBuilder(settings.base_url, settings.account_id)
+        url = event_url(settings.target, settings.base_url, settings.account_id)
         for event in samples:
-            w(f"\n  POST {url(event.workflow, event.instance_id, event.event_type)}\n")
+            line = (
+                f"{settings.base_url}/events (in batches of up to {settings.batch_size})"
+                if settings.target == "relay"
+                else url(event.workflow, event.instance_id, event.event_type)
+            )
+            w(f"\n  POST {line}\n")
             for name, value in _redacted_headers(settings, event.body is not None):
                 w(f"  {name}: {value}\n")
             w(f"  body: {_body_text(event.body)}\n")

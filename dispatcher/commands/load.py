@@ -280,6 +280,10 @@ def load_settings(args: argparse.Namespace, env: dict[str, str] | os._Environ[st
         },
     )
     send = load_send_settings(borrowed, env)
+    # The borrowed namespace names no --target, so send's loader took "api", which
+    # requires both of these.
+    assert send.account_id is not None
+    assert send.credentials is not None
     thresholds: list[Threshold] = []
     for text in args.threshold:
         try:

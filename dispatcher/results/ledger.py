@@ -489,8 +489,8 @@ def ceiling_path(results: str) -> str | None:
     return None if results == "-" else f"{results}.ceiling.json"
 
 
-def _ceiling_key(base_url: str, account_id: str) -> str:
-    return f"{base_url.rstrip('/')} {account_id}"
+def _ceiling_key(base_url: str, account_id: str | None) -> str:
+    return f"{base_url.rstrip('/')} {account_id or '-'}"
 
 
 def _read_ceilings(path: str) -> dict[str, Any]:
@@ -502,7 +502,7 @@ def _read_ceilings(path: str) -> dict[str, Any]:
     return data if type(data) is dict else {}
 
 
-def load_ceiling(results: str, base_url: str, account_id: str) -> float | None:
+def load_ceiling(results: str, base_url: str, account_id: str | None) -> float | None:
     """The rate (requests/s) an earlier ``--rate auto`` run found for this endpoint and
     account, or ``None``."""
     path = ceiling_path(results)
@@ -515,7 +515,9 @@ def load_ceiling(results: str, base_url: str, account_id: str) -> float | None:
     return None
 
 
-def save_ceiling(results: str, base_url: str, account_id: str, rate: float, at: datetime) -> None:
+def save_ceiling(
+    results: str, base_url: str, account_id: str | None, rate: float, at: datetime
+) -> None:
     """Remember ``rate`` for this endpoint and account (atomically: write, then rename)."""
     path = ceiling_path(results)
     if path is None:

@@ -17,6 +17,9 @@ secrets as empty strings):
 ``DISPATCHER_HTTP_CLIENT`` ``--http-client``
 =========================  ====================================================
 
+With ``--target relay``, ``DISPATCHER_RELAY_SECRET`` holds the relay's shared secret
+(``--relay-secret-file`` beats it); there is no flag for the secret itself.
+
 The ``CLOUDFLARE_*`` names are the official SDK's, so one environment serves both.
 
 Credentials, first found wins: ``--token-file``, ``CLOUDFLARE_API_TOKEN``, the
@@ -43,6 +46,14 @@ from typing import Any, Final, NamedTuple
 
 import orjson
 
+from dispatcher.clients.targets import (
+    DEFAULT_RELAY_BATCH,
+    MAX_RELAY_BATCH,
+    RELAY_SECRET_ENV,
+    TARGETS,
+    WRANGLER_DEV_BASE_URL,
+    spec_of,
+)
 from dispatcher.inputs.validation import MAX_BODY_BYTES
 from dispatcher.run.settings import (
     DEFAULT_BASE_URL,
@@ -82,6 +93,7 @@ ENV_VARS: Final = (
     "DISPATCHER_RATE",
     "DISPATCHER_CONCURRENCY",
     "DISPATCHER_HTTP_CLIENT",
+    RELAY_SECRET_ENV,
 )
 """Every environment variable `dispatcher send` reads."""
 
@@ -183,6 +195,29 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     target = parser.add_argument_group("target")
+    target.add_argument(
+        "--target",
+        choices=TARGETS,
+        default=None,
+        help="where events go: api, Cloudflare's REST API; wrangler-dev, a local `wrangler "
+        f"dev` (base URL {WRANGLER_DEV_BASE_URL}, no credentials, no rate limit); relay, "
+        "the relay Worker of relay/ (needs --base-url and the relay secret, no rate limit) "
+        "(default: api)",
+    )
+    target.add_argument(
+        "--relay-secret-file",
+        default=None,
+        metavar="PATH",
+        help=f"read the relay's shared secret from PATH (beats {RELAY_SECRET_ENV}; there is "
+        "no flag for the secret itself)",
+    )
+    target.add_argument(
+        "--batch-size",
+        default=None,
+        metavar="N",
+        help=f"events per request to the relay, 1..{MAX_RELAY_BATCH}; the relay's MAX_BATCH "
+        f"must allow it (default: {DEFAULT_RELAY_BATCH})",
+    )
     target.add_argument(
         "--account-id",
         default=None,
@@ -461,6 +496,8 @@ _KEYS: Final = (
     _Key(name="event_type", flag="--event-type", convert=_to_str),
     _Key(name="validate_ids", flag="--no-validate-ids", convert=_to_bool),
     _Key(name="allow_extra_fields", flag="--allow-extra-fields", convert=_to_bool),
+    _Key(name="target", flag="--target", convert=_to_choice(TARGETS)),
+    _Key(name="batch_size", flag="--batch-size", convert=_to_int),
     _Key(name="account_id", flag="--account-id", convert=_to_str, env="CLOUDFLARE_ACCOUNT_ID"),
     _Key(name="base_url", flag="--base-url", convert=_to_str, env="CLOUDFLARE_BASE_URL"),
     _Key(name="rate", flag="--rate", convert=_to_rate, env="DISPATCHER_RATE"),
@@ -491,7 +528,10 @@ _KEYS: Final = (
 # Settings read by hand below: two spellings of one value, or a path to a secret.
 _BODY_KEYS: Final = {"body": "--body", "body_file": "--body-file"}
 _TOKEN_FILE_FLAG: Final = "--token-file"
-TOML_KEYS: Final = frozenset({key.name for key in _KEYS} | set(_BODY_KEYS) | {"token_file"})
+_RELAY_SECRET_FILE_FLAG: Final = "--relay-secret-file"
+TOML_KEYS: Final = frozenset(
+    {key.name for key in _KEYS} | set(_BODY_KEYS) | {"token_file", "relay_secret_file"}
+)
 """Every key a config file may hold."""
 
 # Keys that would put a credential in a file that gets committed and shared.
@@ -532,6 +572,9 @@ def _flag_layer(args: argparse.Namespace) -> _Layer:
     token_file = getattr(args, "token_file", None)
     if token_file is not None:
         layer["token_file"] = _Raw(token_file, _TOKEN_FILE_FLAG, typed=False)
+    relay_secret_file = getattr(args, "relay_secret_file", None)
+    if relay_secret_file is not None:
+        layer["relay_secret_file"] = _Raw(relay_secret_file, _RELAY_SECRET_FILE_FLAG, typed=False)
     return layer
 
 
@@ -641,6 +684,39 @@ def _read_token_file(raw: _Raw) -> str:
     return token
 
 
+def _relay_secret(layers: list[_Layer], env: Mapping[str, str]) -> str:
+    """The relay's secret: --relay-secret-file, DISPATCHER_RELAY_SECRET, relay_secret_file."""
+    flags, _, toml = layers
+    if (file := flags.get("relay_secret_file")) is not None:
+        return _read_token_file(file)
+    if (secret := _env_value(env, RELAY_SECRET_ENV)) is not None:
+        return secret
+    if (file := toml.get("relay_secret_file")) is not None:
+        return _read_token_file(file)
+    raise ConfigError(
+        "--target relay",
+        f"needs the relay's secret; set {RELAY_SECRET_ENV} or pass --relay-secret-file PATH",
+    )
+
+
+def _target_defaults(values: dict[str, Any]) -> None:
+    """Fill in what the target decides when no source gave it: base URL, rate, workers."""
+    spec = spec_of(values.get("target", "api"))
+    if "base_url" not in values:
+        if spec.name == "relay":
+            raise ConfigError(
+                "--base-url",
+                "required with --target relay: the relay Worker's URL, such as "
+                "https://dispatcher-relay.<subdomain>.workers.dev",
+            )
+        if spec.default_base_url is not None:
+            values["base_url"] = spec.default_base_url
+    if "rate" not in values and spec.default_rate is None:
+        values["rate"] = "unlimited"
+    if "concurrency" not in values and spec.default_concurrency is not None:
+        values["concurrency"] = spec.default_concurrency
+
+
 def _credentials(flags: _Layer, env: Mapping[str, str], toml: _Layer) -> Credentials:
     """The first credentials found, in the order the module docstring gives."""
     token = _env_value(env, ENV_TOKEN)
@@ -703,6 +779,15 @@ def load_send_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Send
 
     inputs = getattr(args, "inputs", None)
     values["inputs"] = tuple(inputs) if isinstance(inputs, list | tuple) else inputs
+    _target_defaults(values)
+    target = values.get("target", "api")
+    if target == "relay":
+        values["relay_secret"] = _relay_secret(layers, env)
+        where["relay_secret"] = "relay secret"
+    if target != "api":
+        # No Cloudflare token is read, so none can be sent to a relay or a local server.
+        values.pop("account_id", None)
+        return _settings(values, where)
     values["credentials"] = _credentials(flags, env, toml)
     if "account_id" not in values:
         raise ConfigError(
@@ -710,6 +795,10 @@ def load_send_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Send
             "required; pass --account-id, set CLOUDFLARE_ACCOUNT_ID, "
             "or set account_id in the config file",
         )
+    return _settings(values, where)
+
+
+def _settings(values: dict[str, Any], where: dict[str, str]) -> SendSettings:
     try:
         return SendSettings(**values)
     except ConfigError as exc:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from dispatcher.clients.targets import DEFAULT_RELAY_BATCH, MAX_RELAY_BATCH, TARGETS, Target
 from dispatcher.inputs.validation import (
     MAX_BODY_BYTES,
     MAX_EVENT_TYPE_LEN,
@@ -388,10 +389,14 @@ class SendSettings:
     event_type: str | None = None  # the event sent to every id of an id list
     body: bytes | None = None  # JSON text, already checked, for id lists
     validate_ids: bool = True  # False lets system-generated (cron) instance ids through
+    # Where events go (dispatcher.clients.targets); only "api" needs an account and a token.
+    target: Target = "api"
+    account_id: str | None = None
     allow_extra_fields: bool = False  # True: unknown JSONL fields / CSV columns are ignored
-    account_id: str
     base_url: str = DEFAULT_BASE_URL
-    credentials: Credentials
+    credentials: Credentials | None = None
+    relay_secret: str | None = dataclasses.field(default=None, repr=False, compare=False)
+    batch_size: int = DEFAULT_RELAY_BATCH  # events per POST /events, target relay only
     rate: RateSetting = DEFAULT_RATE
     concurrency: int = DEFAULT_CONCURRENCY
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
@@ -430,15 +435,10 @@ class SendSettings:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, "must be true or false")
-        if not isinstance(self.account_id, str) or _ACCOUNT_ID.fullmatch(self.account_id) is None:
-            raise ConfigError(
-                "account_id", f"must be 1..64 letters, digits, '-' or '_', got {self.account_id!r}"
-            )
+        self._check_target()
         if not isinstance(self.base_url, str):
             raise ConfigError("base_url", f"must be a string, got {type(self.base_url).__name__}")
         object.__setattr__(self, "base_url", _normalize_base_url(self.base_url))
-        if not isinstance(self.credentials, Credentials):
-            raise ConfigError("credentials", "must be a Credentials value")
         if not isinstance(self.rate, Rate) and self.rate not in ("unlimited", "auto"):
             raise ConfigError("rate", f"must be a Rate, 'unlimited' or 'auto', got {self.rate!r}")
         _check_int("concurrency", self.concurrency, 1, MAX_CONCURRENCY)
@@ -477,6 +477,33 @@ class SendSettings:
             object.__setattr__(self, "resume", True)
         if self.resume and self.results == "-":
             raise ConfigError("resume", "needs a results file to resume from, not stdout")
+
+    def _check_target(self) -> None:
+        _check_choice("target", self.target, TARGETS)
+        if self.account_id is not None and (
+            not isinstance(self.account_id, str) or _ACCOUNT_ID.fullmatch(self.account_id) is None
+        ):
+            raise ConfigError(
+                "account_id", f"must be 1..64 letters, digits, '-' or '_', got {self.account_id!r}"
+            )
+        if self.credentials is not None and not isinstance(self.credentials, Credentials):
+            raise ConfigError("credentials", "must be a Credentials value")
+        if self.target == "api":
+            if self.account_id is None:
+                raise ConfigError("account_id", "required with --target api")
+            if self.credentials is None:
+                raise ConfigError("credentials", "required with --target api")
+        _check_int("batch_size", self.batch_size, 1, MAX_RELAY_BATCH)
+        if self.target == "relay":
+            if self.relay_secret is None:
+                raise ConfigError("relay_secret", "required with --target relay")
+            # Said without quoting it: it is a secret.
+            if not isinstance(self.relay_secret, str) or not self.relay_secret:
+                raise ConfigError("relay_secret", "is empty")
+            if _HEADER_SAFE.fullmatch(self.relay_secret) is None:
+                raise ConfigError(
+                    "relay_secret", "must be printable ASCII without spaces or line breaks"
+                )
 
     def _check_inputs(self) -> None:
         # Empty is allowed: dispatch() takes its records from the caller, not from files.

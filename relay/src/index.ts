@@ -1,0 +1,352 @@
+/**
+ * dispatcher relay: takes batches of events over HTTP and sends each one to a Workflow
+ * instance through the Workflow binding, which is not a REST API request and so is not
+ * under the API's 1,200 requests / 5 minutes limit.
+ *
+ * POST /events
+ *   Authorization: Bearer <RELAY_SECRET>
+ *   {"events": [{"key", "instance_id", "type", "payload"?, "workflow"?}, ...]}
+ * -> 200 {"success": true, "results": [{"key", "ok": true, "deduped": bool}
+ *                                      | {"key", "ok": false, "code", "message"}]}
+ *
+ * One result per event, in order. Error codes:
+ *   not_found        the instance does not exist (nothing was delivered)
+ *   invalid          the event breaks a rule (nothing was delivered)
+ *   failed           the binding failed before anything could be delivered
+ *   maybe_delivered  the binding failed after the event may have been delivered
+ *   in_flight        another request is sending this key right now; ask again later
+ *
+ * Dedupe: a key whose event was delivered is remembered for DEDUPE_TTL_SECONDS, and a
+ * later batch holding it answers ok with "deduped": true without sending it again. The
+ * delivered keys live in a Durable Object (SQLite storage), sharded by a hash of the key:
+ * a Durable Object reads its own writes at once and runs one request at a time, so a
+ * retried batch that arrives while the first one is still in flight sees the first one's
+ * claim. KV would not do: it is eventually consistent (a write can take 60 s or more to
+ * be seen elsewhere), exactly the window in which a retry arrives.
+ */
+
+export interface WorkflowInstance {
+  sendEvent(event: { type: string; payload?: unknown }): Promise<void>;
+}
+
+export interface WorkflowBinding {
+  get(id: string): Promise<WorkflowInstance>;
+}
+
+export interface Env {
+  WORKFLOW: WorkflowBinding;
+  DEDUPE: DurableObjectNamespace;
+  RELAY_SECRET: string;
+  WORKFLOW_NAME?: string; // when set, events naming another workflow are invalid
+  MAX_BATCH?: string;
+  SEND_CONCURRENCY?: string;
+  DEDUPE_TTL_SECONDS?: string;
+  DEDUPE_SHARDS?: string;
+}
+
+// Minimal shapes of the runtime types used here, so that the Worker builds without
+// @cloudflare/workers-types (wrangler's esbuild strips types, it does not check them).
+interface DurableObjectNamespace {
+  idFromName(name: string): DurableObjectId;
+  get(id: DurableObjectId): DurableObjectStub;
+}
+interface DurableObjectId {}
+interface DurableObjectStub {
+  fetch(request: Request): Promise<Response>;
+}
+interface SqlStorage {
+  exec(query: string, ...bindings: unknown[]): { toArray(): Record<string, unknown>[] };
+}
+interface DurableObjectState {
+  storage: {
+    sql: SqlStorage;
+    getAlarm(): Promise<number | null>;
+    setAlarm(when: number): Promise<void>;
+  };
+}
+
+export type RelayEvent = {
+  key: string;
+  instance_id: string;
+  type: string;
+  payload?: unknown;
+  workflow?: string;
+};
+
+export type RelayResult =
+  | { key: string; ok: true; deduped: boolean }
+  | { key: string; ok: false; code: string; message: string };
+
+// The Workflows API's own rules, checked before the binding sees an event.
+const ID_PATTERN = /^[a-zA-Z0-9_][a-zA-Z0-9-_]*$/;
+const MAX_ID_LEN = 100;
+const MAX_TYPE_LEN = 100;
+const MAX_KEY_LEN = 512;
+const MAX_PAYLOAD_BYTES = 1024 * 1024;
+// The whole request body: 100 events of up to 1 MiB would be 100 MiB, Cloudflare's
+// request body limit on the Free and Pro plans; keep well under it.
+const MAX_BODY_BYTES = 32 * 1024 * 1024;
+const DEFAULT_MAX_BATCH = 100;
+const DEFAULT_CONCURRENCY = 16;
+const DEFAULT_TTL_SECONDS = 7 * 24 * 3600;
+const DEFAULT_SHARDS = 16;
+// A claim older than this belongs to a request that died (its isolate was evicted):
+// longer than any Worker may run, so a live sender is never overtaken.
+const CLAIM_EXPIRY_MS = 15 * 60 * 1000;
+
+function intVar(value: string | undefined, fallback: number, low: number, high: number): number {
+  const n = value === undefined ? NaN : Number(value);
+  return Number.isInteger(n) && n >= low && n <= high ? n : fallback;
+}
+
+function json(status: number, body: unknown): Response {
+  return new Response(JSON.stringify(body), {
+    status,
+    headers: { "Content-Type": "application/json" },
+  });
+}
+
+function fail(status: number, code: number, message: string): Response {
+  return json(status, { success: false, errors: [{ code, message }], messages: [], result: null });
+}
+
+const encoder = new TextEncoder();
+
+/** Compares two secrets in time that depends only on their lengths, never their content. */
+export async function secretMatches(given: string, expected: string): Promise<boolean> {
+  // Hashing first makes both sides 32 bytes, so the comparison leaks not even the length.
+  const [a, b] = await Promise.all([
+    crypto.subtle.digest("SHA-256", encoder.encode(given)),
+    crypto.subtle.digest("SHA-256", encoder.encode(expected)),
+  ]);
+  const subtle = crypto.subtle as SubtleCrypto & {
+    timingSafeEqual?: (x: ArrayBuffer, y: ArrayBuffer) => boolean;
+  };
+  if (typeof subtle.timingSafeEqual === "function") {
+    return subtle.timingSafeEqual(a, b);
+  }
+  const x = new Uint8Array(a);
+  const y = new Uint8Array(b);
+  let diff = 0;
+  for (let i = 0; i < x.length; i++) diff |= x[i] ^ y[i];
+  return diff === 0;
+}
+
+function checkEvent(raw: unknown, env: Env): { event?: RelayEvent; error?: RelayResult } {
+  if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {
+    return { error: { key: "", ok: false, code: "invalid", message: "an event must be an object" } };
+  }
+  const item = raw as Record<string, unknown>;
+  const key = typeof item.key === "string" ? item.key : "";
+  const bad = (message: string) => ({ error: { key, ok: false as const, code: "invalid", message } });
+  if (!key || key.length > MAX_KEY_LEN) return bad(`key must be a string of 1..${MAX_KEY_LEN} characters`);
+  const id = item.instance_id;
+  if (typeof id !== "string" || id.length < 1 || id.length > MAX_ID_LEN || !ID_PATTERN.test(id)) {
+    return bad(`instance_id must be 1..${MAX_ID_LEN} characters matching ${ID_PATTERN.source}`);
+  }
+  const type = item.type;
+  if (typeof type !== "string" || type.length < 1 || type.length > MAX_TYPE_LEN) {
+    return bad(`type must be 1..${MAX_TYPE_LEN} characters`);
+  }
+  if (item.workflow !== undefined && env.WORKFLOW_NAME && item.workflow !== env.WORKFLOW_NAME) {
+    return bad(`this relay sends to workflow ${JSON.stringify(env.WORKFLOW_NAME)} only`);
+  }
+  if (item.payload !== undefined && encoder.encode(JSON.stringify(item.payload)).length > MAX_PAYLOAD_BYTES) {
+    return bad(`payload is over ${MAX_PAYLOAD_BYTES} bytes`);
+  }
+  return { event: { key, instance_id: id, type, payload: item.payload } };
+}
+
+function shardOf(key: string, shards: number): number {
+  // FNV-1a: cheap, stable, spreads keys evenly enough over a few dozen shards.
+  let h = 0x811c9dc5;
+  for (let i = 0; i < key.length; i++) {
+    h ^= key.charCodeAt(i);
+    h = Math.imul(h, 0x01000193);
+  }
+  return (h >>> 0) % shards;
+}
+
+export async function handleEvents(request: Request, env: Env): Promise<Response> {
+  if (!env.RELAY_SECRET) {
+    return fail(500, 10001, "the relay has no RELAY_SECRET; set it with wrangler secret put");
+  }
+  const auth = request.headers.get("Authorization") ?? "";
+  const given = auth.startsWith("Bearer ") ? auth.slice(7) : "";
+  if (!(await secretMatches(given, env.RELAY_SECRET))) {
+    return fail(401, 10000, "authentication error: wrong or missing relay secret");
+  }
+  const length = Number(request.headers.get("Content-Length") ?? "0");
+  if (length > MAX_BODY_BYTES) return fail(413, 10413, `the batch is over ${MAX_BODY_BYTES} bytes`);
+  let doc: unknown;
+  try {
+    doc = await request.json();
+  } catch {
+    return fail(400, 10400, "the body is not JSON");
+  }
+  const items = (doc as { events?: unknown })?.events;
+  if (!Array.isArray(items)) return fail(400, 10400, 'expected {"events": [...]}');
+  const maxBatch = intVar(env.MAX_BATCH, DEFAULT_MAX_BATCH, 1, 1000);
+  if (items.length > maxBatch) {
+    return fail(413, 10413, `a batch holds at most ${maxBatch} events, got ${items.length}`);
+  }
+
+  const results: RelayResult[] = new Array(items.length);
+  const shards = intVar(env.DEDUPE_SHARDS, DEFAULT_SHARDS, 1, 1024);
+  const groups = new Map<number, { index: number; event: RelayEvent }[]>();
+  items.forEach((raw, index) => {
+    const { event, error } = checkEvent(raw, env);
+    if (error) {
+      results[index] = error;
+      return;
+    }
+    const shard = shardOf(event!.key, shards);
+    let group = groups.get(shard);
+    if (!group) groups.set(shard, (group = []));
+    group.push({ index, event: event! });
+  });
+
+  // One Durable Object call per shard that holds events of this batch; each one sends
+  // its events itself, so that claiming, sending and recording a key happen in one place.
+  await Promise.all(
+    [...groups].map(async ([shard, group]) => {
+      const stub = env.DEDUPE.get(env.DEDUPE.idFromName(`shard-${shard}`));
+      let answer: RelayResult[] | null = null;
+      let message = "";
+      try {
+        const response = await stub.fetch(
+          new Request("https://dedupe/send", {
+            method: "POST",
+            body: JSON.stringify(group.map((g) => g.event)),
+          }),
+        );
+        if (response.ok) answer = (await response.json()) as RelayResult[];
+        else message = `dedupe shard answered HTTP ${response.status}`;
+      } catch (err) {
+        message = `dedupe shard failed: ${String(err)}`;
+      }
+      group.forEach((g, i) => {
+        results[g.index] = answer?.[i] ?? {
+          key: g.event.key,
+          ok: false,
+          code: "maybe_delivered",
+          message,
+        };
+      });
+    }),
+  );
+  return json(200, { success: true, errors: [], messages: [], results });
+}
+
+function describe(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** Delivered keys of one shard, and the sending of that shard's events. */
+export class RelayDedupe {
+  private readonly sql: SqlStorage;
+
+  constructor(
+    private readonly state: DurableObjectState,
+    private readonly env: Env,
+  ) {
+    this.sql = state.storage.sql;
+    // state: 'claimed' while a request sends it, 'delivered' once the binding said yes.
+    this.sql.exec(
+      "CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, state TEXT NOT NULL, at INTEGER NOT NULL)",
+    );
+  }
+
+  async fetch(request: Request): Promise<Response> {
+    const events = (await request.json()) as RelayEvent[];
+    const now = Date.now();
+    const results: RelayResult[] = new Array(events.length);
+    const todo: number[] = [];
+    // Claims are taken synchronously, before the first await: no other request can run
+    // in this object in between, so two batches never both send one key.
+    events.forEach((event, i) => {
+      const row = this.sql.exec("SELECT state, at FROM keys WHERE key = ?", event.key).toArray()[0];
+      if (row?.state === "delivered") {
+        results[i] = { key: event.key, ok: true, deduped: true };
+      } else if (row?.state === "claimed" && now - Number(row.at) < CLAIM_EXPIRY_MS) {
+        results[i] = {
+          key: event.key,
+          ok: false,
+          code: "in_flight",
+          message: "another request is sending this key now",
+        };
+      } else if (todo.some((j) => events[j].key === event.key)) {
+        results[i] = { key: event.key, ok: false, code: "invalid", message: "key repeated in the batch" };
+      } else {
+        this.sql.exec("INSERT OR REPLACE INTO keys (key, state, at) VALUES (?, 'claimed', ?)", event.key, now);
+        todo.push(i);
+      }
+    });
+
+    const concurrency = intVar(this.env.SEND_CONCURRENCY, DEFAULT_CONCURRENCY, 1, 256);
+    let next = 0;
+    const worker = async () => {
+      while (next < todo.length) {
+        const i = todo[next++];
+        results[i] = await this.sendOne(events[i]);
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(concurrency, todo.length) }, worker));
+    await this.scheduleCleanup();
+    return new Response(JSON.stringify(results), { headers: { "Content-Type": "application/json" } });
+  }
+
+  private async sendOne(event: RelayEvent): Promise<RelayResult> {
+    let instance: WorkflowInstance;
+    try {
+      instance = await this.env.WORKFLOW.get(event.instance_id);
+    } catch (err) {
+      this.sql.exec("DELETE FROM keys WHERE key = ?", event.key);
+      const message = describe(err);
+      const code = /not[_ ]?found/i.test(message) ? "not_found" : "failed";
+      return { key: event.key, ok: false, code, message };
+    }
+    try {
+      await instance.sendEvent(
+        event.payload === undefined ? { type: event.type } : { type: event.type, payload: event.payload },
+      );
+    } catch (err) {
+      // The claim is dropped either way: the dedupe promises only that a delivered event
+      // is not sent twice, and the sender is told this one may have been.
+      this.sql.exec("DELETE FROM keys WHERE key = ?", event.key);
+      const message = describe(err);
+      if (/not[_ ]?found/i.test(message)) return { key: event.key, ok: false, code: "not_found", message };
+      return { key: event.key, ok: false, code: "maybe_delivered", message };
+    }
+    this.sql.exec("UPDATE keys SET state = 'delivered', at = ? WHERE key = ?", Date.now(), event.key);
+    return { key: event.key, ok: true, deduped: false };
+  }
+
+  private async scheduleCleanup(): Promise<void> {
+    if ((await this.state.storage.getAlarm()) === null) {
+      const ttl = intVar(this.env.DEDUPE_TTL_SECONDS, DEFAULT_TTL_SECONDS, 60, 365 * 24 * 3600);
+      await this.state.storage.setAlarm(Date.now() + Math.min(ttl * 1000, 24 * 3600 * 1000));
+    }
+  }
+
+  async alarm(): Promise<void> {
+    const ttl = intVar(this.env.DEDUPE_TTL_SECONDS, DEFAULT_TTL_SECONDS, 60, 365 * 24 * 3600);
+    this.sql.exec("DELETE FROM keys WHERE state = 'delivered' AND at < ?", Date.now() - ttl * 1000);
+    this.sql.exec("DELETE FROM keys WHERE state = 'claimed' AND at < ?", Date.now() - CLAIM_EXPIRY_MS);
+    const left = this.sql.exec("SELECT COUNT(*) AS n FROM keys").toArray()[0];
+    if (Number(left?.n ?? 0) > 0) {
+      await this.state.storage.setAlarm(Date.now() + Math.min(ttl * 1000, 24 * 3600 * 1000));
+    }
+  }
+}
+
+export default {
+  async fetch(request: Request, env: Env): Promise<Response> {
+    const url = new URL(request.url);
+    if (url.pathname === "/events") {
+      if (request.method !== "POST") return fail(405, 10405, "use POST /events");
+      return handleEvents(request, env);
+    }
+    return fail(404, 10404, "not found; the relay answers POST /events");
+  },
+};

