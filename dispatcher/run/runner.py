@@ -17,7 +17,7 @@ import zlib
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from datetime import UTC, datetime
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -39,6 +39,10 @@ from dispatcher.sending.gate import RateGate
 from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.policy import RetryPolicy
 from dispatcher.sending.stats import RunStats
+
+if TYPE_CHECKING:
+    from dispatcher.coordination.budget import SharedGate
+    from dispatcher.run.shared import Coordinated
 
 FLUSH_INTERVAL: Final = 1.0  # seconds between sink flush+fsync during a run
 _BATCH: Final = 1000
@@ -393,7 +397,21 @@ async def run(
     # A shard's envelopes reach the disk only in its parent: its journal is never
     # compacted, and stays until the parent has written everything.
     tracked = journal if shard is None else None
-    gate, pacer = gate_for(settings, share=1.0 if shard is None else 1.0 / shard[1])
+    coordination = contextlib.AsyncExitStack()
+    shared: Coordinated | None = None
+    gate: RateGate | SharedGate
+    if settings.redis_url is not None:
+        # Imported here: redis-py is an extra (dispatcher[redis]), needed only with --redis.
+        try:
+            from dispatcher.run.shared import coordinated
+        except ImportError as exc:
+            raise ConfigError("--redis", "needs redis-py: pip install 'dispatcher[redis]'") from exc
+        shared = await coordination.enter_async_context(
+            coordinated(settings, stats, read_options(settings))
+        )
+        gate, pacer = shared.gate, shared.pacer
+    else:
+        gate, pacer = gate_for(settings, share=1.0 if shard is None else 1.0 / shard[1])
     engine = Engine(
         transport=tx,
         gate=gate,
@@ -407,14 +425,19 @@ async def run(
     if engine_hook is not None:
         engine_hook(engine)
     send, receive = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)
-    batches: AsyncGenerator[list[Record], None] = input_batches(settings)
+    batches: AsyncGenerator[list[Record], None] = (
+        shared.batches()
+        if shared is not None and shared.job is not None
+        else input_batches(settings)
+    )
+    drain = shared.drain if shared is not None and shared.job is not None else drain_to_sink
     if shard is not None:
         batches = _sharded(batches, shard)
     if settings.resume:
         batches = _resumed(batches, ledger, settings, stats)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(drain_to_sink, receive, out, tracked)
+            tg.start_soon(drain, receive, out, tracked)
             async with aclosing(batches):
                 await engine.run(batches, send)
     finally:
@@ -440,4 +463,7 @@ async def run(
                 journal.close(delete=tracked is not None)
             if own_transport:
                 await tx.aclose()
+        # Outside the shield: it ends the coordination's own task group (it shields what
+        # must finish, closing the Redis connection).
+        await coordination.aclose()
     return stats

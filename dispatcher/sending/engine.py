@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -43,6 +43,27 @@ async def _put(stream: MemoryObjectSendStream[_T], item: _T) -> None:
         stream.send_nowait(item)
     except anyio.WouldBlock:
         await stream.send(item)
+
+
+class GateStatsLike(Protocol):
+    @property
+    def pauses(self) -> int: ...
+
+    @property
+    def paused_s(self) -> float: ...
+
+
+class Gate(Protocol):
+    """What the engine needs of a gate: :class:`RateGate`, or a shared one (``--redis``)."""
+
+    @property
+    def stats(self) -> GateStatsLike: ...
+
+    def ready(self) -> bool: ...
+
+    async def acquire(self) -> None: ...
+
+    def pause_for(self, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,7 +145,7 @@ class Engine:
         self,
         *,
         transport: Transport,
-        gate: RateGate,
+        gate: RateGate | Gate,
         policy: RetryPolicy,
         concurrency: int,
         queue_size: int | None = None,

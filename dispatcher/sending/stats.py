@@ -27,6 +27,8 @@ class RunStats:
     crashed_unknown: int = 0  # records a crashed run had started, now marked unknown
     stop_reason: str | None = None
     interrupted: bool = False
+    coordination: str | None = None  # --redis: None while connected, else what is wrong
+    coordination_dropped: int = 0  # --job: envelopes dropped, another process's was final
     # Latencies of the last attempts, kept only as a running sum for the summary's mean.
     latency_sum_ms: float = 0.0
     latency_count: int = 0
