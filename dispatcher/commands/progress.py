@@ -22,7 +22,7 @@ def status_line(stats: RunStats) -> str:
         f"{stats.records:,} done ({stats.confirmed:,} ok, {stats.failed:,} failed), "
         f"{stats.in_flight} in flight, {stats.attempts / elapsed:,.1f} req/s, "
         f"{stats.retries:,} retries, {stats.rate_limited:,} 429s, {elapsed:,.0f}s"
-    )
+    ) + (f"; {stats.coordination}" if stats.coordination else "")
 
 
 def bar_status(stats: RunStats) -> str:
@@ -31,7 +31,7 @@ def bar_status(stats: RunStats) -> str:
         f"{stats.failed:,} failed · {stats.in_flight} in flight · "
         f"{stats.attempts / stats.elapsed():,.0f} req/s · {stats.retries:,} retries · "
         f"{stats.rate_limited:,} 429s"
-    )
+    ) + (f" · {stats.coordination}" if stats.coordination else "")
 
 
 def resolve_mode(mode: ProgressMode, quiet: bool, stream: TextIO) -> ProgressMode:

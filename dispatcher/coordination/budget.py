@@ -200,6 +200,8 @@ class SharedGate:
                 await anyio.sleep(wait_us / _US)
             if self._now() < self._paused_until:
                 continue  # a 429 arrived while this slot waited: it falls in the lockout
+            if not self._link.connected:
+                continue  # Redis went away meanwhile: fail closed, wait for it in _reserve
             self._acquired += 1
             return
 
@@ -243,7 +245,8 @@ class SharedGate:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self._hold(self._now() + int(message["data"]) / _US)
-            except UNREACHABLE:
+            except UNREACHABLE as exc:
+                self._link.down(exc)
                 await anyio.sleep(0.2)
             finally:
                 with anyio.CancelScope(shield=True), contextlib.suppress(*UNREACHABLE):

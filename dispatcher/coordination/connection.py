@@ -92,19 +92,26 @@ class Link:
             try:
                 result = await op()
             except UNREACHABLE as exc:
-                if self._since is None:
-                    self._since = time.monotonic()
-                    self.outages += 1
+                self.down(exc)
                 # Full jitter: processes that lost Redis together do not come back together.
                 wait = delay * (0.5 + self._rng())
-                self._set(f"redis unreachable ({type(exc).__name__}); sending nothing new")
                 await anyio.sleep(wait)
                 delay = min(BACKOFF_CAP, delay * 2)
                 continue
-            if self._since is not None:
-                self._since = None
-                self._set("connected")
+            self.up()
             return result
+
+    def down(self, exc: BaseException) -> None:
+        """Redis went away (seen here or on another connection, such as pub/sub)."""
+        if self._since is None:
+            self._since = time.monotonic()
+            self.outages += 1
+        self._set(f"redis unreachable ({type(exc).__name__}); sending nothing new")
+
+    def up(self) -> None:
+        if self._since is not None:
+            self._since = None
+            self._set("connected")
 
     def _set(self, state: str) -> None:
         if state != self.state:
