@@ -14,7 +14,6 @@ from pathlib import Path
 
 import anyio
 import orjson
-import pytest
 from aiohttp import web
 from redis_server import RedisServer, needs_redis
 

@@ -1,0 +1,144 @@
+"""One job shared by several processes through a real redis-server (``--job``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import orjson
+from redis_server import RedisServer, needs_redis
+
+from dispatcher.emulator import Emulator, EmulatorConfig
+
+pytestmark = needs_redis
+
+TOKEN = "redis-job-token"
+
+
+def write_input(path: Path, count: int) -> Path:
+    lines = (
+        orjson.dumps({"workflow": "wf", "instance_id": f"j{i}", "event_type": "go"})
+        for i in range(count)
+    )
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "CLOUDFLARE_API_TOKEN": TOKEN,
+        "DISPATCHER_JOB_SHARD_LINES": "50",
+        **extra,
+    }
+
+
+def job_command(source: Path, results: Path, base_url: str, redis_url: str, rate: str) -> list[str]:
+    return [
+        sys.executable,
+        *("-m", "dispatcher", "send", str(source)),
+        *("--account-id", "acct1", "--base-url", base_url),
+        *("--redis", redis_url, "--job", "nightly", "--results", str(results)),
+        *("--rate", rate, "--concurrency", "4", "--progress", "lines"),
+    ]
+
+
+def envelopes(paths: list[Path]) -> list[dict[str, object]]:
+    return [
+        orjson.loads(line)
+        for path in paths
+        if path.exists()
+        for line in path.read_bytes().splitlines()
+    ]
+
+
+async def test_a_killed_worker_s_shards_are_finished_by_the_others(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    total = 600
+    source = write_input(tmp_path / "in.jsonl", total)
+    outs = [tmp_path / f"out{i}.jsonl" for i in range(4)]
+    env = job_env(DISPATCHER_JOB_TIMEOUT="3")
+    async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
+        procs = [
+            await anyio.open_process(
+                job_command(source, outs[i], emu.base_url, redis_server.url, "120/s"), env=env
+            )
+            for i in range(4)
+        ]
+        try:
+            # Mid-shard: wait until the victim has written some envelopes.
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and (
+                not outs[0].exists() or outs[0].stat().st_size < 2000
+            ):
+                await anyio.sleep(0.05)
+            procs[0].send_signal(signal.SIGKILL)
+            with anyio.fail_after(60):
+                codes = [await p.wait() for p in procs]
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+        accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
+    assert codes[0] == -signal.SIGKILL
+    assert codes[1:] == [0, 0, 0]
+    envs = envelopes(outs)
+    per_key = Counter(e["key"] for e in envs)
+    assert len(per_key) == total
+    assert set(per_key.values()) == {1}, "a record got two final envelopes"
+    assert {e["delivery"] for e in envs} == {"confirmed"}
+    assert set(accepted) == {f"j{i}" for i in range(total)}
+    twice = [k for k, n in accepted.items() if n > 1]
+    # At most the victim's requests in flight (--concurrency 4) were delivered again.
+    assert len(twice) <= 4, twice
+    status = redis_server.command("hgetall", "dispatcher:{job:nightly}:meta").split()
+    meta = dict(zip(status[::2], status[1::2], strict=True))
+    assert meta[b"acked"] == meta[b"shards"] == b"12"
+
+
+async def test_nothing_is_sent_while_redis_is_down_then_the_job_completes(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    total = 300
+    source = write_input(tmp_path / "in.jsonl", total)
+    outs = [tmp_path / f"out{i}.jsonl" for i in range(2)]
+    async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
+        procs = [
+            await anyio.open_process(
+                job_command(source, outs[i], emu.base_url, redis_server.url, "40/s"),
+                env=job_env(),
+            )
+            for i in range(2)
+        ]
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and len(emu.log.requests) < 60:
+                await anyio.sleep(0.02)
+            redis_server.stop()
+            stopped = time.monotonic()
+            await anyio.sleep(10)
+            restarted = time.monotonic()
+            redis_server.start()
+            with anyio.fail_after(60):
+                codes = [await p.wait() for p in procs]
+            stderr = b"".join([await p.stderr.receive() for p in procs if p.stderr])
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+        arrivals = [r.t for r in emu.log.requests]
+    assert codes == [0, 0]
+    # What was in flight when Redis stopped may still arrive (requests take ~ms here).
+    during = [t - stopped for t in arrivals if stopped + 0.2 < t < restarted]
+    assert during == []
+    assert any(t > restarted for t in arrivals)
+    per_key = Counter(e["key"] for e in envelopes(outs))
+    assert len(per_key) == total
+    assert set(per_key.values()) == {1}
+    assert b"redis unreachable" in stderr
