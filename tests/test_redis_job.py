@@ -77,7 +77,7 @@ async def test_a_killed_worker_s_shards_are_finished_by_the_others(
             while time.monotonic() < deadline and (
                 not outs[0].exists() or outs[0].stat().st_size < 2000
             ):
-                await anyio.sleep(0.05)
+                await anyio.sleep(0.05)  # noqa: ASYNC110 -- polls a file another process writes
             procs[0].send_signal(signal.SIGKILL)
             with anyio.fail_after(60):
                 codes = [await p.wait() for p in procs]
@@ -119,7 +119,7 @@ async def test_nothing_is_sent_while_redis_is_down_then_the_job_completes(
         try:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and len(emu.log.requests) < 60:
-                await anyio.sleep(0.02)
+                await anyio.sleep(0.02)  # noqa: ASYNC110 -- the emulator log has no event
             redis_server.stop()
             stopped = time.monotonic()
             await anyio.sleep(10)
