@@ -74,10 +74,11 @@ async def test_a_killed_worker_s_shards_are_finished_by_the_others(
         try:
             # Mid-shard: wait until the victim has written some envelopes.
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and (
+            # (polls: the file is written by another process, there is no event to wait on)
+            while time.monotonic() < deadline and (  # noqa: ASYNC110
                 not outs[0].exists() or outs[0].stat().st_size < 2000
             ):
-                await anyio.sleep(0.05)  # noqa: ASYNC110 -- polls a file another process writes
+                await anyio.sleep(0.05)
             procs[0].send_signal(signal.SIGKILL)
             with anyio.fail_after(60):
                 codes = [await p.wait() for p in procs]
@@ -118,8 +119,8 @@ async def test_nothing_is_sent_while_redis_is_down_then_the_job_completes(
         ]
         try:
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and len(emu.log.requests) < 60:
-                await anyio.sleep(0.02)  # noqa: ASYNC110 -- the emulator log has no event
+            while time.monotonic() < deadline and len(emu.log.requests) < 60:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
             redis_server.stop()
             stopped = time.monotonic()
             await anyio.sleep(10)
