@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import orjson
+import pytest
 from redis_server import RedisServer, needs_redis
 
 from dispatcher.emulator import Emulator, EmulatorConfig
@@ -80,8 +81,25 @@ async def test_a_killed_worker_s_shards_are_finished_by_the_others(
             ):
                 await anyio.sleep(0.05)
             procs[0].send_signal(signal.SIGKILL)
-            with anyio.fail_after(60):
+            with anyio.move_on_after(60):
                 codes = [await p.wait() for p in procs]
+            if any(p.returncode is None for p in procs):
+                status = await anyio.run_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "dispatcher",
+                        "status",
+                        "--redis",
+                        redis_server.url,
+                        "--job",
+                        "nightly",
+                        "--sample",
+                        "0.1",
+                    ],
+                    check=False,
+                )
+                pytest.fail("the job did not finish:\n" + status.stdout.decode())
         finally:
             for p in procs:
                 if p.returncode is None:
@@ -96,11 +114,35 @@ async def test_a_killed_worker_s_shards_are_finished_by_the_others(
     assert {e["delivery"] for e in envs} == {"confirmed"}
     assert set(accepted) == {f"j{i}" for i in range(total)}
     twice = [k for k, n in accepted.items() if n > 1]
-    # At most the victim's requests in flight (--concurrency 4) were delivered again.
-    assert len(twice) <= 4, twice
+    # At most what the victim had in flight was delivered again: a record is in flight
+    # from its first request until its envelope is claimed, so that is its 4 requests
+    # (--concurrency 4) plus the answers waiting in its engine's output buffer (4 per
+    # worker) for their claim's round trip.
+    assert len(twice) <= 4 + 16, twice
     status = redis_server.command("hgetall", "dispatcher:{job:nightly}:meta").split()
     meta = dict(zip(status[::2], status[1::2], strict=True))
     assert meta[b"acked"] == meta[b"shards"] == b"12"
+    shown = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "dispatcher",
+            "status",
+            "--redis",
+            redis_server.url,
+            "--job",
+            "nightly",
+            "--sample",
+            "0.1",
+        ],
+        check=False,
+    )
+    text = shown.stdout.decode()
+    assert shown.returncode == 0, shown.stderr
+    assert "state     done" in text
+    assert "12 of 12 done" in text
+    assert f"{total} of {total} final" in text
+    assert "account acct1" in text
 
 
 async def test_nothing_is_sent_while_redis_is_down_then_the_job_completes(
@@ -143,3 +185,50 @@ async def test_nothing_is_sent_while_redis_is_down_then_the_job_completes(
     assert len(per_key) == total
     assert set(per_key.values()) == {1}
     assert b"redis unreachable" in stderr
+
+
+async def test_status_of_an_unknown_job_is_one_line_and_exit_2(redis_server: RedisServer) -> None:
+    shown = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "dispatcher",
+            "status",
+            "--redis",
+            redis_server.url,
+            "--job",
+            "never-started",
+            "--sample",
+            "0",
+        ],
+        check=False,
+    )
+    assert shown.returncode == 2
+    assert shown.stderr.decode().strip().count("\n") == 0
+    assert "never-started" in shown.stderr.decode()
+
+
+async def test_a_job_without_redis_is_refused_before_sending(tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", 3)
+    result = await anyio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "dispatcher",
+            "send",
+            str(source),
+            "--account-id",
+            "a",
+            "--job",
+            "nightly",
+            "--results",
+            str(tmp_path / "out.jsonl"),
+        ],
+        env={**os.environ, "CLOUDFLARE_API_TOKEN": TOKEN, "DISPATCHER_REDIS_URL": ""},
+        check=False,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2
+    assert err.count("\n") == 1
+    assert "--job" in err
+    assert "--redis" in err

@@ -42,6 +42,26 @@ end
 return 0
 """
 
+RELEASE: Final = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('HINCRBY', KEYS[2], 'final', -1)
+  return 1
+end
+return 0
+"""
+
+PUBLISH: Final = """
+if tonumber(redis.call('HGET', KEYS[2], 'published') or '0') ~= tonumber(ARGV[1]) then
+  return 0
+end
+local fields = {}
+for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[1], '*', unpack(fields))
+redis.call('HSET', KEYS[2], 'published', tonumber(ARGV[1]) + 1)
+return 1
+"""
+
 ACK: Final = """
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[2], 'acked', 1)
@@ -68,7 +88,7 @@ def heartbeat_timeout() -> float:
 class JobKeys:
     """The Redis names of one job, hash-tagged so a Cluster keeps them in one slot."""
 
-    __slots__ = ("final", "meta", "shards", "workers")
+    __slots__ = ("final", "meta", "planner", "shards", "workers")
 
     def __init__(self, name: str) -> None:
         tag = f"dispatcher:{{job:{name}}}"
@@ -76,6 +96,7 @@ class JobKeys:
         self.final = f"{tag}:final"
         self.meta = f"{tag}:meta"
         self.workers = f"{tag}:workers"
+        self.planner = f"{tag}:planner"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +104,10 @@ class Shard:
     id: str
     fields: Mapping[str, str]
     reclaimed: bool
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _decode(fields: Mapping[bytes, bytes]) -> dict[str, str]:
@@ -97,15 +122,19 @@ class Job:
         self.name = name
         self.keys = JobKeys(name)
         self.timeout = timeout if timeout is not None else heartbeat_timeout()
-        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.host = socket.gethostname()
+        self.worker = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.held: set[str] = set()  # shards taken and not yet acknowledged
         self.taken = 0
         self.reclaimed = 0
         client = link.client
         self._claim = client.register_script(CLAIM)
         self._ack = client.register_script(ACK)
+        self._release = client.register_script(RELEASE)
+        self._publish = client.register_script(PUBLISH)
+        self.planning = False
 
-    async def create(self) -> bool:
+    async def create(self, account_id: str = "") -> bool:
         """Create the job's Stream and group; ``False`` if another process already did."""
 
         async def op() -> bool:
@@ -116,14 +145,39 @@ class Job:
                 if "BUSYGROUP" in str(exc):
                     return False
                 raise
-            await client.hset(self.keys.meta, mapping={"created": str(time.time())})
+            meta: dict[Any, Any] = {"created": str(time.time()), "account": account_id}
+            await client.hset(self.keys.meta, mapping=meta)
             return True
 
         return await self.link.call(op)
 
-    async def publish(self, fields: Mapping[str, str]) -> None:
-        entry: dict[Any, Any] = dict(fields)
-        await self.link.call(lambda: self.link.client.xadd(self.keys.shards, entry))
+    async def become_planner(self) -> bool:
+        """Take the job's planner lock: cutting the input into shards is one process's
+        work, and another's once that one stops heartbeating (it died mid-plan)."""
+        ttl = int(self.timeout * 1000)
+        got = await self.link.call(
+            lambda: self.link.client.set(self.keys.planner, self.worker, nx=True, px=ttl)
+        )
+        self.planning = bool(got)
+        return self.planning
+
+    async def published(self) -> int:
+        """How many shards are in the Stream (a new planner carries on from there)."""
+        value = await self.link.call(lambda: self.link.client.hget(self.keys.meta, "published"))
+        return int(value or 0)
+
+    async def sealed(self) -> bool:
+        return bool(
+            await self.link.call(lambda: self.link.client.hexists(self.keys.meta, "shards"))
+        )
+
+    async def publish(self, index: int, fields: Mapping[str, str]) -> None:
+        """Shard number ``index``; added once only, whoever publishes it."""
+        flat: list[Any] = [index]
+        for key, value in fields.items():
+            flat += [key, value]
+        keys = [self.keys.shards, self.keys.meta]
+        await self.link.call(lambda: self._publish(keys=keys, args=flat))
 
     async def seal(self, shards: int, records: int) -> None:
         """Every shard is in the Stream: from now on the job can be done."""
@@ -174,12 +228,25 @@ class Job:
         self.reclaimed += reclaimed
         return Shard(sid, _decode(fields), reclaimed)
 
-    async def final_among(self, keys: Sequence[str]) -> set[str]:
-        """Which of ``keys`` already have their final envelope (one round trip)."""
+    async def claimers(self, keys: Sequence[str]) -> dict[str, str]:
+        """Which of ``keys`` already have their final envelope, and whose (one round trip)."""
         if not keys:
-            return set()
+            return {}
         values = await self.link.call(lambda: self.link.client.hmget(self.keys.final, list(keys)))
-        return {key for key, value in zip(keys, values, strict=True) if value is not None}
+        return {
+            key: _text(value) for key, value in zip(keys, values, strict=True) if value is not None
+        }
+
+    async def release(self, key: str, worker: str) -> bool:
+        """Undo ``worker``'s claim on ``key`` (it died before its envelope was written)."""
+        keys = [self.keys.final, self.keys.meta]
+        args = [key, worker]
+        return bool(await self.link.call(lambda: self._release(keys=keys, args=args)))
+
+    async def workers(self) -> dict[str, dict[str, Any]]:
+        """Every worker's last heartbeat."""
+        raw = await self.link.call(lambda: self.link.client.hgetall(self.keys.workers))
+        return {_text(k): orjson.loads(v) for k, v in raw.items()}
 
     async def claim(self, key: str) -> bool:
         """Make this process's envelope the final one for ``key``; ``False`` if one is."""
@@ -206,7 +273,13 @@ class Job:
         client = self.link.client
         held: list[Any] = sorted(self.held)
         beat = orjson.dumps(
-            {**stats, "shards": len(held), "reclaimed": self.reclaimed, "seen": time.time()}
+            {
+                **stats,
+                "host": self.host,
+                "shards": len(held),
+                "reclaimed": self.reclaimed,
+                "seen": time.time(),
+            }
         )
 
         async def op() -> None:
@@ -214,6 +287,8 @@ class Job:
                 if held:
                     pipe.xclaim(self.keys.shards, GROUP, self.worker, 0, held, justid=True)
                 pipe.hset(self.keys.workers, self.worker, beat)
+                if self.planning:
+                    pipe.pexpire(self.keys.planner, int(self.timeout * 1000))
                 pipe.expire(self.keys.workers, _EXPIRE_S)
                 await pipe.execute()
 

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Final
 
 import anyio
+import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.coordination.budget import SharedGate
@@ -109,7 +110,9 @@ class Coordinated:
             self.gate, requested, auto=rate == "auto", clock=time.monotonic, share=1.0
         )
         self.job = Job(self.link, settings.job) if settings.job is not None else None
+        self._results_path = os.path.abspath(settings.results)
         self._tracker = _Tracker()
+        self._tg: anyio.abc.TaskGroup | None = None
 
     def _state(self, state: str) -> None:
         self.stats.coordination = None if state == "connected" else state
@@ -155,16 +158,20 @@ class Coordinated:
 
     async def _publish_plan(self) -> None:
         assert self.job is not None
+        job = self.job
         plan = self._plan()
+        done = await job.published()  # a planner that died left off here
         shards = records = 0
         while True:
             shard = await anyio.to_thread.run_sync(next, plan, None)
             if shard is None:
                 break
-            await self.job.publish(shard)
+            if shards >= done:
+                await job.publish(shards, shard)
             shards += 1
             records += int(shard["records"])
-        await self.job.seal(shards, records)
+        await job.seal(shards, records)
+        job.planning = False
 
     def _read(self, shard: Shard) -> list[Record]:
         fields = shard.fields
@@ -201,9 +208,19 @@ class Coordinated:
             if shard is None:
                 if await job.done():
                     return
+                if (
+                    not job.planning
+                    and self._tg is not None
+                    and not await job.sealed()
+                    and await job.become_planner()
+                ):
+                    self._tg.start_soon(self._publish_plan)
                 continue
             records = await anyio.to_thread.run_sync(self._read, shard)
-            final = await job.final_among([r.key for r in records])
+            final = await job.claimers([r.key for r in records])
+            if shard.reclaimed and final:
+                for key in await self._recover(final):
+                    del final[key]
             todo = [r for r in records if r.key not in final]
             if not todo:
                 await job.ack(shard.id)
@@ -211,6 +228,37 @@ class Coordinated:
             self._tracker.add(shard.id, [r.key for r in todo])
             for start in range(0, len(todo), 1000):
                 yield todo[start : start + 1000]
+
+    async def _recover(self, claimed: dict[str, str]) -> set[str]:
+        """Claims of a dead process on this host whose envelope never reached its file.
+
+        A process killed after its claim but before its write (while the claim's answer
+        was on its way) leaves a record final in Redis with no envelope anywhere. Its
+        results file is on this host: read it, and release the claims it lacks, so the
+        records are sent again (they were in flight when it died). A dead process on
+        another host cannot be read: its claims stand.
+        """
+        job = self.job
+        assert job is not None
+        beats = await job.workers()
+        by_worker: dict[str, list[str]] = {}
+        for key, worker in claimed.items():
+            if worker != job.worker:
+                by_worker.setdefault(worker, []).append(key)
+        released: set[str] = set()
+        now = time.time()
+        for worker, keys in by_worker.items():
+            beat = beats.get(worker)
+            if beat is None or now - float(beat.get("seen", now)) <= job.timeout:
+                continue  # alive (or never seen): its envelope may still come
+            path = beat.get("results")
+            if beat.get("host") != job.host or not isinstance(path, str):
+                continue
+            written = await anyio.to_thread.run_sync(_keys_in, path)
+            for key in keys:
+                if key not in written and await job.release(key, worker):
+                    released.add(key)
+        return released
 
     async def _heartbeat(self) -> None:
         assert self.job is not None
@@ -223,6 +271,7 @@ class Coordinated:
                     "rate_limited": stats.rate_limited,
                     "in_flight": stats.in_flight,
                     "elapsed": stats.elapsed(),
+                    "results": self._results_path,
                 }
             )
             await anyio.sleep(HEARTBEAT_S)
@@ -277,6 +326,25 @@ class Coordinated:
             await anyio.to_thread.run_sync(os.fsync, fd)
 
 
+def _keys_in(path: str) -> set[str]:
+    """The record keys of every whole envelope line of a JSONL results file."""
+    import orjson
+
+    keys: set[str] = set()
+    try:
+        with open(path, "rb") as file:
+            for line in file:
+                try:
+                    key = orjson.loads(line).get("key")
+                except (orjson.JSONDecodeError, AttributeError):
+                    continue  # a torn last line: its envelope did not make it
+                if isinstance(key, str):
+                    keys.add(key)
+    except OSError:
+        pass
+    return keys
+
+
 def _json(value: dict[str, str]) -> str:
     import orjson
 
@@ -301,8 +369,10 @@ async def coordinated(
     shared = Coordinated(settings, stats, options)
     try:
         async with shared.gate.running(), anyio.create_task_group() as tg:
+            shared._tg = tg
             if shared.job is not None:
-                if await shared.job.create():
+                await shared.job.create(settings.account_id)
+                if await shared.job.become_planner():
                     tg.start_soon(shared._publish_plan)
                 tg.start_soon(shared._heartbeat)
             try:
