@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo emulate clean bench bench-quick
+.PHONY: install test lint typecheck pytest demo emulate clean bench bench-quick bench-redis
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
+
+# Needs redis-server (.ci/setup.d/10-redis.sh); prints the table for the README (~1 min).
+bench-redis: $(STAMP)
+	$(BIN)/python benchmarks/redis_budget.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -119,8 +119,8 @@ async def test_a_killed_worker_s_shards_are_finished_by_the_others(
     # (--concurrency 4) plus the answers waiting in its engine's output buffer (4 per
     # worker) for their claim's round trip.
     assert len(twice) <= 4 + 16, twice
-    status = redis_server.command("hgetall", "dispatcher:{job:nightly}:meta").split()
-    meta = dict(zip(status[::2], status[1::2], strict=True))
+    fields = redis_server.command("hgetall", "dispatcher:{job:nightly}:meta").split()
+    meta = dict(zip(fields[::2], fields[1::2], strict=True))
     assert meta[b"acked"] == meta[b"shards"] == b"12"
     shown = await anyio.run_process(
         [
