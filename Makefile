@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo emulate clean bench bench-quick bench-rate bench-targets
+.PHONY: install test lint typecheck pytest demo emulate clean bench bench-quick bench-rate bench-targets bench-redis
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-rate: $(STAMP)
 # needs Node 22 and wrangler: bash .ci/setup.d/20-node-wrangler.sh
 bench-targets: $(STAMP)
 	$(BIN)/python benchmarks/targets.py
+
+# Needs redis-server (.ci/setup.d/10-redis.sh); prints the table for the README (~1 min).
+bench-redis: $(STAMP)
+	$(BIN)/python benchmarks/redis_budget.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from redis_server import RedisServer
 
 from dispatcher.emulator import Emulator, EmulatorConfig
 
@@ -19,3 +20,14 @@ async def emulator(request: pytest.FixtureRequest) -> AsyncIterator[Emulator]:
     config: EmulatorConfig = getattr(request, "param", None) or EmulatorConfig(limit=None)
     async with Emulator(config) as emu:
         yield emu
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of its own on a free port (see tests/redis_server.py)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

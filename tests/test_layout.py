@@ -4,6 +4,7 @@ Reads every module's imports with ``ast`` (lazy imports inside functions include
 imports all the same) and checks them against the order in the README's Development section:
 
     commands -> run -> sending -> clients, results -> inputs -> model
+                 run -> coordination (Redis: shared budget and work) -> model
                  report (beside: reads results)    emulator (beside: uses inputs' rules)
 """
 
@@ -27,10 +28,23 @@ ALLOWED: dict[str, frozenset[str]] = {
     "clients": frozenset({"model"}),
     "sending": frozenset({"clients", "results", "model"}),
     "report": frozenset({"results", "model"}),
+    "coordination": frozenset({"model"}),
     "emulator": frozenset({"inputs", "model"}),
-    "run": frozenset({"sending", "clients", "results", "inputs", "report", "model"}),
+    "run": frozenset(
+        {"coordination", "sending", "clients", "results", "inputs", "report", "model"}
+    ),
     "commands": frozenset(
-        {"run", "sending", "clients", "results", "inputs", "report", "emulator", "model"}
+        {
+            "run",
+            "coordination",
+            "sending",
+            "clients",
+            "results",
+            "inputs",
+            "report",
+            "emulator",
+            "model",
+        }
     ),
 }
 

@@ -38,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "summarise results files: outcomes, latency, throughput",
     ),
     "load": ("dispatcher.commands.load", "load-test a workflow at a known arrival rate"),
+    "status": (
+        "dispatcher.commands.status",
+        "show a shared --job in Redis: progress, rate, pauses, live workers",
+    ),
 }
 
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (?P<args>.*)")

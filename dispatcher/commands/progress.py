@@ -40,7 +40,7 @@ def status_line(stats: RunStats, paused_for: PausedFor | None = None) -> str:
         f"{stats.records:,} done ({stats.confirmed:,} ok, {stats.failed:,} failed), "
         f"{stats.in_flight} in flight, {stats.attempts / elapsed:,.1f} req/s, "
         f"{stats.retries:,} retries, {stats.rate_limited:,} 429s, {elapsed:,.0f}s"
-    )
+    ) + (f"; {stats.coordination}" if stats.coordination else "")
     paused = pause_text(stats, paused_for)
     return f"{line}; {paused}" if paused else line
 
@@ -52,7 +52,7 @@ def bar_status(stats: RunStats, paused_for: PausedFor | None = None) -> str:
         f"{stats.failed:,} failed · {stats.in_flight} in flight · "
         f"{stats.attempts / stats.elapsed():,.0f} req/s · {stats.retries:,} retries · "
         f"{stats.rate_limited:,} 429s"
-    )
+    ) + (f" · {stats.coordination}" if stats.coordination else "")
     return f"{paused} · {text}" if paused else text
 
 

@@ -775,3 +775,62 @@ class _CsvFeed:
             if self.problem is None and "\0" in text:
                 self.problem = ("nul_byte", f"line {line} contains a NUL byte")
             yield text
+
+
+def read_line_range(
+    path: str,
+    fmt: Format,
+    options: ReadOptions,
+    keys: KeyDeriver,
+    *,
+    offset: int,
+    first_line: int,
+    count: int,
+) -> Iterator[list[Record]]:
+    """The records of lines ``first_line .. first_line + count - 1`` of a JSONL or id-list
+    file, whose first byte is at ``offset`` (a shard of a ``--job``).
+
+    Lines keep their numbers in the whole file. CSV is not read this way: a quoted cell
+    may span lines, so a line range need not hold whole rows. Keys are derived with
+    ``keys`` alone, so a repeat of a record from an earlier range gets that record's key.
+    """
+    if fmt not in ("jsonl", "ids"):
+        raise InputError(f"{path}: a line range can be read from JSONL or an id list, not {fmt}")
+    if fmt == "ids" and (options.event_type is None or options.workflow is None):
+        raise InputError(f"{path}: --workflow and --event-type are required for an id list")
+    try:
+        stream: BinaryIO = open(path, "rb")  # noqa: SIM115 -- closed below
+    except OSError as e:
+        raise InputError(f"{path}: cannot open: {e.strerror or e}") from e
+    try:
+        stream.seek(offset)
+        shift = first_line - 1
+        lines = (
+            (number + shift, raw, too_long)
+            for number, raw, too_long in islice(_lines(stream, path, options.max_line_bytes), count)
+        )
+        reader = _Reader(path, options, keys)
+        records = reader.read_jsonl(lines) if fmt == "jsonl" else reader.read_ids(lines)
+        size = options.batch_size
+        while batch := list(islice(records, size)):
+            yield batch
+    finally:
+        stream.close()
+
+
+def line_offsets(path: str, every: int) -> Iterator[tuple[int, int, int]]:
+    """``(first_line, byte offset, line count)`` of consecutive ranges of ``every`` lines."""
+    try:
+        stream = open(path, "rb")  # noqa: SIM115 -- closed below
+    except OSError as e:
+        raise InputError(f"{path}: cannot open: {e.strerror or e}") from e
+    with stream:
+        line, start, offset, count = 1, 0, 0, 0
+        for raw in stream:
+            count += 1
+            offset += len(raw)
+            if count == every:
+                yield line, start, count
+                line, start, count = line + count, offset, 0
+        if count:
+            yield line, start, count

@@ -298,6 +298,23 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"to open a connection (default: {_seconds_text(DEFAULT_CONNECT_TIMEOUT)})",
     )
 
+    shared = parser.add_argument_group("several processes or hosts (Redis)")
+    shared.add_argument(
+        "--redis",
+        dest="redis_url",
+        default=None,
+        metavar="URL",
+        help="redis://host:port/db holding the account's rate budget, shared by every run "
+        "that names the same account (env DISPATCHER_REDIS_URL); nothing is sent while it "
+        "cannot be reached",
+    )
+    shared.add_argument(
+        "--job",
+        default=None,
+        metavar="NAME",
+        help="share this input's work with every process started with the same --redis and "
+        "--job NAME; each writes its own --results (env DISPATCHER_JOB)",
+    )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--results",
@@ -518,6 +535,8 @@ _KEYS: Final = (
     _Key(name="max_error_rate", flag="--max-error-rate", convert=_to_fraction),
     _Key(name="error_window", flag="--error-window", convert=_to_int),
     _Key(name="processes", flag="--processes", convert=_to_int),
+    _Key(name="redis_url", flag="--redis", convert=_to_str, env="DISPATCHER_REDIS_URL"),
+    _Key(name="job", flag="--job", convert=_to_str, env="DISPATCHER_JOB"),
     _Key(
         name="http_client",
         flag="--http-client",

@@ -24,7 +24,7 @@ from collections.abc import (
 )
 from contextlib import aclosing
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -56,6 +56,10 @@ from dispatcher.sending.gate import RateGate
 from dispatcher.sending.pacing import AUTO_BURST, Pacer
 from dispatcher.sending.policy import RetryPolicy
 from dispatcher.sending.stats import RunStats
+
+if TYPE_CHECKING:
+    from dispatcher.coordination.budget import SharedGate
+    from dispatcher.run.shared import Coordinated
 
 _BATCH: Final = 1000
 
@@ -702,9 +706,25 @@ async def _run_locked(
         if settings.rate == "auto"
         else None
     )
-    gate, pacer = gate_for(
-        settings, share=1.0 if shard is None else 1.0 / shard[1], remembered=remembered
-    )
+    coordination = contextlib.AsyncExitStack()
+    shared: Coordinated | None = None
+    gate: RateGate | SharedGate
+    if settings.redis_url is not None:
+        # Imported here: redis-py is an extra (dispatcher[redis]), needed only with --redis.
+        try:
+            from dispatcher.run.shared import coordinated
+        except ImportError as exc:
+            raise ConfigError(
+                "--redis", "needs redis-py: pip install 'cf-workflows-dispatcher[redis]'"
+            ) from exc
+        shared = await coordination.enter_async_context(
+            coordinated(settings, stats, read_options(settings))
+        )
+        gate, pacer = shared.gate, shared.pacer
+    else:
+        gate, pacer = gate_for(
+            settings, share=1.0 if shard is None else 1.0 / shard[1], remembered=remembered
+        )
     engine = Engine(
         transport=tx,
         gate=gate,
@@ -727,7 +747,11 @@ async def _run_locked(
     if engine_hook is not None:
         engine_hook(engine)
     send, receive = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)
-    batches: AsyncGenerator[list[Record], None] = input_batches(settings)
+    batches: AsyncGenerator[list[Record], None] = (
+        shared.batches()
+        if shared is not None and shared.job is not None
+        else input_batches(settings)
+    )
     if shard is not None:
         batches = _sharded(batches, shard)
     if settings.resume:
@@ -737,7 +761,11 @@ async def _run_locked(
             if shard_acks is not None and journal is not None:
                 tg.start_soon(shard_acks, journal)
             async with anyio.create_task_group() as flow:
-                flow.start_soon(functools.partial(drain_to_sink, receive, out, commit=commit))
+                if shared is not None and shared.job is not None:
+                    # A job claims each envelope in Redis and writes the claimed ones through.
+                    flow.start_soon(shared.drain, receive, out, journal)
+                else:
+                    flow.start_soon(functools.partial(drain_to_sink, receive, out, commit=commit))
                 async with aclosing(batches):
                     await engine.run(batches, send)
             tg.cancel_scope.cancel()
@@ -770,6 +798,9 @@ async def _run_locked(
                 journal.close(delete=shard is None and commit.error is None)
             if own_transport:
                 await tx.aclose()
+        # Outside the shield: it ends the coordination's own task group (it shields what
+        # must finish, closing the Redis connection).
+        await coordination.aclose()
     return stats
 
 

@@ -375,6 +375,9 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ConfigError(name, f"must be one of {', '.join(choices)}, got {value!r}")
 
 
+_JOB_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SendSettings:
     """Everything `dispatcher send` needs, checked once.
@@ -416,6 +419,8 @@ class SendSettings:
     error_window: int = DEFAULT_ERROR_WINDOW
     processes: int = 1  # worker processes sharing the input and the rate budget
     http_client: HttpClient = "fast"  # our lean HTTP/1.1 client, or aiohttp
+    redis_url: str | None = None  # --redis: the account's budget (and --job's work) in Redis
+    job: str | None = None  # --job: share this input's work with every process of that name
 
     def __post_init__(self) -> None:
         self._check_inputs()
@@ -470,6 +475,7 @@ class SendSettings:
         _check_choice("http_client", self.http_client, HTTP_CLIENTS)
         if self.processes > 1 and self.results == "-":
             raise ConfigError("processes", "needs a results file, not stdout")
+        self._check_coordination()
         if self.resume and self.overwrite:
             raise ConfigError("overwrite", "cannot be combined with --resume")
         if (self.retry_failed or self.resend_unknown) and not self.resume:
@@ -504,6 +510,33 @@ class SendSettings:
                 raise ConfigError(
                     "relay_secret", "must be printable ASCII without spaces or line breaks"
                 )
+
+    def _check_coordination(self) -> None:
+        if self.redis_url is not None and (
+            not isinstance(self.redis_url, str)
+            or not self.redis_url.startswith(("redis://", "rediss://", "unix://"))
+        ):
+            raise ConfigError("redis_url", "must be a redis://, rediss:// or unix:// URL")
+        if self.job is None:
+            if self.redis_url is not None and self.processes > 1:
+                raise ConfigError(
+                    "processes", "with --redis, start each process yourself (with --job to share)"
+                )
+            return
+        if not isinstance(self.job, str) or _JOB_NAME.fullmatch(self.job) is None:
+            raise ConfigError(
+                "job", f"must be 1..64 letters, digits, '.', '-' or '_', got {self.job!r}"
+            )
+        if self.redis_url is None:
+            raise ConfigError("job", "needs --redis (or DISPATCHER_REDIS_URL): the job lives there")
+        if self.processes > 1:
+            raise ConfigError("processes", "--job shares the work through Redis: start N processes")
+        if self.resume:
+            raise ConfigError(
+                "resume", "a --job resumes by itself: start it again with the same name"
+            )
+        if self.results == "-":
+            raise ConfigError("job", "each process of a job needs its own --results file")
 
     def _check_inputs(self) -> None:
         # Empty is allowed: dispatch() takes its records from the caller, not from files.

@@ -17,7 +17,7 @@ from typing import Protocol
 import anyio
 from aiolimiter import AsyncLimiter
 
-__all__ = ["Gate", "GateStats", "RateGate", "default_burst"]
+__all__ = ["Gate", "GateCounts", "GateStats", "RateGate", "default_burst"]
 
 # Sleeps in an event loop end late: epoll rounds timeouts up to whole milliseconds and a
 # busy loop wakes later still. With a bucket of one, that lateness is lost for good (the
@@ -49,6 +49,19 @@ class GateStats:
     paused_s: float  # total length of all pauses as set, overlaps counted once
 
 
+class GateCounts(Protocol):
+    """What the summary reads of any gate's counts (:class:`GateStats` is one)."""
+
+    @property
+    def acquired(self) -> int: ...
+
+    @property
+    def pauses(self) -> int: ...
+
+    @property
+    def paused_s(self) -> float: ...
+
+
 class Gate(Protocol):
     """A run's budget, shared by every worker: what the engine and the pacer use of it.
 
@@ -64,7 +77,7 @@ class Gate(Protocol):
         ...
 
     @property
-    def stats(self) -> GateStats: ...
+    def stats(self) -> GateCounts: ...
 
     @property
     def paused_until(self) -> float:

@@ -30,6 +30,8 @@ class RunStats:
     stop_reason: str | None = None
     locked_out_s: float | None = None  # a 429 asked for a longer wait than allowed: stopped
     interrupted: bool = False
+    coordination: str | None = None  # --redis: None while connected, else what is wrong
+    coordination_dropped: int = 0  # --job: envelopes dropped, another process's was final
     # Latencies of the last attempts, kept only as a running sum for the summary's mean.
     latency_sum_ms: float = 0.0
     latency_count: int = 0
