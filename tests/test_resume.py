@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import signal
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -15,45 +13,10 @@ import anyio
 import orjson
 import pytest
 from anyio.abc import Process
+from crashkit import TOKEN, cmd, env_for, write_input
 
 from dispatcher.emulator import Emulator, EmulatorConfig, Faults
 from dispatcher.results.ledger import load_ledger, read_envelopes
-
-TOKEN = "tok-resume-test-77aa01"
-
-
-def env_for(emu: Emulator) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")}
-    env.update(
-        CLOUDFLARE_API_TOKEN=TOKEN, CLOUDFLARE_ACCOUNT_ID="acc", CLOUDFLARE_BASE_URL=emu.base_url
-    )
-    return env
-
-
-def write_input(path: Path, ids: list[str]) -> Path:
-    path.write_bytes(
-        b"".join(
-            orjson.dumps({"instance_id": i, "event_type": "evt", "body": {"id": i}}) + b"\n"
-            for i in ids
-        )
-    )
-    return path
-
-
-def cmd(src: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "dispatcher",
-        "send",
-        str(src),
-        "--workflow",
-        "wf",
-        "--results",
-        str(out),
-        "--quiet",
-        *extra,
-    ]
 
 
 async def run_cli(args: list[str], env: dict[str, str]) -> int:
