@@ -134,7 +134,18 @@ def run(args: argparse.Namespace) -> int:
             "nothing was sent",
             file=sys.stderr,
         )
-    unknown_list = write_unknown_list(settings.results)
+    # Reading the whole ledger back costs memory in proportion to the results (about
+    # 100 MiB at 1M records): only when some record's delivery can be unknown.
+    maybe_unknown = (
+        stats.deliveries[Delivery.UNKNOWN.value] > 0
+        or stats.skipped.get("unknown", 0) > 0
+        or stats.crashed_unknown > 0
+    )
+    unknown_list: str | None = None
+    if maybe_unknown:
+        unknown_list = write_unknown_list(settings.results)
+    else:
+        remove_unknown_list(settings.results)
     stopped = stats.stop_reason is not None or stats.interrupted or stats.write_error is not None
     if not settings.quiet:
         finish = finish_command(getattr(args, "_argv", None), settings, stats)
@@ -194,6 +205,13 @@ def finish_command(
 
 def unknown_list_path(results: str) -> str:
     return f"{results}.unknown.jsonl"
+
+
+def remove_unknown_list(results: str) -> None:
+    """No record is unknown: an older list beside the results is out of date."""
+    if results != "-":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(unknown_list_path(results))
 
 
 def write_unknown_list(results: str) -> str | None:
