@@ -144,7 +144,8 @@ class Report:
     def like_for_like_table(self) -> list[str]:
         """The headline: each ratio between two contenders on the same event loop."""
         c = self.comparison
-        assert c is not None
+        if c is None:  # --skip compare
+            return ["(not measured in this run: `--skip compare`)"]
         rows = [
             "| loop | dispatcher events/s | baseline events/s | **dispatcher / baseline** "
             "| per round | CPU per event | sdk events/s | **dispatcher / sdk** | per round |",
