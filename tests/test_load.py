@@ -6,6 +6,7 @@ import importlib.util
 import itertools
 import os
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -14,6 +15,7 @@ import pytest
 
 from dispatcher.commands.cli import main
 from dispatcher.emulator import Emulator, EmulatorConfig, Faults
+from dispatcher.emulator.config import Limit
 from dispatcher.report.summary import parse_threshold
 from dispatcher.results.ledger import read_envelopes
 from dispatcher.run.loadtest import (
@@ -169,6 +171,37 @@ async def test_busy_workers_drop_arrivals_instead_of_queueing(tmp_path: Path) ->
     assert [b.describe() for b in result.breaches] == [
         f"dropped<1%: measured {stats.dropped / 20:.2%}"
     ]
+
+
+async def test_latency_thresholds_keep_429s_apart_from_accepted_answers(tmp_path: Path) -> None:
+    # Every 2xx takes 100 ms; the limiter refuses most arrivals at once, before any
+    # latency. Mixed together, the fast 429s would be most answers and set the median.
+    faults = Faults.parse([], latency="100ms")
+    config = EmulatorConfig(limit=Limit(quota=10, window=1.0), lockout=1.0, faults=faults)
+    async with Emulator(config) as emu:
+        s = settings_for(
+            emu,
+            tmp_path,
+            profile=LoadProfile.constant(40, 1),
+            thresholds=tuple(
+                parse_threshold(t)
+                for t in ("p50>=100ms", "rejected_p99<50ms", "all_p50>=100ms", "all_p50<50ms")
+            ),
+        )
+        result = await run_load(s)
+    stats = result.stats
+    assert stats.rate_limited >= 20
+    assert 10 <= stats.confirmed < 20
+    # p50 judges the accepted answers (all >= 100 ms), rejected_p99 the 429s (fast);
+    # only the mixed all_p50 is pulled down by the 429s.
+    assert [b.threshold.text for b in result.breaches] == ["all_p50>=100ms"]
+    # The live line's percentiles are split the same way.
+    p50, _ = stats.window_percentiles(time.monotonic())
+    r50, _ = stats.window_percentiles(time.monotonic(), rejected=True)
+    assert p50 is not None
+    assert p50 >= 100
+    assert r50 is not None
+    assert r50 < 50
 
 
 # --- the command, as a user runs it ----------------------------------------------------------

@@ -300,11 +300,25 @@ def test_report_threshold_breach_exits_4(
 ) -> None:
     path = tmp_path / "results.jsonl"
     write_jsonl(path, hand_built())
-    code = main(["report", str(path), "--threshold", "p99<500ms", "--threshold", "p50<1s"])
+    code = main(
+        [
+            "report",
+            str(path),
+            *("--threshold", "all_p99<500ms"),
+            *("--threshold", "p50<1s"),
+            *("--threshold", "p99<500ms"),
+            *("--threshold", "rejected_max<200ms"),
+        ]
+    )
     assert code == 4
     err = capsys.readouterr().err
-    assert "p99<500ms: measured 1,000.0 ms" in err
+    # all_: every attempt's latency, the 1 s timeout included.
+    assert "all_p99<500ms: measured 1,000.0 ms" in err
+    # Plain p99 judges the 2xx answers (the slowest took 200 ms): it holds.
     assert "p50<1s" not in err
+    assert "p99<500ms:" not in err.replace("all_p99<500ms:", "")
+    # rejected_: the error answers (the 500 took 250 ms).
+    assert "rejected_max<200ms: measured 250.0 ms" in err
 
 
 def test_choose_bucket_keeps_rows_few() -> None:

@@ -44,6 +44,10 @@ _MAX_INVALID_SHOWN: Final = 5
 # Flags of `send` that mean exactly the same here (target, credentials, timeouts): taken
 # with their help from send's parser, and parsed by send's loader below.
 _SHARED_FLAGS: Final = (
+    "--target",
+    "--relay-secret-file",
+    "--batch-size",
+    "--http-client",
     "--validate-ids",
     "--account-id",
     "--base-url",
@@ -62,7 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "that finds all --concurrency workers busy is dropped and counted, never queued. "
         "No retries: each arrival is one request. Credentials and target as for send: "
         "CLOUDFLARE_API_TOKEN (or CLOUDFLARE_EMAIL + CLOUDFLARE_API_KEY, or --token-file), "
-        "CLOUDFLARE_ACCOUNT_ID, CLOUDFLARE_BASE_URL."
+        "CLOUDFLARE_ACCOUNT_ID, CLOUDFLARE_BASE_URL; --target wrangler-dev needs none of "
+        "them, --target relay the relay's secret (DISPATCHER_RELAY_SECRET). Latency "
+        "thresholds (p99<800ms) judge the 2xx answers; rejected_p99 the others, all_p99 all."
     )
     # Borrow send's definitions of the shared flags, so help and parsing stay the same.
     donor = argparse.ArgumentParser(add_help=False)
@@ -134,7 +140,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="EXPR",
-        help="exit 4 unless it holds: p50/p90/p95/p99/max/mean<800ms, error_rate<0.5%%, "
+        help="exit 4 unless it holds: p50/p90/p95/p99/max/mean<800ms (2xx answers; "
+        "rejected_p99 etc. for the others, all_p99 etc. for all), error_rate<0.5%%, "
         "dropped<1%%, rate>=45/s; may be repeated",
     )
     judge.add_argument(
@@ -264,6 +271,10 @@ def load_settings(args: argparse.Namespace, env: dict[str, str] | os._Environ[st
         **{
             name: getattr(args, name, None)
             for name in (
+                "target",
+                "relay_secret_file",
+                "batch_size",
+                "http_client",
                 "workflow",
                 "event_type",
                 "body",
@@ -280,10 +291,6 @@ def load_settings(args: argparse.Namespace, env: dict[str, str] | os._Environ[st
         },
     )
     send = load_send_settings(borrowed, env)
-    # The borrowed namespace names no --target, so send's loader took "api", which
-    # requires both of these.
-    assert send.account_id is not None
-    assert send.credentials is not None
     thresholds: list[Threshold] = []
     for text in args.threshold:
         try:
@@ -297,9 +304,13 @@ def load_settings(args: argparse.Namespace, env: dict[str, str] | os._Environ[st
         bodies=_bodies(args, send),
         profile=_profile(args),
         concurrency=send.concurrency,
+        target=send.target,
         account_id=send.account_id,
         base_url=send.base_url,
         credentials=send.credentials,
+        relay_secret=send.relay_secret,
+        batch_size=send.batch_size,
+        http_client=send.http_client,
         timeout=send.timeout,
         connect_timeout=send.connect_timeout,
         results=send.results,
@@ -405,7 +416,8 @@ def run(args: argparse.Namespace) -> int:
     if not quiet:
         print(
             f"load: {settings.profile.describe()} ({settings.profile.expected_arrivals:,} "
-            f"arrivals) → {settings.base_url}, {settings.concurrency} workers",
+            f"arrivals) → {settings.base_url} ({settings.target}), "
+            f"{settings.concurrency} workers",
             file=sys.stderr,
             flush=True,
         )

@@ -80,6 +80,10 @@ FORMATS: Final[tuple[Format, ...]] = ("text", "json", "markdown")
 
 # --- latency -----------------------------------------------------------------------------
 
+_LATENCY_METRICS: Final = ("p50", "p90", "p95", "p99", "max", "mean", "min")
+REJECTED_PREFIX: Final = "rejected_"  # threshold metrics over non-2xx answers
+ALL_PREFIX: Final = "all_"  # threshold metrics over every answer
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LatencySummary:
@@ -306,19 +310,24 @@ class Report:
         return self.sent / seconds if seconds > 0 else None
 
     def metrics(self) -> dict[str, float | None]:
-        """The numbers thresholds are judged on (latencies in ms, rates as fractions)."""
-        lat = self.latency
-        return {
-            "p50": lat.p50_ms,
-            "p90": lat.p90_ms,
-            "p95": lat.p95_ms,
-            "p99": lat.p99_ms,
-            "max": lat.max_ms,
-            "mean": lat.mean_ms,
-            "min": lat.min_ms,
-            "error_rate": self.error_rate,
-            "rate": self.rate,
-        }
+        """The numbers thresholds are judged on (latencies in ms, rates as fractions).
+
+        ``p99`` and its kin are the *accepted* answers' (2xx): a 429 comes back in a
+        fraction of a millisecond, and mixed in it would make a server refusing half the
+        load look fast. ``rejected_p99`` and so on are the other answers', ``all_p99`` all
+        of them together.
+        """
+        out: dict[str, float | None] = {}
+        for prefix, lat in (
+            ("", self.latency_accepted),
+            (REJECTED_PREFIX, self.latency_rejected),
+            (ALL_PREFIX, self.latency),
+        ):
+            for name in _LATENCY_METRICS:
+                out[prefix + name] = getattr(lat, f"{name}_ms")
+        out["error_rate"] = self.error_rate
+        out["rate"] = self.rate
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         seconds = self.seconds
@@ -635,10 +644,18 @@ _OPS: Final[dict[str, Callable[[float, float], bool]]] = {
     "<": operator.lt,
     ">": operator.gt,
 }
-_LATENCY_METRICS: Final = ("p50", "p90", "p95", "p99", "max", "mean", "min")
 _FRACTION_METRICS: Final = ("error_rate", "dropped")
 _RATE_METRICS: Final = ("rate",)
-METRICS: Final = (*_LATENCY_METRICS, *_FRACTION_METRICS, *_RATE_METRICS)
+METRICS: Final = (
+    *(prefix + m for prefix in ("", REJECTED_PREFIX, ALL_PREFIX) for m in _LATENCY_METRICS),
+    *_FRACTION_METRICS,
+    *_RATE_METRICS,
+)
+_ALL_LATENCY_METRICS: Final = frozenset(METRICS[: 3 * len(_LATENCY_METRICS)])
+_METRIC_NAMES: Final = (
+    f"{', '.join(_LATENCY_METRICS)} (2xx answers; rejected_p99 etc. for the others, "
+    f"all_p99 etc. for every answer), {', '.join((*_FRACTION_METRICS, *_RATE_METRICS))}"
+)
 _THRESHOLD = re.compile(r"\s*(?P<metric>[a-z_0-9]+)\s*(?P<op><=|>=|<|>)\s*(?P<value>\S.*?)\s*")
 _LATENCY_VALUE = re.compile(r"(?P<n>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>us|µs|ms|s|m)?")
 _UNIT_MS: Final = {"us": 0.001, "µs": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -688,13 +705,13 @@ def parse_threshold(text: str) -> Threshold:
     if match is None:
         raise ValueError(
             f"{text!r}: expected METRIC OP VALUE such as 'p99<800ms' or 'error_rate<0.5%' "
-            f"(metrics: {', '.join(METRICS)}; ops: <, <=, >, >=)"
+            f"(metrics: {_METRIC_NAMES}; ops: <, <=, >, >=)"
         )
     metric, op, raw = match["metric"], match["op"], match["value"]
     if metric not in METRICS:
-        raise ValueError(f"{text!r}: unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        raise ValueError(f"{text!r}: unknown metric {metric!r}; known: {_METRIC_NAMES}")
     value: float
-    if metric in _LATENCY_METRICS:
+    if metric in _ALL_LATENCY_METRICS:
         lat = _LATENCY_VALUE.fullmatch(raw)
         if lat is None:
             raise ValueError(f"{text!r}: {raw!r} is not a latency such as 800ms or 1.5s")

@@ -16,8 +16,9 @@ come from solving the quadratic of each stage, so ``10/s:200/s:60s`` sends
 (10 + 200) / 2 * 60 = 6300 requests, ever closer together.
 
 Each arrival sends the run's one event type to the next instance (round robin) with the
-next body (cycled), through the project's :class:`~dispatcher.clients.aiohttp_client.HttpTransport`,
-and its envelope goes to the results sink like ``send``'s, so ``report`` reads it.
+next body (cycled), through the transport of the run's ``--target`` (the same as
+``send``'s: :func:`~dispatcher.clients.targets.build_transport`), and its envelope goes to
+the results sink like ``send``'s, so ``report`` reads it.
 """
 
 from __future__ import annotations
@@ -37,15 +38,21 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from dispatcher.clients.aiohttp_client import HttpTransport
-from dispatcher.clients.base import Transport, TransportConfig
+from dispatcher.clients.base import Transport
+from dispatcher.clients.targets import (
+    DEFAULT_RELAY_BATCH,
+    RELAY_SECRET_ENV,
+    TARGETS,
+    Target,
+    build_transport,
+)
 from dispatcher.model import Delivery, Envelope, Event
 from dispatcher.report.plot import LoadOverlay, Points
 from dispatcher.report.summary import Breach, Report, ReportBuilder, Threshold, check_thresholds
 from dispatcher.results import envelopes
 from dispatcher.results.sinks import Sink, open_sink
 from dispatcher.run.runner import drain_to_sink
-from dispatcher.run.settings import Credentials, Rate, parse_duration, parse_rate
+from dispatcher.run.settings import Credentials, HttpClient, Rate, parse_duration, parse_rate
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -65,6 +72,12 @@ DEFAULT_RESULTS: Final = "load-results.jsonl"
 LIVE_WINDOW: Final = 5.0  # seconds of answers the live p50/p99 are taken over
 LIVE_INTERVAL: Final = 1.0
 _AUTH_STATUSES: Final = frozenset({401, 403})
+_AUTH_HINTS: Final[dict[str, str]] = {
+    "api": "check the token and that it has the Workers Scripts Write permission",
+    "relay": f"check that {RELAY_SECRET_ENV} (or --relay-secret-file) holds the relay "
+    "Worker's RELAY_SECRET",
+    "wrangler-dev": "wrangler dev asks for no credentials: is --base-url a wrangler dev?",
+}
 
 
 # --- the arrival profile -------------------------------------------------------------------
@@ -221,9 +234,15 @@ class LoadSettings:
     bodies: tuple[bytes | None, ...] = (None,)  # cycled; (None,): requests carry no body
     profile: LoadProfile
     concurrency: int = DEFAULT_CONCURRENCY
-    account_id: str
+    # Where the requests go (dispatcher.clients.targets): only "api" needs an account id
+    # and credentials, only "relay" its shared secret.
+    target: Target = "api"
+    account_id: str | None = None
     base_url: str
-    credentials: Credentials
+    credentials: Credentials | None = None
+    relay_secret: str | None = field(default=None, repr=False, compare=False)
+    batch_size: int = DEFAULT_RELAY_BATCH  # events per POST /events, target relay only
+    http_client: HttpClient = "fast"
     timeout: float = 30.0
     connect_timeout: float = 10.0
     results: str = DEFAULT_RESULTS
@@ -237,6 +256,12 @@ class LoadSettings:
             raise ValueError("bodies must hold at least one body (None for no body)")
         if self.concurrency < 1:
             raise ValueError("--concurrency must be at least 1")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.target == "api" and (self.account_id is None or self.credentials is None):
+            raise ValueError("the api target needs an account id and credentials")
+        if self.target == "relay" and not self.relay_secret:
+            raise ValueError("the relay target needs the relay's secret")
 
 
 @dataclass(slots=True)
@@ -257,8 +282,11 @@ class LoadStats:
     stop_reason: str | None = None
     interrupted: bool = False
     drop_times: array[float] = field(default_factory=lambda: array("d"))
-    # (monotonic time answered, latency ms) of recent answers, for the live percentiles.
+    # (monotonic time answered, latency ms) of recent answers, for the live percentiles:
+    # accepted (2xx) and rejected apart, as the thresholds judge them (a 429 comes back in
+    # a fraction of a millisecond and would make a refusing server look fast).
     recent: deque[tuple[float, float]] = field(default_factory=deque)
+    recent_rejected: deque[tuple[float, float]] = field(default_factory=deque)
 
     @property
     def errors(self) -> int:
@@ -270,12 +298,18 @@ class LoadStats:
             self.confirmed += 1
         if env.status == 429:
             self.rate_limited += 1
-        if env.latency_ms is not None:
-            self.recent.append((time.monotonic(), env.latency_ms))
+        if env.latency_ms is not None and env.status is not None:
+            accepted = 200 <= env.status < 300
+            (self.recent if accepted else self.recent_rejected).append(
+                (time.monotonic(), env.latency_ms)
+            )
 
-    def window_percentiles(self, now: float) -> tuple[float | None, float | None]:
-        """p50 and p99 of the answers of the last :data:`LIVE_WINDOW` seconds."""
-        recent = self.recent
+    def window_percentiles(
+        self, now: float, *, rejected: bool = False
+    ) -> tuple[float | None, float | None]:
+        """p50 and p99 of the accepted (2xx) answers of the last :data:`LIVE_WINDOW`
+        seconds; of the other answers with ``rejected``."""
+        recent = self.recent_rejected if rejected else self.recent
         while recent and recent[0][0] < now - LIVE_WINDOW:
             recent.popleft()
         if not recent:
@@ -358,15 +392,17 @@ class LoadRun:
         points = Points()
         own_tx = self._transport is None
         tx: Transport = (
-            HttpTransport(
-                TransportConfig(
-                    base_url=settings.base_url,
-                    account_id=settings.account_id,
-                    auth_headers=settings.credentials.headers(),
-                    timeout=settings.timeout,
-                    connect_timeout=settings.connect_timeout,
-                    pool_size=settings.concurrency,
-                )
+            build_transport(
+                settings.target,
+                base_url=settings.base_url,
+                account_id=settings.account_id,
+                auth_headers=settings.credentials.headers() if settings.credentials else {},
+                timeout=settings.timeout,
+                connect_timeout=settings.connect_timeout,
+                pool_size=settings.concurrency,
+                http_client=settings.http_client,
+                relay_secret=settings.relay_secret,
+                batch_size=settings.batch_size,
             )
             if self._transport is None
             else self._transport
@@ -493,8 +529,7 @@ class LoadRun:
                     # Every request would get the same answer: measuring it is pointless.
                     self.stop(
                         f"credentials rejected (HTTP {outcome.status}: "
-                        f"{outcome.message or 'no message'}); check the token and that it "
-                        "has the Workers Scripts Write permission"
+                        f"{outcome.message or 'no message'}); {_AUTH_HINTS[settings.target]}"
                     )
                 await out.send(env)
 
@@ -518,6 +553,7 @@ def status_line(stats: LoadStats, profile: LoadProfile, rate_now: float, since: 
     now = time.monotonic()
     elapsed = now - stats.started
     p50, p99 = stats.window_percentiles(now)
+    _, rejected_p99 = stats.window_percentiles(now, rejected=True)
 
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:,.0f} ms"
@@ -529,8 +565,9 @@ def status_line(stats: LoadStats, profile: LoadProfile, rate_now: float, since: 
     return (
         f"{min(elapsed, profile.seconds):4.0f}s/{profile.seconds:g}s  "
         f"rate {rate_now:6.1f}/s (target {target:,.1f}/s)  in flight {stats.in_flight:3d}  "
-        f"p50 {ms(p50)}  p99 {ms(p99)} (last {LIVE_WINDOW:g}s)  "
-        f"errors {stats.errors:,} ({err_pct})  429s {stats.rate_limited:,}  "
+        f"2xx p50 {ms(p50)} p99 {ms(p99)}, rejected p99 {ms(rejected_p99)} "
+        f"(last {LIVE_WINDOW:g}s)  errors {stats.errors:,} ({err_pct})  "
+        f"429s {stats.rate_limited:,}  "
         f"dropped {stats.dropped:,}"
     )
 
