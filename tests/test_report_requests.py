@@ -11,6 +11,7 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from factories import make_envelope
 
 from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind
@@ -86,3 +87,79 @@ def test_rejected_latencies_are_kept_apart_from_accepted_ones() -> None:
     text = render(report, "text")
     assert "accepted   p50 12" in text
     assert "rejected   p50 0.4" in text
+
+
+# --- the plot shows every request ----------------------------------------------------------
+
+
+def test_the_plot_places_every_request_retries_included() -> None:
+    pytest.importorskip("numpy", reason="the plot extra is not installed")
+    from dispatcher.report.plot import EARLIER as EARLIER_KIND
+    from dispatcher.report.plot import HTTP_ERROR, NO_ANSWER, RATE_LIMITED, Points, _series
+
+    points = Points()
+    # Three 429s, then confirmed, over 3 s: the 429s fall between the first request and
+    # the last, not on the record's finish.
+    points.add(
+        with_statuses(
+            "a",
+            {"429": 3, "200": 1},
+            attempts=4,
+            finished_at=T0 + timedelta(seconds=3),
+            latency_ms=10.0,
+        )
+    )
+    # An older envelope (no statuses): its one retry is an earlier attempt, outcome unknown.
+    points.add(make_envelope("b", T0, attempts=2))
+    # Cut off with a request out (no final latency): both attempts are earlier ones.
+    points.add(
+        with_statuses(
+            "c",
+            {"503": 1, "stopped": 1},
+            attempts=2,
+            ok=False,
+            status=None,
+            latency_ms=None,
+            delivery=Delivery.UNKNOWN,
+            error=EnvelopeError(kind=ErrorKind.STOPPED, code=None, message="stopped"),
+            finished_at=T0 + timedelta(seconds=1),
+        )
+    )
+    assert points.requests == 4 + 2 + 2
+    kinds = sorted(points.earlier_kind)
+    assert kinds == sorted([RATE_LIMITED] * 3 + [EARLIER_KIND, HTTP_ERROR, NO_ANSWER])
+    a_times = [
+        t - T0.timestamp()
+        for t, k in zip(points.earlier_t, points.earlier_kind, strict=True)
+        if k == RATE_LIMITED
+    ]
+    assert a_times[0] == pytest.approx(0.0)
+    assert all(0.0 <= t < 3.0 for t in a_times)
+    # The bars add up to the requests made: 8, not the 3 records' last attempts.
+    s = _series(points, None)
+    assert round(sum(float(v.sum()) for v in s.per_kind) * s.width) == 8
+    assert round(float(s.per_kind[RATE_LIMITED].sum()) * s.width) == 3
+
+
+def test_the_demo_plot_counts_the_retried_faults(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    from dispatcher.report.plot import Points
+
+    envs = [
+        with_statuses(
+            f"k{i}", {"503": 1, "200": 1} if i % 4 == 0 else {"200": 1}, attempts=1 + (i % 4 == 0)
+        )
+        for i in range(40)
+    ]
+    points = Points()
+    for e in envs:
+        points.add(e)
+    assert points.requests == 50
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"".join(encode(e) for e in envs))
+    builder = ReportBuilder()
+    builder.add_all(read_envelopes(str(path)))
+    report = builder.build()
+    from dispatcher.report.plot import _headline
+
+    assert "40 records sent, 50 requests (10 retries)" in _headline(report, None, points)

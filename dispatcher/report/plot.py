@@ -9,8 +9,11 @@ The three panels share one time axis, seconds since the run's start:
 
 1. latency of every request at its send time (points, coloured by outcome; every k-th
    one past :data:`MAX_POINTS`), with p50 and p99 per time bucket drawn as lines;
-2. answers per second by finish time, stacked: confirmed, 429, other errors, no answer,
-   plus, for a load test, arrivals dropped for want of an idle worker and the target rate;
+2. requests per second by answer time, stacked: confirmed, 429, other errors, no answer,
+   plus, for a load test, arrivals dropped for want of an idle worker and the target rate.
+   Every request counts, retries included: an envelope's ``statuses`` counts its attempts
+   by outcome, and those before the last (whose times are not recorded) are placed evenly
+   between the record's first request and its last;
 3. the latency histogram with the report's p50/p90/p99 (HdrHistogram's) marked.
 """
 
@@ -45,10 +48,17 @@ MAX_POINTS: Final = 100_000
 _MAX_TIME_BUCKETS: Final = 300
 INSTALL_HINT: Final = "pip install 'cf-workflows-dispatcher[plot]'"
 
-# Outcome categories, in stacking order.
-OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER = 0, 1, 2, 3
-_LABELS: Final = ("confirmed", "429 rate limited", "other HTTP error", "no answer (timeout/conn.)")
-_COLORS: Final = ("#2b7bba", "#f39c12", "#d62728", "#222222")
+# Outcome categories, in stacking order; EARLIER only for retries of envelopes written
+# before they counted their attempts' outcomes.
+OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER, EARLIER = 0, 1, 2, 3, 4
+_LABELS: Final = (
+    "confirmed",
+    "429 rate limited",
+    "other HTTP error",
+    "no answer (timeout/conn.)",
+    "earlier attempt (outcome not recorded)",
+)
+_COLORS: Final = ("#2b7bba", "#f39c12", "#d62728", "#222222", "#b39ddb")
 _DROPPED_COLOR: Final = "#9e9e9e"
 _LEGEND: Final[dict[str, Any]] = {
     "loc": "upper left",
@@ -105,35 +115,86 @@ def _import_plotly() -> Any:
     return go
 
 
-class Points:
-    """Per-request columns, 17 bytes a request: send time (epoch s), latency (ms), outcome."""
+def _kind_of(outcome: str) -> int:
+    """The category of a ``statuses`` key: an HTTP status, or an error kind (no answer)."""
+    if outcome == "429":
+        return RATE_LIMITED
+    if outcome.isdigit():
+        return HTTP_ERROR  # an earlier attempt: never a confirmation, or it was the last
+    return NO_ANSWER
 
-    __slots__ = ("kind", "latency", "t")
+
+class Points:
+    """Per-request columns, 17 bytes a request: send time (epoch s), latency (ms), outcome;
+    and 9 bytes per earlier attempt (a retried record's requests before its last): an
+    estimated answer time and the outcome."""
+
+    __slots__ = ("earlier_kind", "earlier_t", "kind", "latency", "t")
 
     def __init__(self) -> None:
         self.t = array("d")
         self.latency = array("d")
         self.kind = array("b")
+        self.earlier_t = array("d")
+        self.earlier_kind = array("b")
 
     def __len__(self) -> int:
         return len(self.t)
 
+    @property
+    def requests(self) -> int:
+        """Every request placed: last attempts and earlier ones."""
+        return len(self.t) + len(self.earlier_t)
+
     def add(self, env: Envelope) -> None:
         lat = env.latency_ms
-        if lat is None:
-            return  # never sent (invalid, stopped): nothing to place on a latency plot
-        # The envelope has the finish time; the request left one latency earlier.
-        self.t.append(env.finished_at.timestamp() - lat / 1000.0)
-        self.latency.append(lat)
-        if env.ok:
-            kind = OK
-        elif env.status == 429:
-            kind = RATE_LIMITED
-        elif env.status is not None:
-            kind = HTTP_ERROR
+        finished = env.finished_at.timestamp()
+        earlier = dict(env.statuses) if env.statuses else {}
+        if lat is not None:
+            # The envelope has the finish time; the request left one latency earlier.
+            last_sent = finished - lat / 1000.0
+            self.t.append(last_sent)
+            self.latency.append(lat)
+            if env.ok:
+                kind = OK
+            elif env.status == 429:
+                kind = RATE_LIMITED
+            elif env.status is not None:
+                kind = HTTP_ERROR
+            else:
+                kind = NO_ANSWER
+            self.kind.append(kind)
+            last = str(env.status) if env.status is not None else _last_error(env)
+            if earlier.get(last, 0) > 0:
+                earlier[last] -= 1
+            elif earlier:
+                # Counted under another name than expected: take one off the largest count
+                # so that the total stays the number of requests made.
+                top = max(earlier, key=lambda k: earlier[k])
+                earlier[top] -= 1
         else:
-            kind = NO_ANSWER
-        self.kind.append(kind)
+            last_sent = finished
+        if not earlier and env.attempts > (1 if lat is not None else 0):
+            earlier = {"": env.attempts - (1 if lat is not None else 0)}
+        n = sum(c for c in earlier.values() if c > 0)
+        if n <= 0:
+            return
+        # When each earlier attempt was answered is not recorded: spread them evenly from
+        # the record's first request to its last.
+        start = env.started_at.timestamp() if env.started_at is not None else last_sent
+        start = min(start, last_sent)
+        step = (last_sent - start) / n
+        i = 0
+        for outcome, count in sorted(earlier.items()):
+            kind = EARLIER if outcome == "" else _kind_of(outcome)
+            for _ in range(max(count, 0)):
+                self.earlier_t.append(start + step * i)
+                self.earlier_kind.append(kind)
+                i += 1
+
+
+def _last_error(env: Envelope) -> str:
+    return str(env.error.kind) if env.error is not None else "none"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,7 +218,7 @@ class _Series:
     centers: npt.NDArray[np.float64]  # bucket centres
     p50: npt.NDArray[np.float64]  # NaN where a bucket has no request
     p99: npt.NDArray[np.float64]
-    per_kind: list[npt.NDArray[np.float64]]  # answers/s per outcome, by finish time
+    per_kind: list[npt.NDArray[np.float64]]  # requests/s per outcome, by answer time
     dropped: npt.NDArray[np.float64] | None  # dropped arrivals/s
     target: list[tuple[float, float]] | None
     log_latency: bool
@@ -174,16 +235,20 @@ def _series(points: Points, overlay: LoadOverlay | None) -> _Series:
     dropped_abs = (
         np.asarray(overlay.dropped, dtype=np.float64) if overlay is not None else np.empty(0)
     )
+    earlier_abs = np.frombuffer(points.earlier_t, dtype=np.float64)
+    earlier_kind = np.frombuffer(points.earlier_kind, dtype=np.int8)
     if overlay is not None:
         t0 = overlay.t0
-    elif len(t_abs):
-        t0 = float(t_abs.min())
+    elif len(t_abs) or len(earlier_abs):
+        t0 = float(np.concatenate((t_abs, earlier_abs)).min())
     else:
         t0 = 0.0
     t = t_abs - t0
+    earlier_t = earlier_abs - t0
     finish = t + latency / 1000.0
     end = max(
         float(finish.max()) if len(finish) else 0.0,
+        float(earlier_t.max()) if len(earlier_t) else 0.0,
         float(dropped_abs.max() - t0) if len(dropped_abs) else 0.0,
         max((x for x, _ in overlay.target), default=0.0) if overlay is not None else 0.0,
     )
@@ -205,8 +270,9 @@ def _series(points: Points, overlay: LoadOverlay | None) -> _Series:
                 p50[b], p99[b] = np.percentile(chunk, [50, 99])
 
     per_kind = []
-    for k in range(4):
-        counts, _ = np.histogram(np.clip(finish[kind == k], 0, edges[-1]), bins=edges)
+    for k in range(len(_LABELS)):
+        at = np.concatenate((finish[kind == k], earlier_t[earlier_kind == k]))
+        counts, _ = np.histogram(np.clip(at, 0, edges[-1]), bins=edges)
         per_kind.append(counts / width)
     dropped = None
     if overlay is not None:
@@ -347,7 +413,7 @@ def _png(path: str, report: Report, points: Points, overlay: LoadOverlay | None)
         # 2. rate per second
         bottom = np.zeros(len(s.centers))
         bar_w = s.width * 0.9
-        for k in (OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER):
+        for k in range(len(_LABELS)):
             values = s.per_kind[k]
             if not values.any():
                 continue
@@ -370,7 +436,12 @@ def _png(path: str, report: Report, points: Points, overlay: LoadOverlay | None)
             ax_rate.plot(xs, ys, color="black", linestyle="--", linewidth=1.5, label="target rate")
         unit = f"{s.width:g} s buckets"
         ax_rate.set_ylabel("per second")
-        ax_rate.set_title(f"answers per second by finish time ({unit})", loc="left", fontsize=11)
+        ax_rate.set_title(
+            f"requests per second by answer time, retries included ({unit}; a record's "
+            "earlier attempts spread evenly over its span)",
+            loc="left",
+            fontsize=11,
+        )
         ax_rate.set_xlabel("seconds since start")
         _legend(ax_rate)
         top = float(bottom.max()) if len(bottom) else 0.0
@@ -432,7 +503,7 @@ def _html(path: str, report: Report, points: Points, overlay: LoadOverlay | None
         vertical_spacing=0.08,
         subplot_titles=(
             "latency of each request, by send time (ms)",
-            "answers per second by finish time",
+            "requests per second by answer time, retries included",
             "latency distribution, last attempt of each record (ms)",
         ),
     )
@@ -469,7 +540,7 @@ def _html(path: str, report: Report, points: Points, overlay: LoadOverlay | None
             row=1,
             col=1,
         )
-    for k in (OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER):
+    for k in range(len(_LABELS)):
         if s.per_kind[k].any():
             fig.add_trace(
                 go.Bar(
