@@ -409,7 +409,10 @@ def test_html_plot(tmp_path: Path) -> None:
     assert main(["report", str(path), "--plot", str(html)]) == 0
     text = html.read_text()
     assert "dispatcher: results.jsonl" in text
-    assert "latency of each request" in text
+    assert (
+        "latency of each record&#39;s last attempt" in text
+        or "latency of each record's last attempt" in text
+    )
     assert "Plotly" in text  # plotly.js inside: opens offline
 
 

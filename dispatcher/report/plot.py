@@ -402,7 +402,9 @@ def _png(path: str, report: Report, points: Points, overlay: LoadOverlay | None)
                 label=f"{name} per {s.width:g} s",
             )
         ax_lat.set_ylabel("latency (ms)")
-        ax_lat.set_title("latency of each request, by send time", loc="left", fontsize=11)
+        ax_lat.set_title(
+            "latency of each record's last attempt, by send time", loc="left", fontsize=11
+        )
         if s.log_latency:
             ax_lat.set_yscale("log")
         else:
@@ -502,7 +504,7 @@ def _html(path: str, report: Report, points: Points, overlay: LoadOverlay | None
         cols=1,
         vertical_spacing=0.08,
         subplot_titles=(
-            "latency of each request, by send time (ms)",
+            "latency of each record's last attempt, by send time (ms)",
             "requests per second by answer time, retries included",
             "latency distribution, last attempt of each record (ms)",
         ),
