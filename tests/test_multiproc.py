@@ -108,3 +108,30 @@ async def test_ctrl_c_reaches_every_worker(tmp_path: Path) -> None:
     # Whatever the emulator accepted has its confirmed envelope: nothing in flight was lost.
     assert {e["instance_id"] for e in envs if e["ok"]} == accepted
     assert not any(name.startswith("out.jsonl.inflight") for name in os.listdir(tmp_path))
+
+
+async def test_a_rejected_token_stops_every_worker_and_says_how_to_finish(tmp_path: Path) -> None:
+    # One worker's 401 stops the other (a SIGINT from the parent, which may come while
+    # that worker is still importing): exit 3, the stop's reason, no traceback anywhere,
+    # and the command printed at the end finishes the job once the token is right.
+    src = write_input(tmp_path / "in.jsonl", 200)
+    out = tmp_path / "out.jsonl"
+    async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
+        args = [
+            *("-m", "dispatcher", "send", str(src), "--workflow", "wf", "--progress", "off"),
+            *("--rate", "100/s", "--processes", "2", "--results", str(out)),
+        ]
+        bad = {**env_for(emu), "CLOUDFLARE_API_TOKEN": "not-the-token"}
+        stopped = await anyio.run_process([sys.executable, *args], env=bad, check=False)
+        err = stopped.stderr.decode()
+        assert stopped.returncode == 3, err
+        assert "Traceback" not in err
+        assert "credentials rejected (HTTP 401" in err
+        finish = next(line for line in err.splitlines() if "to finish" in line)
+        assert finish.rstrip().endswith("--resume --retry-failed")
+        done = await anyio.run_process(
+            [sys.executable, *args, "--resume", "--retry-failed"], env=env_for(emu), check=False
+        )
+        accepted = {k[1]: len(v) for k, v in emu.log.accepted.items()}
+    assert done.returncode == 1, done.stderr.decode()  # the broken line
+    assert accepted == {f"m{k}": 1 for k in range(200)}

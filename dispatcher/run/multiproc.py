@@ -43,6 +43,7 @@ from collections import deque
 from typing import Any, Final
 
 import anyio
+import anyio.lowlevel
 import orjson
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -157,7 +158,29 @@ async def _acks(journal: Journal) -> None:
             journal.maybe_compact()
 
 
-async def _worker(spec: WorkerSpec) -> RunStats:
+# How the parent starts a worker: SIGINT and SIGTERM are noted from the first line, before
+# the imports (which take a while), so that a stop asked for early is neither a
+# KeyboardInterrupt traceback nor lost; the engine honours it as soon as it exists.
+_BOOTSTRAP: Final = (
+    "import signal\n"
+    "early = []\n"
+    "for sig in (signal.SIGINT, signal.SIGTERM):\n"
+    "    signal.signal(sig, lambda number, frame: early.append(number))\n"
+    "from dispatcher.run.multiproc import worker_main\n"
+    "raise SystemExit(worker_main(early))\n"
+)
+
+
+async def _early_signals(engine: Engine, early: list[int]) -> None:
+    """Honour a signal that came before the engine's own watcher was in place."""
+    await anyio.lowlevel.checkpoint()  # the watcher, started first, has the signals now
+    if early:
+        name = signal.Signals(early[0]).name
+        engine.stats.interrupted = True
+        engine.stop(f"{name}: stopped reading, finished the requests in flight")
+
+
+async def _worker(spec: WorkerSpec, early: list[int]) -> RunStats:
     sink = JsonlSink("-")
     engines: list[Engine] = []
     run_scope = anyio.CancelScope()
@@ -166,6 +189,7 @@ async def _worker(spec: WorkerSpec) -> RunStats:
         def hook(engine: Engine) -> None:
             engines.append(engine)
             tg.start_soon(watch_signals, engine, run_scope, spec.settings.grace, False)
+            tg.start_soon(_early_signals, engine, early)
             tg.start_soon(_report, engine.stats, sink)
 
         with run_scope:
@@ -199,7 +223,8 @@ def _read_spec() -> object:
     return pickle.loads(_read_exactly(0, size))
 
 
-def worker_main() -> int:
+def worker_main(early: list[int] | None = None) -> int:
+    """A worker's whole life; ``early`` collects signals that came before its engine."""
     try:
         spec = _read_spec()
     except (EOFError, OSError, pickle.UnpicklingError, struct.error):
@@ -208,7 +233,13 @@ def worker_main() -> int:
         print("dispatcher worker: not started by dispatcher send", file=sys.stderr)
         return 2
     _die_with_parent(spec.parent)
-    stats = anyio.run(_worker, spec, backend="asyncio", backend_options=runner.backend_options())
+    stats = anyio.run(
+        _worker,
+        spec,
+        [] if early is None else early,
+        backend="asyncio",
+        backend_options=runner.backend_options(),
+    )
     sys.stdout.buffer.write(_stats_line(stats))
     sys.stdout.buffer.flush()
     return 0
@@ -252,7 +283,9 @@ class _Workers:
         stats.skipped.clear()
         for c in self.latest.values():
             stats.skipped.update(c["skipped"])
-        if counters["interrupted"]:
+        if counters["interrupted"] and not self.stopping:
+            # Signalled directly, not by this process (whose own stop, say after another
+            # worker's 401, reaches the workers as a SIGINT too, and keeps its reason).
             stats.interrupted = True
         reason = counters["stop_reason"]
         if reason is not None and not counters["interrupted"]:
@@ -401,7 +434,7 @@ async def _run_workers(
             async with send:
                 for index in range(settings.processes):
                     proc = await anyio.open_process(
-                        [sys.executable, "-m", "dispatcher.run.worker"],
+                        [sys.executable, "-c", _BOOTSTRAP],
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         stderr=None,
