@@ -82,6 +82,11 @@ CASES: list[tuple[list[str], str]] = [
     (["demo", "--events", "0"], "--events must be at least 1"),
     (["sen", "x"], "did you mean send?"),
     (["emulate", "--fault", "nonsense"], "nonsense"),
+    (["emulate", "--port", "99999"], "'99999' is not a port"),
+    (["send", "good.jsonl", "--target", "moon"], "invalid choice: 'moon'"),
+    (["load", "--workflow", "wf", "--event-type", "e", "--target", "moon"], "'moon'"),
+    (["send", "good.jsonl", "--results", "."], "is a folder"),
+    (["send", "good.jsonl", "--token-file", "missing.txt"], "--token-file"),
     (["nosuchcommand"], "invalid choice"),
     ([], "required"),
 ]
@@ -94,11 +99,13 @@ def test_a_mistake_is_one_line_and_exit_2(
     before = {p.name: p.stat().st_size for p in folder.iterdir()}
     try:
         code: object = main(argv)
-    except SystemExit as exc:  # argparse's own usage errors: a usage line, then the error
+    except SystemExit as exc:  # argparse's own usage errors
         code = exc.code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert code == 2, err
+    # One line, argparse's usage errors included (no usage block above it).
+    assert err.count("\n") == 1, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("dispatcher"), err
     assert expected in last, err

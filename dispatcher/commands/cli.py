@@ -88,7 +88,8 @@ class Parser(argparse.ArgumentParser):
                         hints.append(f"did you mean {close[0]} (for {name})?")
             if hints:
                 message = f"{message}; {' '.join(hints)}"
-        super().error(message)
+        # One line, as for every other mistake (argparse would print the usage first).
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
 
 
 DISTRIBUTION: Final = "cf-workflows-dispatcher"
