@@ -87,6 +87,8 @@ CASES: list[tuple[list[str], str]] = [
     (["load", "--workflow", "wf", "--event-type", "e", "--target", "moon"], "'moon'"),
     (["send", "good.jsonl", "--results", "."], "is a folder"),
     (["send", "good.jsonl", "--token-file", "missing.txt"], "--token-file"),
+    (["send", "good.jsonl", "./good.jsonl"], "./good.jsonl: given twice (as good.jsonl)"),
+    (["send", "--dry-run", "good.jsonl", "good.jsonl"], "good.jsonl: given twice"),
     (["nosuchcommand"], "invalid choice"),
     ([], "required"),
 ]

@@ -25,7 +25,7 @@ from dispatcher.inputs.records import (
     event_from_mapping,
     read_batches,
 )
-from dispatcher.inputs.validation import MAX_BODY_BYTES
+from dispatcher.inputs.validation import MAX_BODY_BYTES, RuleViolation
 from dispatcher.model import Event, Invalid, Record
 
 
@@ -561,13 +561,39 @@ def test_absent_and_null_bodies_have_different_keys() -> None:
     assert absent.key != null.key
 
 
-def test_explicit_ids_bypass_repeat_counting() -> None:
+def test_an_explicit_id_is_the_key_and_is_used_once() -> None:
     keys = KeyDeriver()
     assert keys.key_for("mine", "w", "i", "e", None) == "mine"
-    assert keys.key_for("mine", "w", "i", "e", None) == "mine"
-    assert len(keys.table) == 0
+    # Two records under one key would share an envelope: the second one is refused.
+    with pytest.raises(RuleViolation) as caught:
+        keys.key_for("mine", "w", "other", "e", None)
+    assert caught.value.rule == "duplicate_id"
+    # Ids and contents are counted apart: an id never makes content look repeated.
     derived = keys.key_for(None, "w", "i", "e", None)
+    assert "#" not in derived
     assert keys.key_for(None, "w", "i", "e", None) == derived + "#1"
+
+
+def test_a_repeated_id_makes_the_later_lines_invalid_with_keys_of_their_own() -> None:
+    lines = (
+        jl(id="x", instance_id="a", event_type="e")
+        + jl(id="x", instance_id="b", event_type="e")
+        + jl(id="x", instance_id="c")  # invalid for another reason too
+        + jl(id="y", instance_id="d", event_type="e")
+    )
+    recs = read(lines)
+    assert isinstance(recs[0], Event)
+    assert isinstance(recs[3], Event)
+    assert [type(r).__name__ for r in recs] == ["Event", "Invalid", "Invalid", "Event"]
+    assert isinstance(recs[1], Invalid)
+    assert recs[1].rule == "duplicate_id"
+    assert "'x'" in recs[1].message
+    keys = [r.key for r in recs]
+    assert len(set(keys)) == 4
+    assert keys[0] == "x"
+    assert keys[3] == "y"
+    # The same input read again gives the same keys: --resume finds every record.
+    assert [r.key for r in read(lines)] == keys
 
 
 def test_one_deriver_counts_across_the_inputs_of_a_run() -> None:

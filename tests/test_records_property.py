@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.records import Format, ReadOptions, read_batches
 from dispatcher.inputs.validation import MAX_BODY_BYTES
-from dispatcher.model import Event, Record
+from dispatcher.model import Event, Invalid, Record
 
 SETTINGS = settings(
     max_examples=100,
@@ -57,6 +57,9 @@ def without_line(event: Event) -> tuple[Any, ...]:
 def check(pieces: list[Piece], fmt: Format, options: ReadOptions, header: bytes = b"") -> None:
     data = header + b"".join(p.data for p in pieces)
     out = read_all(data, fmt, options)  # must not raise, whatever the input
+    # Two lines with one explicit id: the later is invalid by design (duplicate_id), which
+    # is not what this property is about.
+    assume(not any(isinstance(r, Invalid) and r.rule == "duplicate_id" for r in out))
 
     expected: list[tuple[int, str]] = []
     line = 1 + header.count(b"\n")

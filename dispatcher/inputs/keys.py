@@ -46,6 +46,8 @@ from array import array
 from collections.abc import Iterator
 from typing import Any, Final
 
+from dispatcher.inputs.validation import RuleViolation
+
 __all__ = ["FingerprintTable", "KeyDeriver", "RepeatCounter"]
 
 _DIGEST_SIZE: Final = 10
@@ -53,6 +55,7 @@ _DIGEST_SIZE: Final = 10
 # same hash of the same bytes, so their repeat counts cannot mix.
 _CONTENT_HASH: Final = hashlib.blake2b(digest_size=_DIGEST_SIZE, person=b"dispatcher.rec")
 _RAW_HASH: Final = hashlib.blake2b(digest_size=_DIGEST_SIZE, person=b"dispatcher.raw")
+_ID_HASH: Final = hashlib.blake2b(digest_size=_DIGEST_SIZE, person=b"dispatcher.id")
 _FINGERPRINT: Final = struct.Struct("<Q").unpack_from
 _INITIAL_SLOTS: Final = 1 << 12
 # Distinct derived keys counted in memory (about 13 bytes each) before moving to disk.
@@ -258,8 +261,20 @@ class KeyDeriver:
         event_type: str,
         body: bytes | None,
     ) -> str:
-        """The key of a valid record: its explicit id, else derived from its content."""
+        """The key of a valid record: its explicit id, else derived from its content.
+
+        An explicit id seen before in the run raises :class:`RuleViolation`
+        (``duplicate_id``): two records under one key would share one envelope, and
+        ``--resume`` would take the second for done once the first was.
+        """
         if explicit_id is not None:
+            repeat = self._id_sighting(explicit_id)
+            if repeat:
+                raise RuleViolation(
+                    "duplicate_id",
+                    f"id {explicit_id!r} is already the id of an earlier record; ids must be "
+                    "unique (this line is not sent)",
+                )
             return explicit_id
         h = _CONTENT_HASH.copy()
         if body is None:
@@ -275,12 +290,19 @@ class KeyDeriver:
         return digest.hex()
 
     def key_for_raw(self, explicit_id: str | None, raw: bytes) -> str:
-        """The key of an unreadable record: its explicit id if readable, else its raw bytes'."""
+        """The key of an unreadable record: its explicit id if readable (with ``#N`` once
+        that id was seen before, so that no two records share a key), else its raw bytes'."""
         if explicit_id is not None:
-            return explicit_id
+            repeat = self._id_sighting(explicit_id)
+            return f"{explicit_id}#{repeat}" if repeat else explicit_id
         h = _RAW_HASH.copy()
         h.update(raw)
         return self._counted("raw-", h.digest())
+
+    def _id_sighting(self, explicit_id: str) -> int:
+        h = _ID_HASH.copy()
+        h.update(explicit_id.encode("utf-8", "surrogatepass"))
+        return self._table.add(_FINGERPRINT(h.digest())[0])
 
     def _counted(self, prefix: str, digest: bytes) -> str:
         repeat = self._table.add(_FINGERPRINT(digest)[0])

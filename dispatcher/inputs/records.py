@@ -55,6 +55,7 @@ import csv
 import difflib
 import hashlib
 import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -145,6 +146,9 @@ def check_inputs(paths: Sequence[str], override: str | None, options: ReadOption
                     f"{flag} applies only to id lists (.txt, .ids, .lst or --format ids); "
                     f"the records of {', '.join(paths)} carry their own event_type and body"
                 )
+    seen: dict[tuple[int, int], str] = {}
+    if paths.count("-") > 1:
+        raise InputError(f"{STDIN_NAME} is given more than once; stdin can be read only once")
     for path, fmt in zip(paths, formats, strict=True):
         name = STDIN_NAME if path == "-" else path
         if fmt == "ids":
@@ -155,6 +159,14 @@ def check_inputs(paths: Sequence[str], override: str | None, options: ReadOption
             raise InputError(f"{path}: is a folder, not an input file")
         try:
             with open(path, "rb") as stream:
+                # The same file twice (under one name or two) would send every record of
+                # it twice, each as its own event: a slip of the shell, not a request.
+                st = os.fstat(stream.fileno())
+                if (st.st_dev, st.st_ino) in seen and stat.S_ISREG(st.st_mode):
+                    first = seen[(st.st_dev, st.st_ino)]
+                    also = "" if first == path else f" (as {first})"
+                    raise InputError(f"{path}: given twice{also}; each input may be named once")
+                seen[(st.st_dev, st.st_ino)] = path
                 if fmt == "csv":
                     _check_csv_header(stream, name, options)
         except OSError as e:
