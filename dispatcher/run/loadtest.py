@@ -17,7 +17,7 @@ come from solving the quadratic of each stage, so ``10/s:200/s:60s`` sends
 
 Each arrival sends the run's one event type to the next instance (round robin) with the
 next body (cycled), through the transport of the run's ``--target`` (the same as
-``send``'s: :func:`~dispatcher.clients.targets.build_transport`), and its envelope goes to
+``send``'s: :func:`~dispatcher.run.runner.transport_for`), and its envelope goes to
 the results sink like ``send``'s, so ``report`` reads it.
 """
 
@@ -39,19 +39,13 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dispatcher.clients.base import Transport
-from dispatcher.clients.targets import (
-    DEFAULT_RELAY_BATCH,
-    RELAY_SECRET_ENV,
-    TARGETS,
-    Target,
-    build_transport,
-)
+from dispatcher.clients.targets import DEFAULT_RELAY_BATCH, RELAY_SECRET_ENV, TARGETS, Target
 from dispatcher.model import Delivery, Envelope, Event
 from dispatcher.report.plot import LoadOverlay, Points
 from dispatcher.report.summary import Breach, Report, ReportBuilder, Threshold, check_thresholds
 from dispatcher.results import envelopes
 from dispatcher.results.sinks import Sink, open_sink
-from dispatcher.run.runner import drain_to_sink
+from dispatcher.run.runner import drain_to_sink, transport_for
 from dispatcher.run.settings import Credentials, HttpClient, Rate, parse_duration, parse_rate
 
 __all__ = [
@@ -391,22 +385,7 @@ class LoadRun:
         builder.start_run(settings.results)
         points = Points()
         own_tx = self._transport is None
-        tx: Transport = (
-            build_transport(
-                settings.target,
-                base_url=settings.base_url,
-                account_id=settings.account_id,
-                auth_headers=settings.credentials.headers() if settings.credentials else {},
-                timeout=settings.timeout,
-                connect_timeout=settings.connect_timeout,
-                pool_size=settings.concurrency,
-                http_client=settings.http_client,
-                relay_secret=settings.relay_secret,
-                batch_size=settings.batch_size,
-            )
-            if self._transport is None
-            else self._transport
-        )
+        tx = transport_for(settings) if self._transport is None else self._transport
         sink = (
             self._sink
             if self._sink is not None

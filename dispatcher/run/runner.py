@@ -30,7 +30,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.clients.base import Transport
-from dispatcher.clients.targets import build_transport
+from dispatcher.clients.targets import Target, build_transport
 from dispatcher.inputs.records import KeyDeriver, ReadOptions, detect_format, read_batches
 from dispatcher.inputs.records import check_inputs as check_input_files
 from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Invalid, Record
@@ -50,7 +50,7 @@ from dispatcher.results.lock import ResultsLock
 from dispatcher.results.lock import acquire as lock_results
 from dispatcher.results.sinks import Sink, check_results_path, open_sink
 from dispatcher.results.sqlite_sink import is_sqlite_path
-from dispatcher.run.settings import ConfigError, Rate, SendSettings
+from dispatcher.run.settings import ConfigError, Credentials, HttpClient, Rate, SendSettings
 from dispatcher.sending.engine import Engine, StopRules
 from dispatcher.sending.gate import RateGate
 from dispatcher.sending.pacing import AUTO_BURST, Pacer
@@ -99,7 +99,33 @@ def gate_for(
     return gate, pacer
 
 
-def transport_for(settings: SendSettings) -> Transport:
+class TransportSettings(Protocol):
+    """What a transport is built from: :class:`SendSettings` and a load test's settings
+    both have it."""
+
+    @property
+    def target(self) -> Target: ...
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def account_id(self) -> str | None: ...
+    @property
+    def credentials(self) -> Credentials | None: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def concurrency(self) -> int: ...
+    @property
+    def http_client(self) -> HttpClient: ...
+    @property
+    def relay_secret(self) -> str | None: ...
+    @property
+    def batch_size(self) -> int: ...
+
+
+def transport_for(settings: TransportSettings) -> Transport:
     """The run's transport for its ``--target``: for the API and wrangler dev the lean
     HTTP/1.1 client or aiohttp (``--http-client``); for a relay, the batching client."""
     return build_transport(
