@@ -66,10 +66,15 @@ def free_port() -> int:
 
 
 class WranglerDev:
-    """A running ``wrangler dev`` of the test project, and calls to its routes."""
+    """A running ``wrangler dev`` of the relay and the test project, and calls to it.
 
-    def __init__(self, port: int, secret: str, log: Path) -> None:
+    ``pgid`` is the process group of wrangler and the workerd it runs (benchmarks read
+    their CPU time from it).
+    """
+
+    def __init__(self, port: int, secret: str, log: Path, pgid: int = 0) -> None:
         self.port = port
+        self.pgid = pgid
         self.base_url = f"http://127.0.0.1:{port}"
         self.secret = secret
         self.log = log
@@ -197,7 +202,7 @@ def wrangler_dev(secret: str = "relay-test-secret") -> Iterator[WranglerDev]:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        server = WranglerDev(port, secret, log)
+        server = WranglerDev(port, secret, log, pgid=proc.pid)  # its own session
         try:
             _wait_ready(server, proc)
             yield server
