@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import struct
 import sys
@@ -526,3 +527,36 @@ async def test_resend_unknown_after_a_timed_out_batch_delivers_nothing_twice(
     assert [sorted(e["key"] for e in b) for b in fake.batches] == [sorted(first)] * 2
     assert fake.delivered == dict.fromkeys(first, 1)
     assert SECRET not in said + (tmp_path / "results.jsonl").read_text()
+
+
+async def test_ctrl_c_cuts_off_a_hanging_batch_after_the_grace(tmp_path: Path) -> None:
+    # The relay holds the batch (its timeout is 30 s); Ctrl-C with --grace 1s must end the
+    # run about a second later, every record unknown (it may have arrived), none lost.
+    lines = [
+        {"workflow": "wf", "instance_id": f"inst-{i}", "event_type": "go", "body": {"n": i}}
+        for i in range(5)
+    ]
+    (tmp_path / "events.jsonl").write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDFLARE_", "DISPATCHER_"))}
+    env["DISPATCHER_RELAY_SECRET"] = SECRET
+    async with relay(hang) as fake:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "dispatcher", "send", "--progress", "off"),
+            *("--target", "relay", "--base-url", fake.url, "--timeout", "30s"),
+            *("--grace", "1s", "events.jsonl"),
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await asyncio.wait_for(fake.got_batch.wait(), 30)
+        loop = asyncio.get_running_loop()
+        interrupted = loop.time()
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        took = loop.time() - interrupted
+    assert proc.returncode == 130, err.decode()
+    assert took < 15, f"the run took {took:.1f} s to end after Ctrl-C with --grace 1s"
+    docs = [orjson.loads(x) for x in (tmp_path / "results.jsonl").read_bytes().splitlines()]
+    assert len(docs) == len(lines)
+    assert {(d["delivery"], d["error"]["kind"]) for d in docs} == {("unknown", "stopped")}

@@ -211,7 +211,18 @@ class RelayTransport:
         )
 
     async def aclose(self) -> None:
-        self._flush()
+        # The engine is done when this is called: no one waits for an answer any more. An
+        # event still gathering is not sent (the run has stopped), and a batch still in
+        # flight is cut off instead of waited for up to its timeout: its events' envelopes
+        # already say it may have arrived, and Ctrl-C with --grace 1s must not take 30 s.
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for left in pending:
+            left.future.cancel()
+        for task in self._batches:
+            task.cancel()
         if self._batches:
             await asyncio.gather(*self._batches, return_exceptions=True)
         if self._session is not None:
@@ -246,7 +257,8 @@ class RelayTransport:
         elif self._timer is None:
             self._timer = loop.call_later(self._config.linger, self._flush)
         # A worker cancelled while waiting leaves its event in the batch: the batch still
-        # goes (others wait on it), and this event's answer is simply not read.
+        # goes (others wait on it), and this event's answer is simply not read (the
+        # engine writes the event's envelope as cut off in flight: it may have arrived).
         return await asyncio.shield(future)
 
     def _flush(self) -> None:
@@ -263,6 +275,12 @@ class RelayTransport:
     async def _post(self, batch: list[_Pending]) -> None:
         try:
             outcomes = await self._exchange([p.event for p in batch])
+        except asyncio.CancelledError:
+            # Cut off by aclose(): a cancelled future, unlike one holding an exception,
+            # logs nothing when no one reads it.
+            for pending in batch:
+                pending.future.cancel()
+            raise
         except BaseException as exc:
             # Never leave a worker waiting on an answer that will not come.
             for pending in batch:
