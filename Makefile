@@ -51,8 +51,8 @@ bench-quick: $(BENCH_STAMP)
 bench-rate: $(STAMP)
 	$(BIN)/python benchmarks/rate_discovery.py --write BENCHMARKS.md
 
-# Events/s through the emulator, wrangler dev and the relay in wrangler dev (~2 min);
-# needs Node 22 and wrangler: bash .ci/setup.d/20-node-wrangler.sh
+# Events/s and CPU per event through the emulator, wrangler dev and the relay in wrangler
+# dev (~4 min); needs Node 22 and wrangler: bash .ci/setup.d/20-node-wrangler.sh
 bench-targets: $(STAMP)
 	$(BIN)/python benchmarks/targets.py
 

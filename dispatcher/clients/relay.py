@@ -8,6 +8,25 @@ the answer, so every record still gets its own envelope and the truth rule appli
 event. A batch that timed out or lost its connection makes each of its events an
 answerless "may have arrived" outcome; retrying is safe because the relay remembers
 delivered record keys and answers a second copy as delivered without sending it.
+
+How one answer becomes each event's outcome (the truth rule of docs/results.md, per event):
+
+- could not connect: the batch never left, so every event is ``not_sent`` (``connect``);
+- no complete answer (timeout, connection closed or reset, a cut body, an answer that is
+  not HTTP/1.x, one over the caps): every event may have arrived (``unknown``, retried);
+- 1xx, 3xx, 4xx: the relay, or something in front of it, refused the whole batch before
+  any of it was sent (401 wrong secret, 400, 413, 429 with ``Retry-After``): an error
+  answer for every event; no redirect is followed;
+- 5xx: the Worker may have failed halfway through the batch: in doubt for every event
+  (``unknown``), retried, since the relay's dedupe makes a retry safe;
+- 2xx: each event's own entry of ``results``, matched by position *and* key. Only an
+  entry ``{"key": <this event's key>, "ok": true}`` confirms. A body that is not the
+  relay's complete answer (not JSON, ``success`` not ``true``, no ``results``, a count
+  that is not the batch's) leaves every event in doubt; an entry naming another key, or
+  one that is not an object, leaves that event in doubt (``unknown``, not retried, as a
+  2xx without the API's envelope).
+
+Every text that came from the relay or an exception is redacted of the secret.
 """
 
 from __future__ import annotations
@@ -20,17 +39,35 @@ from typing import Final
 import aiohttp
 import orjson
 
-from dispatcher.clients.base import USER_AGENT, outcome_from_response
+from dispatcher.clients.base import (
+    MAX_FIELD,
+    MAX_HEADERS,
+    MAX_LINE,
+    NO_SECRETS,
+    USER_AGENT,
+    Redactor,
+    describe,
+    failure,
+    outcome_from_response,
+    short,
+)
 from dispatcher.model import ErrorKind, Event, Outcome
 
 __all__ = ["RelayConfig", "RelayTransport", "outcome_of_result"]
 
-_MAX_MESSAGE_CHARS: Final = 300
 # The relay's body limit (relay/src/index.ts MAX_BODY_BYTES) with room for the framing.
 MAX_BATCH_BYTES: Final = 30 * 1024 * 1024
 # Per-event statuses for what the relay answered of that event alone.
 _CODE_STATUS: Final = {"not_found": 404, "invalid": 400, "failed": 503}
 _CF_INSTANCE_NOT_FOUND: Final = 10501
+# An answer holds one result per event (key up to 512 characters, a message): a few
+# hundred KiB for the largest batch. Anything much larger is not the relay's answer.
+MAX_ANSWER_BYTES: Final = 16 * 1024 * 1024
+_READ: Final = 64 * 1024
+
+
+class _TooLarge(Exception):
+    """An answer over :data:`MAX_ANSWER_BYTES`: not the relay's."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,10 +89,6 @@ class RelayConfig:
         )
 
 
-def _text(value: object) -> str:
-    return str(value)[:_MAX_MESSAGE_CHARS]
-
-
 def _maybe_arrived(kind: ErrorKind, message: str, latency_s: float) -> Outcome:
     # No per-event answer, and the batch may have been acted on: unknown unless retried.
     return Outcome(
@@ -63,20 +96,51 @@ def _maybe_arrived(kind: ErrorKind, message: str, latency_s: float) -> Outcome:
     )
 
 
-def outcome_of_result(result: object, latency_s: float) -> Outcome:
-    """One event's :class:`Outcome` from its entry in the relay's ``results`` list."""
-    if not isinstance(result, dict):
-        return _maybe_arrived(ErrorKind.CONNECTION, "relay: no result for this event", latency_s)
+def _in_doubt(
+    status: int, message: str, latency_s: float, retry_after: float | None = None
+) -> Outcome:
+    # An HTTP answer that neither confirms nor refuses this event: whoever answered may have
+    # sent it. The truth rule makes it unknown; the policy retries a 5xx, not a 2xx.
+    return Outcome(
+        status=status,
+        ok=False,
+        sent=True,
+        latency_s=latency_s,
+        error_kind=ErrorKind.HTTP,
+        message=message,
+        retry_after=retry_after,
+        in_doubt=True,
+    )
+
+
+def outcome_of_result(
+    result: object,
+    latency_s: float,
+    *,
+    key: str | None = None,
+    status: int = 200,
+    redact: Redactor = NO_SECRETS,
+) -> Outcome:
+    """One event's :class:`Outcome` from its entry in the relay's ``results`` list.
+
+    ``key`` (when given) is the event's record key: an entry naming another key is not
+    this event's answer, whatever it says. ``status`` is the HTTP status of the answer.
+    """
+    if not isinstance(result, dict) or (key is not None and result.get("key") != key):
+        return _in_doubt(
+            status, f"relay answered HTTP {status} without a result for this event", latency_s
+        )
     if result.get("ok") is True:
-        return Outcome(status=200, ok=True, sent=True, latency_s=latency_s)
+        return Outcome(status=status, ok=True, sent=True, latency_s=latency_s)
     code = result.get("code")
-    message = f"relay: {code}: {_text(result.get('message', ''))}"
-    status = _CODE_STATUS.get(code) if isinstance(code, str) else None
-    if status is not None:
+    text = " ".join(redact(str(result.get("message", ""))).split())
+    message = short(f"relay: {redact(str(code))}: {text}")
+    known = _CODE_STATUS.get(code) if isinstance(code, str) else None
+    if known is not None:
         # The relay knows nothing was delivered: a real answer, final or retryable by status.
         cf_code = _CF_INSTANCE_NOT_FOUND if code == "not_found" else None
         return Outcome(
-            status=status,
+            status=known,
             ok=False,
             sent=True,
             latency_s=latency_s,
@@ -84,7 +148,8 @@ def outcome_of_result(result: object, latency_s: float) -> Outcome:
             cf_code=cf_code,
             message=message,
         )
-    # maybe_delivered, in_flight, or a code this client does not know: it may have arrived.
+    # maybe_delivered, in_flight, or a code this client does not know: it may have arrived,
+    # and a retry is safe (the relay remembers delivered keys), so it is retried.
     return _maybe_arrived(ErrorKind.CONNECTION, message, latency_s)
 
 
@@ -105,6 +170,7 @@ class RelayTransport:
         "_headers",
         "_pending",
         "_pending_bytes",
+        "_redact",
         "_session",
         "_timer",
         "_url",
@@ -120,6 +186,7 @@ class RelayTransport:
             "Authorization": f"Bearer {config.secret}",
             "Content-Type": "application/json",
         }
+        self._redact = Redactor({"Authorization": self._headers["Authorization"]})
         self._session = session
         self._pending: list[_Pending] = []
         self._pending_bytes = 0
@@ -136,10 +203,26 @@ class RelayTransport:
                 total=self._config.timeout, connect=self._config.connect_timeout
             ),
             raise_for_status=False,
+            # The same head limits as the other clients; the body is capped when read.
+            max_line_size=MAX_LINE,
+            max_field_size=MAX_FIELD,
+            max_headers=MAX_HEADERS,
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def aclose(self) -> None:
-        self._flush()
+        # The engine is done when this is called: no one waits for an answer any more. An
+        # event still gathering is not sent (the run has stopped), and a batch still in
+        # flight is cut off instead of waited for up to its timeout: its events' envelopes
+        # already say it may have arrived, and Ctrl-C with --grace 1s must not take 30 s.
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for left in pending:
+            left.future.cancel()
+        for task in self._batches:
+            task.cancel()
         if self._batches:
             await asyncio.gather(*self._batches, return_exceptions=True)
         if self._session is not None:
@@ -174,7 +257,8 @@ class RelayTransport:
         elif self._timer is None:
             self._timer = loop.call_later(self._config.linger, self._flush)
         # A worker cancelled while waiting leaves its event in the batch: the batch still
-        # goes (others wait on it), and this event's answer is simply not read.
+        # goes (others wait on it), and this event's answer is simply not read (the
+        # engine writes the event's envelope as cut off in flight: it may have arrived).
         return await asyncio.shield(future)
 
     def _flush(self) -> None:
@@ -191,6 +275,12 @@ class RelayTransport:
     async def _post(self, batch: list[_Pending]) -> None:
         try:
             outcomes = await self._exchange([p.event for p in batch])
+        except asyncio.CancelledError:
+            # Cut off by aclose(): a cancelled future, unlike one holding an exception,
+            # logs nothing when no one reads it.
+            for pending in batch:
+                pending.future.cancel()
+            raise
         except BaseException as exc:
             # Never leave a worker waiting on an answer that will not come.
             for pending in batch:
@@ -206,48 +296,50 @@ class RelayTransport:
         session = self._session
         if session is None:
             session = self._session = self._open()
+        n = len(events)
         started = time.perf_counter()
         try:
             async with session.post(
                 self._url, data=body, headers=self._headers, allow_redirects=False
             ) as resp:
-                raw = await resp.read()
+                raw = await _read_capped(resp)
                 status = resp.status
                 headers = resp.headers
+        # The transport boundary: every exception becomes an outcome, none escapes.
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
             # Could not connect: the batch never left.
-            failed = Outcome(
-                status=None,
-                ok=False,
-                sent=False,
-                latency_s=time.perf_counter() - started,
-                error_kind=ErrorKind.CONNECT,
-                message=_describe(exc),
-            )
-            return [failed] * len(events)
+            return [self._failed(ErrorKind.CONNECT, False, started, exc)] * n
         except TimeoutError as exc:
-            return self._all_unknown(events, ErrorKind.TIMEOUT, started, exc)
+            return [self._failed(ErrorKind.TIMEOUT, True, started, exc)] * n
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            return self._all_unknown(events, ErrorKind.CONNECTION, started, exc)
+            # Closed, reset or cut off after the batch was written.
+            return [self._failed(ErrorKind.CONNECTION, True, started, exc)] * n
+        except Exception as exc:
+            # An answer that is not HTTP/1.x aiohttp can frame, or over the caps: the batch
+            # left, so any of it may have been sent.
+            return [self._failed(ErrorKind.PROTOCOL, True, started, exc)] * n
         latency = time.perf_counter() - started
         if 200 <= status < 300:
             return self._per_event(events, raw, status, latency)
-        if 400 <= status < 500:
-            # The relay refuses a whole batch (wrong secret, malformed, too large) before it
-            # sends any of it; a 429 carries Retry-After for the gate.
-            refused = outcome_from_response(status, raw, headers, latency)
-            return [refused] * len(events)
-        # A 5xx or a redirect: the Worker may have failed halfway through the batch.
-        return [
-            _maybe_arrived(
-                ErrorKind.CONNECTION,
-                f"relay answered HTTP {status}; the batch may have been partly sent",
+        if status >= 500:
+            # The Worker may have failed halfway through the batch.
+            answer = outcome_from_response(status, raw, headers, latency, self._redact)
+            said = f" ({answer.message})" if answer.message else ""
+            doubt = _in_doubt(
+                status,
+                short(f"relay answered HTTP {status}; the batch may have been partly sent{said}"),
                 latency,
+                answer.retry_after,
             )
-        ] * len(events)
+            return [doubt] * n
+        # 1xx, 3xx, 4xx: refused as a whole before any of it was sent (a wrong secret, a
+        # malformed or too large batch; a 429 carries Retry-After for the gate). Nothing in
+        # front of a Worker redirects after the Worker acted, and no redirect is followed.
+        return [outcome_from_response(status, raw, headers, latency, self._redact)] * n
 
-    @staticmethod
-    def _per_event(events: list[Event], raw: bytes, status: int, latency: float) -> list[Outcome]:
+    def _per_event(
+        self, events: list[Event], raw: bytes, status: int, latency: float
+    ) -> list[Outcome]:
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -259,23 +351,31 @@ class RelayTransport:
             or not isinstance(results, list)
             or len(results) != len(events)
         ):
+            # Not the relay's complete answer: nothing in it can be attributed to an event.
             message = f"relay answered HTTP {status} without one result per event"
-            return [_maybe_arrived(ErrorKind.CONNECTION, message, latency)] * len(events)
-        outcomes = []
-        for event, result in zip(events, results, strict=True):
-            if isinstance(result, dict) and result.get("key") != event.key:
-                result = None  # answers out of order would be attributed to the wrong record
-            outcomes.append(outcome_of_result(result, latency))
-        return outcomes
+            return [_in_doubt(status, message, latency)] * len(events)
+        redact = self._redact
+        return [
+            # By position and key: an answer out of order would confirm the wrong record.
+            outcome_of_result(result, latency, key=event.key, status=status, redact=redact)
+            for event, result in zip(events, results, strict=True)
+        ]
 
-    @staticmethod
-    def _all_unknown(
-        events: list[Event], kind: ErrorKind, started: float, exc: BaseException
-    ) -> list[Outcome]:
-        failed = _maybe_arrived(kind, _describe(exc), time.perf_counter() - started)
-        return [failed] * len(events)
+    def _failed(self, kind: ErrorKind, sent: bool, started: float, exc: BaseException) -> Outcome:
+        redact = self._redact
+        return failure(kind, sent, time.perf_counter() - started, describe(exc, redact), redact)
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body, refusing one over :data:`MAX_ANSWER_BYTES`."""
+    length = resp.content_length
+    if length is not None and length > MAX_ANSWER_BYTES:
+        raise _TooLarge(f"relay answer of {length} bytes is over {MAX_ANSWER_BYTES}")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.read(_READ):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise _TooLarge(f"relay answer over {MAX_ANSWER_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

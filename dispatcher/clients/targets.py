@@ -89,7 +89,8 @@ _SPECS: Final[Mapping[str, TargetSpec]] = {
         needs_account_id=False,
         needs_relay_secret=False,
         default_rate=None,
-        # One local workerd answers 50-90 events/s; a few in flight keep it busy.
+        # One local workerd spends ~25-35 ms CPU per event (BENCHMARKS.md, Targets): a few
+        # requests in flight keep it busy, more only queue there.
         default_concurrency=16,
         batched=False,
     ),
