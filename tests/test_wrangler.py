@@ -24,6 +24,7 @@ from wrangler_dev import WORKFLOW, WranglerDev, missing, wrangler_dev
 
 SECRET = "relay-test-secret-0123456789"
 N = 100  # instances per target: 200 in all, plus the probes
+LOAD_N = 40  # instances per load test
 
 if (reason := missing()) is not None:
     if os.environ.get("CI"):
@@ -38,13 +39,17 @@ def wd() -> Iterator[WranglerDev]:
 
 
 def send(
-    args: list[str], tmp: Path, *, secret: str | None = None
+    args: list[str],
+    tmp: Path,
+    *,
+    secret: str | None = None,
+    command: tuple[str, ...] = ("send", "--progress", "off"),
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDFLARE_", "DISPATCHER_"))}
     if secret is not None:
         env["DISPATCHER_RELAY_SECRET"] = secret
     return subprocess.run(
-        [sys.executable, "-m", "dispatcher", "send", "--progress", "off", *args],
+        [sys.executable, "-m", "dispatcher", *command, *args],
         env=env,
         cwd=tmp,
         capture_output=True,
@@ -177,3 +182,81 @@ def test_wrong_relay_secret_gets_401_and_sends_nothing(wd: WranglerDev, tmp_path
     for i in ids:
         assert wd.rest_event(i, "go", {"id": i, "tag": "right"})[0] == 200
     assert_completed_with_payloads(wd, ids, "right")
+
+
+# --- dispatcher load --target ---------------------------------------------------------------
+
+
+def load(
+    args: list[str], tmp: Path, *, secret: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`dispatcher load` of LOAD_N arrivals in 1 s: one event to each of LOAD_N instances."""
+    return send(
+        [
+            *("--workflow", WORKFLOW, "--event-type", "go"),
+            *("--rate", f"{LOAD_N}/s", "--duration", "1s", "--format", "json"),
+            *args,
+        ],
+        tmp,
+        secret=secret,
+        command=("load", "--quiet"),
+    )
+
+
+@pytest.mark.parametrize("target", ["wrangler-dev", "relay"])
+def test_load_reaches_every_instance_through_the_target(
+    wd: WranglerDev, tmp_path: Path, target: str
+) -> None:
+    prefix = f"load-{target}-"
+    ids = [f"{prefix}{n}" for n in range(LOAD_N)]
+    wd.create(ids)
+    done = load(
+        [
+            *("--target", target, "--base-url", wd.base_url),
+            *("--instance-prefix", prefix, "--instance-count", str(LOAD_N)),
+            *("--body", '{"from": "load"}'),
+            "--threshold",
+            "error_rate<1%",
+        ],
+        tmp_path,
+        secret=SECRET if target == "relay" else None,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = orjson.loads(done.stdout)
+    assert doc["load"]["sent"] == LOAD_N
+    assert doc["confirmed"] == LOAD_N
+    envs = envelopes(tmp_path / "load-results.jsonl")
+    assert sorted(e["instance_id"] for e in envs) == sorted(ids)
+    assert {e["delivery"] for e in envs} == {"confirmed"}
+    found = wd.wait_complete(ids)
+    wrong = {
+        i: s
+        for i, s in found.items()
+        if s["status"] != "complete" or s["output"]["payload"] != {"from": "load"}
+    }
+    assert not wrong, f"{len(wrong)} of {LOAD_N} instances wrong, e.g. {next(iter(wrong.items()))}"
+
+
+def test_load_through_the_relay_with_a_wrong_secret_stops_at_once(
+    wd: WranglerDev, tmp_path: Path
+) -> None:
+    done = load(
+        [
+            *("--target", "relay", "--base-url", wd.base_url),
+            *("--instance-prefix", "load-wrong-", "--instance-count", "3"),
+        ],
+        tmp_path,
+        secret="not-the-secret",
+    )
+    assert done.returncode == 3, done.stderr
+    assert "credentials rejected (HTTP 401" in done.stderr
+    assert "DISPATCHER_RELAY_SECRET" in done.stderr
+    assert "not-the-secret" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_load_to_the_api_still_needs_credentials(tmp_path: Path) -> None:
+    done = load(["--instance-prefix", "x", "--instance-count", "1"], tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "credentials" in done.stderr or "CLOUDFLARE_API_TOKEN" in done.stderr
