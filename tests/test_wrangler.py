@@ -4,7 +4,7 @@ One wrangler dev runs two Workers, as a user deploys them: the relay of relay/ w
 own wrangler.jsonc exactly as shipped, on the port, and the test project's Worker
 (tests/wrangler_project), a Workflow whose instances wait for a "go" event and finish
 with its payload, which the relay's binding reaches by ``script_name``. ``dispatcher
-send`` runs as a user runs it, in a subprocess. Needs Node 22
+send`` and ``dispatcher load`` run as a user runs them, in a subprocess. Needs Node 22
 and wrangler from .ci/setup.d/20-node-wrangler.sh; CI installs them, so there the tests
 run, and on a machine without them they are skipped with the reason.
 """
