@@ -171,8 +171,11 @@ def test_wrong_relay_secret_gets_401_and_sends_nothing(wd: WranglerDev, tmp_path
     done = send(
         ["--target", "relay", "--base-url", wd.base_url, "events.jsonl"], tmp_path, secret="nope"
     )
-    assert done.returncode != 0
+    assert done.returncode == 3, done.stderr
     assert "nope" not in done.stderr + done.stdout
+    # The stop says what to check for this target: the relay's secret, not an API token.
+    assert "credentials rejected (HTTP 401" in done.stderr
+    assert "DISPATCHER_RELAY_SECRET" in done.stderr
     # The run stops at the first 401s; whatever envelopes it wrote say rejected.
     results = envelopes(tmp_path / "results.jsonl")
     assert results

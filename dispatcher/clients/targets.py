@@ -69,6 +69,7 @@ class TargetSpec:
     default_rate: tuple[float, float] | None
     default_concurrency: int | None  # None: the run's own default
     batched: bool
+    auth_hint: str  # what to check when the target answers 401/403
 
 
 _SPECS: Final[Mapping[str, TargetSpec]] = {
@@ -81,6 +82,7 @@ _SPECS: Final[Mapping[str, TargetSpec]] = {
         default_rate=(1200.0, 300.0),
         default_concurrency=None,
         batched=False,
+        auth_hint="check the token and that it has the Workers Scripts Write permission",
     ),
     "wrangler-dev": TargetSpec(
         name="wrangler-dev",
@@ -93,6 +95,7 @@ _SPECS: Final[Mapping[str, TargetSpec]] = {
         # requests in flight keep it busy, more only queue there.
         default_concurrency=16,
         batched=False,
+        auth_hint="wrangler dev asks for no credentials: is --base-url a wrangler dev?",
     ),
     "relay": TargetSpec(
         name="relay",
@@ -104,6 +107,8 @@ _SPECS: Final[Mapping[str, TargetSpec]] = {
         # Two full batches in flight: one being answered while the next one fills.
         default_concurrency=2 * DEFAULT_RELAY_BATCH,
         batched=True,
+        auth_hint=f"check that {RELAY_SECRET_ENV} (or --relay-secret-file) holds the relay "
+        "Worker's RELAY_SECRET",
     ),
 }
 

@@ -39,7 +39,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dispatcher.clients.base import Transport
-from dispatcher.clients.targets import DEFAULT_RELAY_BATCH, RELAY_SECRET_ENV, TARGETS, Target
+from dispatcher.clients.targets import DEFAULT_RELAY_BATCH, TARGETS, Target, spec_of
 from dispatcher.model import Delivery, Envelope, Event
 from dispatcher.report.plot import LoadOverlay, Points
 from dispatcher.report.summary import Breach, Report, ReportBuilder, Threshold, check_thresholds
@@ -66,12 +66,6 @@ DEFAULT_RESULTS: Final = "load-results.jsonl"
 LIVE_WINDOW: Final = 5.0  # seconds of answers the live p50/p99 are taken over
 LIVE_INTERVAL: Final = 1.0
 _AUTH_STATUSES: Final = frozenset({401, 403})
-_AUTH_HINTS: Final[dict[str, str]] = {
-    "api": "check the token and that it has the Workers Scripts Write permission",
-    "relay": f"check that {RELAY_SECRET_ENV} (or --relay-secret-file) holds the relay "
-    "Worker's RELAY_SECRET",
-    "wrangler-dev": "wrangler dev asks for no credentials: is --base-url a wrangler dev?",
-}
 
 
 # --- the arrival profile -------------------------------------------------------------------
@@ -508,7 +502,7 @@ class LoadRun:
                     # Every request would get the same answer: measuring it is pointless.
                     self.stop(
                         f"credentials rejected (HTTP {outcome.status}: "
-                        f"{outcome.message or 'no message'}); {_AUTH_HINTS[settings.target]}"
+                        f"{outcome.message or 'no message'}); {spec_of(settings.target).auth_hint}"
                     )
                 await out.send(env)
 

@@ -30,7 +30,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.clients.base import Transport
-from dispatcher.clients.targets import Target, build_transport
+from dispatcher.clients.targets import Target, build_transport, spec_of
 from dispatcher.inputs.records import KeyDeriver, ReadOptions, detect_format, read_batches
 from dispatcher.inputs.records import check_inputs as check_input_files
 from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Invalid, Record
@@ -228,6 +228,7 @@ def engine_for(
         concurrency=settings.concurrency,
         stats=stats,
         rng=rng if rng is not None else random.random,
+        auth_hint=spec_of(settings.target).auth_hint,
     )
 
 
@@ -760,6 +761,7 @@ async def _run_locked(
         stats=stats,
         stop_rules=stop_rules_for(settings),
         mark_started=None if journal is None else _marker(journal, engine_stats=stats),
+        auth_hint=spec_of(settings.target).auth_hint,
     )
 
     def write_failed(exc: ResultsWriteError) -> None:

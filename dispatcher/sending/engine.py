@@ -132,6 +132,7 @@ class Engine:
         stop_rules: StopRules | None = None,
         mark_started: Callable[[Event], None] | None = None,
         pacer: Pacer | None = None,
+        auth_hint: str = "check the credentials",
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -153,6 +154,7 @@ class Engine:
         self._mark_started = mark_started
         self._active: dict[int, _Active] = {}
         self._pacer = pacer
+        self._auth_hint = auth_hint  # what to check when the first answers are 401/403
 
     def abandoned(self) -> list[Envelope]:
         """Envelopes for records cut off by a hard stop, after the engine was cancelled.
@@ -361,8 +363,7 @@ class Engine:
                 elif outcome.status in _AUTH_STATUSES and stats.confirmed == 0:
                     self.stop(
                         f"credentials rejected (HTTP {outcome.status}: "
-                        f"{outcome.message or 'no message'}); check the token and that it "
-                        "has the Workers Scripts Write permission"
+                        f"{outcome.message or 'no message'}); {self._auth_hint}"
                     )
                 decision = self._policy.decide(outcome, history.attempts, rate_limited, self._rng)
                 if isinstance(decision, Final):
