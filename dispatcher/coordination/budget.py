@@ -252,6 +252,7 @@ class SharedGate:
                 # A pause set while this process was not listening is in the hash.
                 pause = await client.hget(self._keys.budget, "pause")
                 now_us = await client.time()
+                self._link.trips += 3
                 if pause is not None:
                     left = int(pause) - (now_us[0] * _US + now_us[1])
                     if left > 0:
