@@ -378,3 +378,32 @@ async def test_a_job_without_redis_is_refused_before_sending(tmp_path: Path) -> 
     assert err.count("\n") == 1
     assert "--job" in err
     assert "--redis" in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DISPATCHER_JOB_TIMEOUT", "soon"),
+        ("DISPATCHER_JOB_TIMEOUT", "1"),
+        ("DISPATCHER_JOB_SHARD_LINES", "0"),
+        ("DISPATCHER_JOB_SHARD_LINES", "2k"),
+    ],
+)
+async def test_a_bad_job_setting_is_one_line_naming_the_variable(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    source = write_input(tmp_path / "in.jsonl", 3)
+    result = await anyio.run_process(
+        [
+            *job_command(
+                source, tmp_path / "out.jsonl", "http://127.0.0.1:9", "redis://127.0.0.1:9/0", "5/s"
+            ),
+        ],
+        env={**job_env(), variable: value},
+        check=False,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2
+    assert err.count("\n") == 1, err
+    assert variable in err
+    assert repr(value) in err

@@ -30,6 +30,7 @@ hosts that envelope is written twice, identically.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -109,7 +110,8 @@ return 1
 
 
 def heartbeat_timeout() -> float:
-    """Seconds a shard may go without a heartbeat before another process takes it over."""
+    """Seconds a shard may go without a heartbeat before another process takes it over
+    (``DISPATCHER_JOB_TIMEOUT``); ``ValueError`` says what is wrong with the setting."""
     raw = os.environ.get(TIMEOUT_ENV, "").strip()
     if not raw:
         return DEFAULT_TIMEOUT_S
@@ -117,8 +119,8 @@ def heartbeat_timeout() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value >= 3 * HEARTBEAT_S:
-        raise ValueError(f"{TIMEOUT_ENV} must be at least {3 * HEARTBEAT_S:g} seconds, got {raw!r}")
+    if not (math.isfinite(value) and value >= 3 * HEARTBEAT_S):
+        raise ValueError(f"must be a number of seconds >= {3 * HEARTBEAT_S:g}, got {raw!r}")
     return value
 
 

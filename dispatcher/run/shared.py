@@ -30,7 +30,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.coordination.budget import SharedGate
 from dispatcher.coordination.connection import Link
-from dispatcher.coordination.job import HEARTBEAT_S, PENDING, Job, Shard
+from dispatcher.coordination.job import (
+    HEARTBEAT_S,
+    PENDING,
+    TIMEOUT_ENV,
+    Job,
+    Shard,
+    heartbeat_timeout,
+)
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.records import (
     ReadOptions,
@@ -482,6 +489,10 @@ async def coordinated(
     if settings.job is not None:
         check_job_inputs(settings)
         shard_lines()
+        try:
+            heartbeat_timeout()
+        except ValueError as exc:
+            raise ConfigError(TIMEOUT_ENV, str(exc)) from None
     shared = Coordinated(settings, stats, options)
     try:
         async with shared.gate.running():
