@@ -18,6 +18,8 @@ import pytest
 from anyio.abc import SocketAttribute
 from redis_server import RedisServer, needs_redis
 
+from dispatcher.coordination.connection import Link
+from dispatcher.coordination.job import Job
 from dispatcher.emulator import Emulator, EmulatorConfig
 
 pytestmark = needs_redis
@@ -172,14 +174,20 @@ class KillAtClaimAnswer:
                 with contextlib.suppress(*GONE):
                     async for chunk in client:
                         if not self.fired and b'"delivery"' in tail + chunk:
-                            armed.append(tail + chunk)
-                        tail = chunk[-4096:]
+                            armed.append(chunk)
+                        # Enough to see the marker across two reads, too little to hold a
+                        # whole one from a request before (no request ends with it).
+                        tail = chunk[-16:]
                         await upstream.send(chunk)
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(up)
                 with contextlib.suppress(*GONE):
                     async for chunk in upstream:
+                        if armed and chunk.startswith(b"-"):
+                            # An error (NOSCRIPT: redis-py loads the script and calls it
+                            # again): nothing was claimed yet.
+                            armed.clear()
                         if armed and not self.fired and self.victim is not None:
                             self.fired = True
                             found = re.findall(rb'"instance_id":"([^"]+)"', b"".join(armed))
@@ -240,7 +248,7 @@ async def test_a_worker_killed_between_its_claim_and_its_write_loses_no_envelope
     # The claimed records were not sent again: their envelopes, the victim's, were
     # written by the worker that took its shard over.
     claimed = {k.decode() for k in proxy.claimed}
-    assert {accepted[k] for k in claimed} == {1}
+    assert {accepted[k] for k in claimed} == {1}, {k: accepted[k] for k in claimed}
     pending = [
         v
         for v in redis_server.command("hvals", "dispatcher:{job:nightly}:final").splitlines()
@@ -407,3 +415,27 @@ async def test_a_bad_job_setting_is_one_line_naming_the_variable(
     assert err.count("\n") == 1, err
     assert variable in err
     assert repr(value) in err
+
+
+async def test_a_claim_call_repeated_after_its_answer_was_lost_still_wins(
+    redis_server: RedisServer,
+) -> None:
+    """``Link.call`` repeats a call whose answer never came (a timeout, a broken
+    connection): the claims it made the first time are this process's, not lost ones,
+    whose envelopes nobody would then write. The same for adopting a dead one's claims."""
+    link = Link(redis_server.url)
+    try:
+        job, other = Job(link, "retry", timeout=3), Job(link, "retry", timeout=3)
+        claims = [("k1", b'{"key":"k1"}\n'), ("k2", b'{"key":"k2"}\n')]
+        assert await job.settle(claims=claims) == [True, True]
+        assert await job.settle(claims=claims) == [True, True]
+        assert await other.settle(claims=claims) == [False, False]
+        adopted = {"k1": b'{"key":"k1"}\n'}
+        assert await other.adopt({"k1": job.worker}) == adopted
+        assert await other.adopt({"k1": job.worker}) == adopted
+        await other.settle(written=["k1"])
+        assert await job.adopt({"k1": job.worker}) == {}
+        meta = redis_server.command("hget", "dispatcher:{job:retry}:meta", "final")
+        assert meta.strip() == b"2"
+    finally:
+        await link.aclose()

@@ -72,8 +72,13 @@ if acked > 0 then redis.call('HINCRBY', KEYS[2], 'acked', acked) end
 local won, out = 0, {}
 while i < #ARGV do
   local r = redis.call('HSETNX', KEYS[1], ARGV[i], prefix .. ARGV[i + 1])
-  out[#out + 1] = r
   won = won + r
+  if r == 0 then
+    -- Ours already: this call is a retry of one whose answer was lost.
+    local v = redis.call('HGET', KEYS[1], ARGV[i])
+    if string.sub(v, 1, #prefix) == prefix then r = 1 end
+  end
+  out[#out + 1] = r
   i = i + 2
 end
 if won > 0 then redis.call('HINCRBY', KEYS[2], 'final', won) end
@@ -90,6 +95,8 @@ for i = 2, #ARGV, 2 do
     local envelope = string.sub(v, #theirs + 1)
     redis.call('HSET', KEYS[1], ARGV[i], mine .. envelope)
     out[#out + 1] = envelope
+  elseif v and string.sub(v, 1, #mine) == mine then
+    out[#out + 1] = string.sub(v, #mine + 1)  -- a retry: adopted already
   else
     out[#out + 1] = false
   end
@@ -291,7 +298,10 @@ class Job:
     ) -> list[bool]:
         """One round trip: mark this process's pending claims on ``written`` as written,
         acknowledge the shards ``acks``, then claim each ``(key, envelope)``; for each
-        claim, whether this process won it (``False``: another envelope is final)."""
+        claim, whether this process won it (``False``: another envelope is final).
+
+        Safe to repeat (``Link.call`` retries a call whose answer was lost): a claim found
+        pending under this process's name is its own, won."""
         if not (written or acks or claims):
             return []
         args: list[Any] = [self.worker, GROUP, len(written), *written, len(acks), *acks]

@@ -410,19 +410,19 @@ class Coordinated:
         # A record stopped before its last attempt, none of which may have arrived, is not
         # final: left unclaimed and unwritten, for another process or the next run.
         self.left += len(batch) - len(final)
-        lines = [encode(env) for env in final]
-        won = await job.settle(
-            owed[0], owed[1], [(e.key, b) for e, b in zip(final, lines, strict=True)]
-        )
-        data = b"".join(line for line, w in zip(lines, won, strict=True) if w)
+        # One claim per key and call: a claim found to be ours counts as won (that is how
+        # a retried call sees its own), so a key twice in one call would be written twice.
+        lines: dict[str, bytes] = {}
+        for env in final:
+            lines.setdefault(env.key, encode(env))
+        won = dict(zip(lines, await job.settle(owed[0], owed[1], list(lines.items())), strict=True))
+        data = b"".join(line for key, line in lines.items() if won[key])
         if data:
             self._write(data)
-        written: list[str] = []
+        written = [key for key in lines if won[key]]
         acks: list[str] = []
-        for env, w in zip(final, won, strict=True):
-            if w:
-                written.append(env.key)
-            else:
+        for env in final:
+            if won.pop(env.key, False) is False:
                 self.stats.coordination_dropped += 1
             if journal is not None:
                 journal.written(env.key)
