@@ -21,6 +21,7 @@ from redis_server import RedisServer, needs_redis
 from dispatcher.coordination.connection import Link
 from dispatcher.coordination.job import Job
 from dispatcher.emulator import Emulator, EmulatorConfig
+from dispatcher.emulator.faults import Faults
 
 pytestmark = needs_redis
 
@@ -297,6 +298,50 @@ async def test_a_run_stopped_by_ctrl_c_leaves_its_unfinished_records_to_the_othe
     fields = redis_server.command("hgetall", "dispatcher:{job:nightly}:meta").split()
     meta = dict(zip(fields[::2], fields[1::2], strict=True))
     assert meta[b"acked"] == meta[b"shards"] == b"6"
+
+
+async def test_a_run_stopped_at_once_claims_what_it_cut_off(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Ctrl-C twice: the requests in flight are cut off, their records end ``unknown``
+    (they may have arrived), claimed like any final envelope: nobody sends them again."""
+    total = 200
+    source = write_input(tmp_path / "in.jsonl", total)
+    outs = [tmp_path / f"out{i}.jsonl" for i in range(2)]
+    config = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults(latency=(0.3, 0.3)))
+    async with Emulator(config) as emu:
+        procs = [
+            await anyio.open_process(
+                job_command(source, outs[i], emu.base_url, redis_server.url, "40/s"),
+                env=job_env(),
+            )
+            for i in range(2)
+        ]
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and (  # noqa: ASYNC110
+                not outs[0].exists() or outs[0].stat().st_size < 1500
+            ):
+                await anyio.sleep(0.05)
+            procs[0].send_signal(signal.SIGINT)
+            await anyio.sleep(0.05)
+            procs[0].send_signal(signal.SIGINT)
+            with anyio.fail_after(30):
+                codes = [await p.wait() for p in procs]
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+        accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
+    assert codes == [130, 0]
+    mine, theirs = envelopes([outs[0]]), envelopes([outs[1]])
+    per_key = Counter(e["key"] for e in mine + theirs)
+    assert len(per_key) == total
+    assert set(per_key.values()) == {1}
+    cut_off = [e for e in mine if e["delivery"] == "unknown"]
+    assert 0 < len(cut_off) <= 4  # --concurrency 4
+    assert {e["delivery"] for e in theirs} == {"confirmed"}
+    assert [k for k, n in accepted.items() if n > 1] == []
 
 
 async def test_nothing_is_sent_while_redis_is_down_then_the_job_completes(

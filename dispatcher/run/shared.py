@@ -138,6 +138,7 @@ class Coordinated:
         self._tg: anyio.abc.TaskGroup | None = None
         self._fd: int | None = None
         self._sink: Sink | None = None
+        self._owed: tuple[list[str], list[str]] = ([], [])
         self.adopted = 0  # envelopes of dead workers' pending claims written here
         self.left = 0  # stopped records left unclaimed for another process
 
@@ -247,7 +248,7 @@ class Coordinated:
             final = await job.claimers([r.key for r in records])
             pending = {k: v for k, v in final.items() if v.startswith(PENDING)}
             if pending:
-                await self._recover(pending)
+                await self._recover(pending, taken_over=shard.reclaimed)
             todo = [r for r in records if r.key not in final]
             if not todo:
                 await job.settle(acks=[shard.id])
@@ -256,14 +257,17 @@ class Coordinated:
             for start in range(0, len(todo), 1000):
                 yield todo[start : start + 1000]
 
-    async def _recover(self, pending: dict[str, bytes]) -> None:
+    async def _recover(self, pending: dict[str, bytes], *, taken_over: bool) -> None:
         """Write the envelopes of dead workers' pending claims (they were claimed and then
         the process died, before its write or before saying it was done).
 
-        A claim of a worker still alive stands: its write is on its way. A dead worker's
-        claim is adopted and its envelope written here, unless the worker was on this host
-        and its results file already has that key (it died after the write, before the
-        mark): then it is only marked.
+        In a shard ``taken_over`` from another process, every claim pending under another
+        name is a dead one's: the shard came here because its holder stopped heartbeating
+        (judged by Redis's clock, not by the hosts'). Elsewhere (a key repeated in another
+        shard) a claim stands while its worker heartbeats: its write is on its way. A dead
+        worker's claim is adopted and its envelope written here, unless the worker was on
+        this host and its results file already has that key (it died after the write,
+        before the mark): then it is only marked.
         """
         job = self.job
         assert job is not None
@@ -275,7 +279,12 @@ class Coordinated:
             if worker == job.worker:
                 continue
             beat = beats.get(worker)
-            if beat is None or beat.get("gone") or now - float(beat.get("seen", 0)) > job.timeout:
+            if (
+                taken_over
+                or beat is None
+                or beat.get("gone")
+                or now - float(beat.get("seen", 0)) > job.timeout
+            ):
                 dead[key] = worker
         if not dead:
             return
@@ -338,13 +347,13 @@ class Coordinated:
             if isinstance(sink, JsonlSink)
             else None
         )
-        owed: tuple[list[str], list[str]] = ([], [])  # (written, finished shards)
+        self._owed = ([], [])  # (written, finished shards): for the next call to say
         last_sync = time.monotonic()
         try:
             ended = False
             while not ended:
                 batch: list[Envelope] = []
-                if not (owed[0] or owed[1]):
+                if not (self._owed[0] or self._owed[1]):
                     try:
                         batch.append(await receive.receive())
                     except anyio.EndOfStream:
@@ -361,12 +370,12 @@ class Coordinated:
                     except anyio.EndOfStream:
                         ended = True
                         break
-                owed = await self._settle(batch, owed, journal)
+                self._owed = await self._settle(batch, self._owed, journal)
                 if time.monotonic() - last_sync >= _FLUSH_S:
                     await self._sync()
                     last_sync = time.monotonic()
-            while owed[0] or owed[1]:
-                owed = await self._settle([], owed, journal)
+            while self._owed[0] or self._owed[1]:
+                self._owed = await self._settle([], self._owed, journal)
             await self._sync()
         finally:
             if self._fd is not None:
@@ -380,7 +389,7 @@ class Coordinated:
 
         Bounded: with Redis away, these are written unclaimed (an envelope is never lost;
         another process may then write one too for the same record)."""
-        if not envs:
+        if not envs and not (self._owed[0] or self._owed[1]):
             return
         self._sink = sink
         self._fd = (
@@ -389,11 +398,15 @@ class Coordinated:
             else self._fd
         )
         try:
-            with anyio.move_on_after(_LEAVE_S) as scope:
-                owed = await self._settle(envs, ([], []), journal)
+            claimed = False
+            with anyio.move_on_after(_LEAVE_S):
+                # With what the drain owed when it was cut off.
+                owed = await self._settle(envs, self._owed, journal)
+                claimed = True
+                self._owed = ([], [])
                 await self._settle([], owed, journal)
-            if scope.cancelled_caught:
-                self._write(b"".join(encode(env) for env in envs))
+            if not claimed:
+                self._write(b"".join(encode(env) for env in envs if _is_final(env)))
             await self._sync()
         finally:
             if self._fd is not None:
