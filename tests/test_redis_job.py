@@ -471,15 +471,17 @@ async def test_a_claim_call_repeated_after_its_answer_was_lost_still_wins(
     link = Link(redis_server.url)
     try:
         job, other = Job(link, "retry", timeout=3), Job(link, "retry", timeout=3)
+        await job.create()
+        await other.create()
         claims = [("k1", b'{"key":"k1"}\n'), ("k2", b'{"key":"k2"}\n')]
         assert await job.settle(claims=claims) == [True, True]
         assert await job.settle(claims=claims) == [True, True]
         assert await other.settle(claims=claims) == [False, False]
         adopted = {"k1": b'{"key":"k1"}\n'}
-        assert await other.adopt({"k1": job.worker}) == adopted
-        assert await other.adopt({"k1": job.worker}) == adopted
+        assert await other.adopt({"k1": job.tag}) == adopted
+        assert await other.adopt({"k1": job.tag}) == adopted
         await other.settle(written=["k1"])
-        assert await job.adopt({"k1": job.worker}) == {}
+        assert await job.adopt({"k1": job.tag}) == {}
         meta = redis_server.command("hget", "dispatcher:{job:retry}:meta", "final")
         assert meta.strip() == b"2"
     finally:

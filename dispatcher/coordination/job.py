@@ -11,10 +11,10 @@ A record's final envelope is claimed once, ``HSETNX`` on its key, and the claim 
 the envelope* until its writer says it is in its results file:
 
 1. ``settle``: one script call claims a batch of envelopes; each claim's value is
-   ``p:<worker>`` plus the envelope (pending);
+   ``p:<tag>`` (the worker's number in the job) plus the envelope (pending);
 2. the writer appends the envelopes it won to its own results file;
 3. the next ``settle`` call (at once if nothing else is ready) marks them written: the
-   value shrinks to the worker's name, and the shards whose records are all final and
+   value shrinks to the worker's tag, and the shards whose records are all final and
    written are acknowledged in the same call.
 
 So a process killed between its claim and its write (on any host) leaves its envelopes
@@ -51,7 +51,7 @@ DEFAULT_TIMEOUT_S: Final = 30.0
 TIMEOUT_ENV: Final = "DISPATCHER_JOB_TIMEOUT"
 _EXPIRE_S: Final = 7 * 86400
 
-PENDING: Final = b"p:"  # a claim's value until its envelope is written: p:<worker>\n<envelope>
+PENDING: Final = b"p:"  # a claim's value until its envelope is written: p:<tag>\n<envelope>
 
 SETTLE: Final = """
 local worker = ARGV[1]
@@ -170,6 +170,9 @@ class Job:
         self.timeout = timeout if timeout is not None else heartbeat_timeout()
         self.host = socket.gethostname()
         self.worker = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # What this process's claims carry: a number the job hands out (see create), a
+        # few bytes per record key instead of the worker's name (a 1M job holds 1M).
+        self.tag = self.worker
         self.held: set[str] = set()  # shards taken and not yet acknowledged
         self.taken = 0
         self.reclaimed = 0
@@ -194,7 +197,10 @@ class Job:
             await client.hset(self.keys.meta, mapping=meta)
             return True
 
-        return await self.link.call(op)
+        created = await self.link.call(op)
+        joined = await self.link.call(lambda: self.link.client.hincrby(self.keys.meta, "joined", 1))
+        self.tag = f"{int(joined):x}"
+        return created
 
     async def become_planner(self) -> bool:
         """Take the job's planner lock: cutting the input into shards is one process's
@@ -274,8 +280,8 @@ class Job:
         return Shard(sid, _decode(fields), reclaimed)
 
     async def claimers(self, keys: Sequence[str]) -> dict[str, bytes]:
-        """The claims on ``keys`` that exist (one round trip): the writer's name once the
-        envelope is written, ``p:<worker>\n<envelope>`` while it is pending."""
+        """The claims on ``keys`` that exist (one round trip): the writer's tag once the
+        envelope is written, ``p:<tag>\n<envelope>`` while it is pending."""
         if not keys:
             return {}
         values = await self.link.call(lambda: self.link.client.hmget(self.keys.final, list(keys)))
@@ -304,7 +310,7 @@ class Job:
         pending under this process's name is its own, won."""
         if not (written or acks or claims):
             return []
-        args: list[Any] = [self.worker, GROUP, len(written), *written, len(acks), *acks]
+        args: list[Any] = [self.tag, GROUP, len(written), *written, len(acks), *acks]
         for key, envelope in claims:
             args += [key, envelope]
         keys = [self.keys.final, self.keys.meta, self.keys.shards]
@@ -314,11 +320,11 @@ class Job:
         return [bool(w) for w in won]
 
     async def adopt(self, claims: Mapping[str, str]) -> dict[str, bytes]:
-        """Take over the pending claims of dead workers (key -> worker): the envelopes this
-        process must now write, by key (a claim that changed meanwhile is not taken)."""
+        """Take over the pending claims of dead workers (key -> their tag): the envelopes
+        this process must now write, by key (a claim that changed meanwhile is not taken)."""
         if not claims:
             return {}
-        args: list[Any] = [self.worker]
+        args: list[Any] = [self.tag]
         for key, worker in claims.items():
             args += [key, worker]
         got = await self.link.call(lambda: self._adopt(keys=[self.keys.final], args=args))
@@ -342,6 +348,7 @@ class Job:
             {
                 **stats,
                 "host": self.host,
+                "tag": self.tag,
                 "shards": 0,
                 "reclaimed": self.reclaimed,
                 "seen": time.time(),
@@ -372,6 +379,7 @@ class Job:
             {
                 **stats,
                 "host": self.host,
+                "tag": self.tag,
                 "shards": len(held),
                 "reclaimed": self.reclaimed,
                 "seen": time.time(),

@@ -271,12 +271,12 @@ class Coordinated:
         """
         job = self.job
         assert job is not None
-        beats = await job.workers()
+        beats = {str(b.get("tag")): b for b in (await job.workers()).values()}
         now = time.time()
         dead: dict[str, str] = {}
         for key, value in pending.items():
             worker = value[len(PENDING) :].split(b"\n", 1)[0].decode()
-            if worker == job.worker:
+            if worker == job.tag:
                 continue
             beat = beats.get(worker)
             if (
