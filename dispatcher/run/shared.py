@@ -323,10 +323,14 @@ class Coordinated:
 
     def _write(self, data: bytes) -> None:
         if self._fd is not None:
-            os.write(self._fd, data)
+            view = memoryview(data)
+            while view:  # whole lines: a short write is carried on, not torn
+                view = view[os.write(self._fd, view) :]
         elif self._sink is not None:
             for line in data.splitlines(keepends=True):
                 self._sink.write(envelope_from_json(orjson.loads(line)))
+        else:  # the drain opens them before the first shard is read
+            raise RuntimeError("claimed envelopes with no results to write them to")
 
     async def drain(
         self,
