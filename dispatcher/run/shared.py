@@ -317,6 +317,8 @@ class Coordinated:
             "elapsed": stats.elapsed(),
             "results": self._results_path,
             "trips": self.link.trips,
+            "adopted": self.adopted,
+            "left": self.left,
         }
 
     # --- the envelopes -------------------------------------------------------------
