@@ -6,6 +6,7 @@ an emulator in the test's event loop, whose log says when each request arrived.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -108,10 +109,10 @@ async def test_four_runs_share_one_account_budget(
     assert end - start > 5, (start, end)
     overall = (len(inside) - 1) / (end - start)
     # The pacer keeps 2% below a server's advertised policy (Ratelimit-Policy q=50;w=1
-    # here): 49/s is the most it aims for. Issue 15 asks for 95% of 50/s; four runs
-    # reached 46.7/s (93%) on a loaded machine, so the floor that holds today is 90%:
-    # the gap is in the issue's note, not hidden.
-    assert overall >= 0.90 * 50, overall
+    # here), 49/s, and the shared budget 2% below that for the spread of the processes'
+    # delays (coordination/budget.py, ARRIVAL_SPREAD): 48/s, 96% of 50/s.
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(inside) if b - a > 0.1]
+    assert overall >= 0.95 * 50, (overall, "gaps over 100 ms:", gaps)
 
 
 class _LimitedServer:

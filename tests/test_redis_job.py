@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -10,11 +12,16 @@ from collections import Counter
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import orjson
 import pytest
+from anyio.abc import SocketAttribute
 from redis_server import RedisServer, needs_redis
 
+from dispatcher.coordination.connection import Link
+from dispatcher.coordination.job import Job
 from dispatcher.emulator import Emulator, EmulatorConfig
+from dispatcher.emulator.faults import Faults
 
 pytestmark = needs_redis
 
@@ -145,6 +152,198 @@ async def test_a_killed_worker_s_shards_are_finished_by_the_others(
     assert "account acct1" in text
 
 
+class KillAtClaimAnswer:
+    """A TCP proxy in front of Redis that kill -9s its client the moment the answer to
+    the client's first envelope claim comes back: the claim is made in Redis, and the
+    process dies before it can write a single one of those envelopes."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.victim: int | None = None
+        self.claimed: set[bytes] = set()  # the instance ids of the claim that killed it
+        self.fired = False
+
+    async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        await listener.serve(self._connection)
+
+    async def _connection(self, client: anyio.abc.SocketStream) -> None:
+        armed: list[bytes] = []  # the claim request, once this connection sent one
+        async with client, await anyio.connect_tcp("127.0.0.1", self.redis_port) as upstream:
+
+            async def up() -> None:
+                tail = b""
+                with contextlib.suppress(*GONE):
+                    async for chunk in client:
+                        if not self.fired and b'"delivery"' in tail + chunk:
+                            armed.append(chunk)
+                        # Enough to see the marker across two reads, too little to hold a
+                        # whole one from a request before (no request ends with it).
+                        tail = chunk[-16:]
+                        await upstream.send(chunk)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(up)
+                with contextlib.suppress(*GONE):
+                    async for chunk in upstream:
+                        if armed and chunk.startswith(b"-"):
+                            # An error (NOSCRIPT: redis-py loads the script and calls it
+                            # again): nothing was claimed yet.
+                            armed.clear()
+                        if armed and not self.fired and self.victim is not None:
+                            self.fired = True
+                            found = re.findall(rb'"instance_id":"([^"]+)"', b"".join(armed))
+                            self.claimed = set(found)
+                            os.kill(self.victim, signal.SIGKILL)
+                            break
+                        await client.send(chunk)
+                tg.cancel_scope.cancel()
+
+
+# A connection of the killed process, or of one that ended, just goes away.
+GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+async def test_a_worker_killed_between_its_claim_and_its_write_loses_no_envelope(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Cross-host safe: nobody reads the dead worker's file (its process is gone, and so
+    is its results file as far as the others know: it wrote nothing)."""
+    total = 400
+    source = write_input(tmp_path / "in.jsonl", total)
+    outs = [tmp_path / f"out{i}.jsonl" for i in range(3)]
+    env = job_env(DISPATCHER_JOB_TIMEOUT="3")
+    proxy = KillAtClaimAnswer(redis_server.port)
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    proxy_url = f"redis://127.0.0.1:{listener.extra(SocketAttribute.local_port)}/0"
+    async with (
+        Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(proxy.serve, listener)
+        procs = []
+        try:
+            for i in range(3):
+                url = proxy_url if i == 0 else redis_server.url
+                procs.append(
+                    await anyio.open_process(
+                        job_command(source, outs[i], emu.base_url, url, "100/s"), env=env
+                    )
+                )
+                if i == 0:
+                    proxy.victim = procs[0].pid
+            with anyio.fail_after(60):
+                codes = [await p.wait() for p in procs]
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+            tg.cancel_scope.cancel()
+        accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
+    assert proxy.fired
+    assert codes == [-signal.SIGKILL, 0, 0]
+    assert proxy.claimed, "the victim's claim carried no keys"
+    assert envelopes([outs[0]]) == [], "the victim wrote an envelope"
+    per_key = Counter(e["key"] for e in envelopes(outs))
+    assert len(per_key) == total
+    assert set(per_key.values()) == {1}
+    # The claimed records were not sent again: their envelopes, the victim's, were
+    # written by the worker that took its shard over.
+    claimed = {k.decode() for k in proxy.claimed}
+    assert {accepted[k] for k in claimed} == {1}, {k: accepted[k] for k in claimed}
+    pending = [
+        v
+        for v in redis_server.command("hvals", "dispatcher:{job:nightly}:final").splitlines()
+        if v.startswith(b"p:")
+    ]
+    assert pending == []
+
+
+async def test_a_run_stopped_by_ctrl_c_leaves_its_unfinished_records_to_the_others(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    total = 300
+    source = write_input(tmp_path / "in.jsonl", total)
+    outs = [tmp_path / f"out{i}.jsonl" for i in range(2)]
+    # The default heartbeat timeout (30 s): the shards come back at once, not by timeout.
+    async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
+        procs = [
+            await anyio.open_process(
+                job_command(source, outs[i], emu.base_url, redis_server.url, "40/s"),
+                env=job_env(),
+            )
+            for i in range(2)
+        ]
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and (  # noqa: ASYNC110
+                not outs[0].exists() or outs[0].stat().st_size < 1500
+            ):
+                await anyio.sleep(0.05)
+            procs[0].send_signal(signal.SIGINT)
+            with anyio.fail_after(25):
+                codes = [await p.wait() for p in procs]
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+        accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
+    assert codes == [130, 0]
+    mine, theirs = envelopes([outs[0]]), envelopes([outs[1]])
+    assert 0 < len(mine) < total // 2
+    per_key = Counter(e["key"] for e in mine + theirs)
+    assert len(per_key) == total
+    assert set(per_key.values()) == {1}
+    assert {e["delivery"] for e in mine + theirs} == {"confirmed"}
+    assert [k for k, n in accepted.items() if n > 1] == []
+    fields = redis_server.command("hgetall", "dispatcher:{job:nightly}:meta").split()
+    meta = dict(zip(fields[::2], fields[1::2], strict=True))
+    assert meta[b"acked"] == meta[b"shards"] == b"6"
+
+
+async def test_a_run_stopped_at_once_claims_what_it_cut_off(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Ctrl-C twice: the requests in flight are cut off, their records end ``unknown``
+    (they may have arrived), claimed like any final envelope: nobody sends them again."""
+    total = 200
+    source = write_input(tmp_path / "in.jsonl", total)
+    outs = [tmp_path / f"out{i}.jsonl" for i in range(2)]
+    config = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults(latency=(0.3, 0.3)))
+    async with Emulator(config) as emu:
+        procs = [
+            await anyio.open_process(
+                job_command(source, outs[i], emu.base_url, redis_server.url, "40/s"),
+                env=job_env(),
+            )
+            for i in range(2)
+        ]
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and (  # noqa: ASYNC110
+                not outs[0].exists() or outs[0].stat().st_size < 1500
+            ):
+                await anyio.sleep(0.05)
+            procs[0].send_signal(signal.SIGINT)
+            await anyio.sleep(0.05)
+            procs[0].send_signal(signal.SIGINT)
+            with anyio.fail_after(30):
+                codes = [await p.wait() for p in procs]
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+        accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
+    assert codes == [130, 0]
+    mine, theirs = envelopes([outs[0]]), envelopes([outs[1]])
+    per_key = Counter(e["key"] for e in mine + theirs)
+    assert len(per_key) == total
+    assert set(per_key.values()) == {1}
+    cut_off = [e for e in mine if e["delivery"] == "unknown"]
+    assert 0 < len(cut_off) <= 4  # --concurrency 4
+    assert {e["delivery"] for e in theirs} == {"confirmed"}
+    assert [k for k, n in accepted.items() if n > 1] == []
+
+
 async def test_nothing_is_sent_while_redis_is_down_then_the_job_completes(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -232,3 +431,58 @@ async def test_a_job_without_redis_is_refused_before_sending(tmp_path: Path) -> 
     assert err.count("\n") == 1
     assert "--job" in err
     assert "--redis" in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DISPATCHER_JOB_TIMEOUT", "soon"),
+        ("DISPATCHER_JOB_TIMEOUT", "1"),
+        ("DISPATCHER_JOB_SHARD_LINES", "0"),
+        ("DISPATCHER_JOB_SHARD_LINES", "2k"),
+    ],
+)
+async def test_a_bad_job_setting_is_one_line_naming_the_variable(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    source = write_input(tmp_path / "in.jsonl", 3)
+    result = await anyio.run_process(
+        [
+            *job_command(
+                source, tmp_path / "out.jsonl", "http://127.0.0.1:9", "redis://127.0.0.1:9/0", "5/s"
+            ),
+        ],
+        env={**job_env(), variable: value},
+        check=False,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2
+    assert err.count("\n") == 1, err
+    assert variable in err
+    assert repr(value) in err
+
+
+async def test_a_claim_call_repeated_after_its_answer_was_lost_still_wins(
+    redis_server: RedisServer,
+) -> None:
+    """``Link.call`` repeats a call whose answer never came (a timeout, a broken
+    connection): the claims it made the first time are this process's, not lost ones,
+    whose envelopes nobody would then write. The same for adopting a dead one's claims."""
+    link = Link(redis_server.url)
+    try:
+        job, other = Job(link, "retry", timeout=3), Job(link, "retry", timeout=3)
+        await job.create()
+        await other.create()
+        claims = [("k1", b'{"key":"k1"}\n'), ("k2", b'{"key":"k2"}\n')]
+        assert await job.settle(claims=claims) == [True, True]
+        assert await job.settle(claims=claims) == [True, True]
+        assert await other.settle(claims=claims) == [False, False]
+        adopted = {"k1": b'{"key":"k1"}\n'}
+        assert await other.adopt({"k1": job.tag}) == adopted
+        assert await other.adopt({"k1": job.tag}) == adopted
+        await other.settle(written=["k1"])
+        assert await job.adopt({"k1": job.tag}) == {}
+        meta = redis_server.command("hget", "dispatcher:{job:retry}:meta", "final")
+        assert meta.strip() == b"2"
+    finally:
+        await link.aclose()

@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             f"    {worker}: {beat.get('records', 0):,} records, "
             f"{beat.get('shards', 0)} shard(s) held, {beat.get('in_flight', 0)} in flight, "
             f"{beat.get('rate_limited', 0)} 429s"
+            + (f", {beat['adopted']} adopted from dead workers" if beat.get("adopted") else "")
         )
     print(f"  workers   {len(live)} live, {gone} gone", file=out)
     for line in live:

@@ -30,6 +30,16 @@ __all__ = ["BudgetKeys", "SharedGate", "SharedGateStats"]
 
 # A lowered rate stays in force this long after the last reservation that asked for it.
 FLOOR_TTL_US: Final = 2_000_000
+# Headroom kept below a rate the server announced (one below what this process asked).
+# The shared slots are exact on Redis's clock, but each process's requests reach the API
+# after a delay of their own (its event loop's lateness, its network path), and a server
+# window opened by a late request then holds slots from a little longer than itself: at
+# 98% of a 50/1s policy, 49 slots span exactly one second, so a window opened 1 ms late
+# holds 50 (the pacer pauses everyone until it ends) and one opened 21 ms late holds 51
+# (a 429 and a lockout). 2% leaves room for 20 ms of spread between processes. A rate
+# this low is paced strictly, without the burst: the two permits a burst of 2 lets out
+# after each pause put one more into the window they open.
+ARRIVAL_SPREAD: Final = 0.02
 _US: Final = 1_000_000
 
 RESERVE: Final = """
@@ -190,9 +200,14 @@ class SharedGate:
         while True:
             while (remaining := self._paused_until - self._now()) > 0:  # noqa: ASYNC110
                 await anyio.sleep(remaining)
-            rate = self._rate
+            rate, lowered = self._rate, self._lowered()
+            if rate is not None and lowered:
+                rate *= 1 - ARRIVAL_SPREAD
             interval = 0 if rate is None else max(1, round(_US / rate))
-            args = [interval, 1 if self._lowered() else 0, self._burst, FLOOR_TTL_US]
+            # No burst at a rate the server announced: back-to-back permits after a pause
+            # would open its next window with one more than the pace allows.
+            burst = 1 if lowered else self._burst
+            args = [interval, 1 if lowered else 0, burst, FLOOR_TTL_US]
             wait_us, _pause_us, _interval = await self._link.call(
                 functools.partial(self._reserve, keys=[self._keys.budget], args=args)
             )
@@ -237,6 +252,7 @@ class SharedGate:
                 # A pause set while this process was not listening is in the hash.
                 pause = await client.hget(self._keys.budget, "pause")
                 now_us = await client.time()
+                self._link.trips += 3
                 if pause is not None:
                     left = int(pause) - (now_us[0] * _US + now_us[1])
                     if left > 0:

@@ -49,6 +49,8 @@ def client_for(url: str) -> aioredis.Redis:
         socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=SOCKET_TIMEOUT,
         retry=Retry(NoBackoff(), 0),
+        # No CLIENT SETINFO on every new connection: two round trips each, for a label.
+        driver_info=None,
         decode_responses=False,
     )
 
@@ -57,10 +59,11 @@ class Link:
     """A Redis client plus the fail-closed retry loop every coordination call goes through.
 
     ``state`` is ``"connected"`` or ``"unreachable: <error>; retrying"`` for the progress
-    display; ``outages`` counts how often Redis went away.
+    display; ``outages`` counts how often Redis went away, ``trips`` the round trips
+    (one command, script or pipeline each, whether or not it got through).
     """
 
-    __slots__ = ("_on_state", "_rng", "_since", "client", "outages", "state", "url")
+    __slots__ = ("_on_state", "_rng", "_since", "client", "outages", "state", "trips", "url")
 
     def __init__(
         self,
@@ -75,6 +78,7 @@ class Link:
         self._rng = rng
         self.state = "connected"
         self.outages = 0
+        self.trips = 0
         self._since: float | None = None
 
     @property
@@ -89,6 +93,7 @@ class Link:
         """Run ``op`` until it succeeds; while Redis is unreachable, wait and retry."""
         delay = BACKOFF_FIRST
         while True:
+            self.trips += 1
             try:
                 result = await op()
             except UNREACHABLE as exc:

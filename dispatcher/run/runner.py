@@ -801,15 +801,21 @@ async def _run_locked(
         with anyio.CancelScope(shield=True):
             # After a hard stop: what the workers had finished but not yet handed over,
             # then what they were in the middle of.
+            leftovers: list[Envelope] = []
             while True:
                 try:
-                    env = receive.receive_nowait()
+                    leftovers.append(receive.receive_nowait())
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
-                commit.write(env)
             for env in engine.abandoned():
                 stats.record(env)
-                commit.write(env)
+                leftovers.append(env)
+            if shared is not None and shared.job is not None:
+                # A job's envelopes are claimed before they are written, these too.
+                await shared.settle_leftovers(leftovers, out, journal)
+            else:
+                for env in leftovers:
+                    commit.write(env)
             receive.close()
             await commit.commit()
             await close_sink(out, commit)

@@ -3,7 +3,14 @@
 With ``--redis`` the run's gate is the account's shared budget. With ``--job`` too, the
 records come from shards of the job (the first process to arrive cuts the input into
 shards while the others already start on them) and every envelope goes through its claim
-before it is written, straight to the OS, so a kill -9 right after a claim loses nothing.
+before it is written, straight to the OS. Claims go in batches: one script call claims
+what the engine finished meanwhile, marks the previous batch written and acknowledges
+the shards it finished (see :mod:`dispatcher.coordination.job` for why a claim carries
+its envelope until then, and who writes it when its process dies).
+
+A stopped run (Ctrl-C) claims only what is final: a record stopped before its last
+attempt, with no attempt that may have arrived, is neither claimed nor written (another
+process, or the next run, sends it), and the shards it did not finish are handed back.
 """
 
 from __future__ import annotations
@@ -18,11 +25,19 @@ from typing import Final
 
 import anyio
 import anyio.abc
+import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.coordination.budget import SharedGate
 from dispatcher.coordination.connection import Link
-from dispatcher.coordination.job import HEARTBEAT_S, Job, Shard
+from dispatcher.coordination.job import (
+    HEARTBEAT_S,
+    PENDING,
+    TIMEOUT_ENV,
+    Job,
+    Shard,
+    heartbeat_timeout,
+)
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.records import (
     ReadOptions,
@@ -31,8 +46,9 @@ from dispatcher.inputs.records import (
     read_batches,
     read_line_range,
 )
-from dispatcher.model import Envelope, Record
+from dispatcher.model import Delivery, Envelope, ErrorKind, Record
 from dispatcher.results.journal import Journal
+from dispatcher.results.ledger import envelope_from_json
 from dispatcher.results.sinks import JsonlSink, Sink, encode
 from dispatcher.run.settings import ConfigError, Rate, SendSettings
 from dispatcher.sending.gate import default_burst
@@ -44,6 +60,11 @@ __all__ = ["SHARD_RECORDS", "Coordinated", "coordinated"]
 SHARD_RECORDS: Final = 2000  # lines per shard: a Stream entry per shard, not per record
 SHARD_ENV: Final = "DISPATCHER_JOB_SHARD_LINES"  # for tests and benchmarks of small jobs
 _FLUSH_S: Final = 1.0
+# Claims wait this long for company after the first envelope of a batch: at 50 records/s
+# per process a batch then holds a few, so a claim costs well under a round trip each.
+LINGER_S: Final = 0.05
+MAX_CLAIMS: Final = 500  # envelopes per claim call
+_LEAVE_S: Final = 3.0  # how long a stopping process tries to hand its shards back
 
 
 def shard_lines() -> int:
@@ -115,6 +136,11 @@ class Coordinated:
         self._results_path = os.path.abspath(settings.results)
         self._tracker = _Tracker()
         self._tg: anyio.abc.TaskGroup | None = None
+        self._fd: int | None = None
+        self._sink: Sink | None = None
+        self._owed: tuple[list[str], list[str]] = ([], [])
+        self.adopted = 0  # envelopes of dead workers' pending claims written here
+        self.left = 0  # stopped records left unclaimed for another process
 
     def _state(self, state: str) -> None:
         self.stats.coordination = None if state == "connected" else state
@@ -220,65 +246,93 @@ class Coordinated:
                 continue
             records = await anyio.to_thread.run_sync(self._read, shard)
             final = await job.claimers([r.key for r in records])
-            if shard.reclaimed and final:
-                for key in await self._recover(final):
-                    del final[key]
+            pending = {k: v for k, v in final.items() if v.startswith(PENDING)}
+            if pending:
+                await self._recover(pending, taken_over=shard.reclaimed)
             todo = [r for r in records if r.key not in final]
             if not todo:
-                await job.ack(shard.id)
+                await job.settle(acks=[shard.id])
                 continue
             self._tracker.add(shard.id, [r.key for r in todo])
             for start in range(0, len(todo), 1000):
                 yield todo[start : start + 1000]
 
-    async def _recover(self, claimed: dict[str, str]) -> set[str]:
-        """Claims of a dead process on this host whose envelope never reached its file.
+    async def _recover(self, pending: dict[str, bytes], *, taken_over: bool) -> None:
+        """Write the envelopes of dead workers' pending claims (they were claimed and then
+        the process died, before its write or before saying it was done).
 
-        A process killed after its claim but before its write (while the claim's answer
-        was on its way) leaves a record final in Redis with no envelope anywhere. Its
-        results file is on this host: read it, and release the claims it lacks, so the
-        records are sent again (they were in flight when it died). A dead process on
-        another host cannot be read: its claims stand.
+        In a shard ``taken_over`` from another process, every claim pending under another
+        name is a dead one's: the shard came here because its holder stopped heartbeating
+        (judged by Redis's clock, not by the hosts'). Elsewhere (a key repeated in another
+        shard) a claim stands while its worker heartbeats: its write is on its way. A dead
+        worker's claim is adopted and its envelope written here, unless the worker was on
+        this host and its results file already has that key (it died after the write,
+        before the mark): then it is only marked.
         """
         job = self.job
         assert job is not None
-        beats = await job.workers()
-        by_worker: dict[str, list[str]] = {}
-        for key, worker in claimed.items():
-            if worker != job.worker:
-                by_worker.setdefault(worker, []).append(key)
-        released: set[str] = set()
+        beats = {str(b.get("tag")): b for b in (await job.workers()).values()}
         now = time.time()
-        for worker, keys in by_worker.items():
-            beat = beats.get(worker)
-            if beat is None or now - float(beat.get("seen", now)) <= job.timeout:
-                continue  # alive (or never seen): its envelope may still come
-            path = beat.get("results")
-            if beat.get("host") != job.host or not isinstance(path, str):
+        dead: dict[str, str] = {}
+        for key, value in pending.items():
+            worker = value[len(PENDING) :].split(b"\n", 1)[0].decode()
+            if worker == job.tag:
                 continue
-            written = await anyio.to_thread.run_sync(_keys_in, path)
-            for key in keys:
-                if key not in written and await job.release(key, worker):
-                    released.add(key)
-        return released
+            beat = beats.get(worker)
+            if (
+                taken_over
+                or beat is None
+                or beat.get("gone")
+                or now - float(beat.get("seen", 0)) > job.timeout
+            ):
+                dead[key] = worker
+        if not dead:
+            return
+        envelopes = await job.adopt(dead)
+        on_file: set[str] = set()
+        for worker in set(dead.values()):
+            beat = beats.get(worker) or {}
+            path = beat.get("results")
+            if beat.get("host") == job.host and isinstance(path, str):
+                on_file |= await anyio.to_thread.run_sync(_keys_in, path)
+        data = b"".join(env for key, env in envelopes.items() if key not in on_file)
+        if data:
+            self._write(data)
+        self.adopted += sum(1 for key in envelopes if key not in on_file)
+        await job.settle(written=list(envelopes))
 
     async def _heartbeat(self) -> None:
         assert self.job is not None
         while True:
-            stats = self.stats
-            await self.job.heartbeat(
-                {
-                    "records": stats.records,
-                    "attempts": stats.attempts,
-                    "rate_limited": stats.rate_limited,
-                    "in_flight": stats.in_flight,
-                    "elapsed": stats.elapsed(),
-                    "results": self._results_path,
-                }
-            )
+            await self.job.heartbeat(self._beat())
             await anyio.sleep(HEARTBEAT_S)
 
+    def _beat(self) -> dict[str, object]:
+        stats = self.stats
+        return {
+            "records": stats.records,
+            "attempts": stats.attempts,
+            "rate_limited": stats.rate_limited,
+            "in_flight": stats.in_flight,
+            "elapsed": stats.elapsed(),
+            "results": self._results_path,
+            "trips": self.link.trips,
+            "adopted": self.adopted,
+            "left": self.left,
+        }
+
     # --- the envelopes -------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self._fd is not None:
+            view = memoryview(data)
+            while view:  # whole lines: a short write is carried on, not torn
+                view = view[os.write(self._fd, view) :]
+        elif self._sink is not None:
+            for line in data.splitlines(keepends=True):
+                self._sink.write(envelope_from_json(orjson.loads(line)))
+        else:  # the drain opens them before the first shard is read
+            raise RuntimeError("claimed envelopes with no results to write them to")
 
     async def drain(
         self,
@@ -286,52 +340,142 @@ class Coordinated:
         sink: Sink,
         journal: Journal | None = None,
     ) -> None:
-        """Claim each envelope, write the claimed ones through, acknowledge finished shards."""
+        """Claim envelopes in batches, write the claimed ones through, acknowledge
+        finished shards (with the next batch's claims, or at once when none is ready)."""
         job = self.job
         assert job is not None
         # Claimed envelopes go to the OS at once, through a handle of our own opened for
-        # appending (whole lines, one write each): a kill -9 right after a claim then
-        # cannot lose the envelope, as it could from a buffer.
-        fd = (
+        # appending (whole lines, one write per batch): a kill -9 right after the write
+        # cannot lose them, as it could from a buffer.
+        self._sink = sink
+        self._fd = (
             os.open(self.settings.results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             if isinstance(sink, JsonlSink)
             else None
         )
+        self._owed = ([], [])  # (written, finished shards): for the next call to say
         last_sync = time.monotonic()
         try:
-            async for env in receive:
-                if await job.claim(env.key):
-                    if fd is not None:
-                        os.write(fd, encode(env))
-                    else:
-                        sink.write(env)
-                else:
-                    self.stats.coordination_dropped += 1
-                if journal is not None:
-                    journal.written(env.key)
-                done = self._tracker.finished(env.key)
-                if done is not None:
-                    await job.ack(done)
+            ended = False
+            while not ended:
+                batch: list[Envelope] = []
+                if not (self._owed[0] or self._owed[1]):
+                    try:
+                        batch.append(await receive.receive())
+                    except anyio.EndOfStream:
+                        break
+                    # Wait a little for more, unless the engine's buffer is filling up.
+                    stats = receive.statistics()
+                    if stats.current_buffer_used * 2 < stats.max_buffer_size:
+                        await anyio.sleep(LINGER_S)
+                while len(batch) < MAX_CLAIMS:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                    except anyio.EndOfStream:
+                        ended = True
+                        break
+                self._owed = await self._settle(batch, self._owed, journal)
                 if time.monotonic() - last_sync >= _FLUSH_S:
-                    await self._sync(fd, sink)
+                    await self._sync()
                     last_sync = time.monotonic()
-            await self._sync(fd, sink)
+            while self._owed[0] or self._owed[1]:
+                self._owed = await self._settle([], self._owed, journal)
+            await self._sync()
         finally:
-            if fd is not None:
-                os.close(fd)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
-    @staticmethod
-    async def _sync(fd: int | None, sink: Sink) -> None:
-        if fd is None:
-            await sink.flush()
-        else:
-            await anyio.to_thread.run_sync(os.fsync, fd)
+    async def settle_leftovers(
+        self, envs: list[Envelope], sink: Sink, journal: Journal | None
+    ) -> None:
+        """After a hard stop: claim and write what the engine had finished or abandoned.
+
+        Bounded: with Redis away, these are written unclaimed (an envelope is never lost;
+        another process may then write one too for the same record)."""
+        if not envs and not (self._owed[0] or self._owed[1]):
+            return
+        self._sink = sink
+        self._fd = (
+            os.open(self.settings.results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if self._fd is None and isinstance(self._sink, JsonlSink)
+            else self._fd
+        )
+        try:
+            claimed = False
+            with anyio.move_on_after(_LEAVE_S):
+                # With what the drain owed when it was cut off.
+                owed = await self._settle(envs, self._owed, journal)
+                claimed = True
+                self._owed = ([], [])
+                await self._settle([], owed, journal)
+            if not claimed:
+                self._write(b"".join(encode(env) for env in envs if _is_final(env)))
+            await self._sync()
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    async def _settle(
+        self, batch: list[Envelope], owed: tuple[list[str], list[str]], journal: Journal | None
+    ) -> tuple[list[str], list[str]]:
+        """One claim call for ``batch`` (with what ``owed`` says); what the next one owes."""
+        job = self.job
+        assert job is not None
+        final = [env for env in batch if _is_final(env)]
+        # A record stopped before its last attempt, none of which may have arrived, is not
+        # final: left unclaimed and unwritten, for another process or the next run.
+        self.left += len(batch) - len(final)
+        # One claim per key and call: a claim found to be ours counts as won (that is how
+        # a retried call sees its own), so a key twice in one call would be written twice.
+        lines: dict[str, bytes] = {}
+        for env in final:
+            lines.setdefault(env.key, encode(env))
+        won = dict(zip(lines, await job.settle(owed[0], owed[1], list(lines.items())), strict=True))
+        data = b"".join(line for key, line in lines.items() if won[key])
+        if data:
+            self._write(data)
+        written = [key for key in lines if won[key]]
+        acks: list[str] = []
+        for env in final:
+            if won.pop(env.key, False) is False:
+                self.stats.coordination_dropped += 1
+            if journal is not None:
+                journal.written(env.key)
+            done = self._tracker.finished(env.key)
+            if done is not None:
+                acks.append(done)
+        return written, acks
+
+    async def _sync(self) -> None:
+        if self._fd is not None:
+            await anyio.to_thread.run_sync(os.fsync, self._fd)
+        elif self._sink is not None:
+            await self._sink.flush()
+
+    async def leave(self) -> None:
+        """Hand back the unfinished shards and say this process has gone (bounded)."""
+        if self.job is None:
+            return
+        with anyio.move_on_after(_LEAVE_S):
+            await self.job.leave(self._beat())
+
+
+def _is_final(env: Envelope) -> bool:
+    """Whether ``env`` settles its record (``--resume`` would not send it again)."""
+    error = env.error
+    return not (
+        error is not None
+        and error.kind is ErrorKind.STOPPED
+        and env.delivery is not Delivery.UNKNOWN
+    )
 
 
 def _keys_in(path: str) -> set[str]:
     """The record keys of every whole envelope line of a JSONL results file."""
-    import orjson
-
     keys: set[str] = set()
     try:
         with open(path, "rb") as file:
@@ -348,14 +492,10 @@ def _keys_in(path: str) -> set[str]:
 
 
 def _json(value: dict[str, str]) -> str:
-    import orjson
-
     return orjson.dumps(value).decode()
 
 
 def _unjson(text: str) -> dict[str, str]:
-    import orjson
-
     value = orjson.loads(text)
     return value if isinstance(value, dict) else {}
 
@@ -368,19 +508,30 @@ async def coordinated(
     if settings.job is not None:
         check_job_inputs(settings)
         shard_lines()
+        try:
+            heartbeat_timeout()
+        except ValueError as exc:
+            raise ConfigError(TIMEOUT_ENV, str(exc)) from None
     shared = Coordinated(settings, stats, options)
     try:
-        async with shared.gate.running(), anyio.create_task_group() as tg:
-            shared._tg = tg
-            if shared.job is not None:
-                await shared.job.create(settings.account_id or settings.base_url)
-                if await shared.job.become_planner():
-                    tg.start_soon(shared._publish_plan)
-                tg.start_soon(shared._heartbeat)
+        async with shared.gate.running():
             try:
-                yield shared
+                async with anyio.create_task_group() as tg:
+                    shared._tg = tg
+                    if shared.job is not None:
+                        await shared.job.create(settings.account_id or settings.base_url)
+                        if await shared.job.become_planner():
+                            tg.start_soon(shared._publish_plan)
+                        tg.start_soon(shared._heartbeat)
+                    try:
+                        yield shared
+                    finally:
+                        tg.cancel_scope.cancel()
             finally:
-                tg.cancel_scope.cancel()
+                # After the heartbeat stopped: it would make the shards handed back look
+                # held again.
+                with anyio.CancelScope(shield=True):
+                    await shared.leave()
     finally:
         with anyio.CancelScope(shield=True):
             await shared.link.aclose()

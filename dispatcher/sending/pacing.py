@@ -195,6 +195,8 @@ class Pacer:
             policy = SAFETY * self._share * info.quota / info.window
             if self._policy_rate is None or abs(policy - self._policy_rate) > 1e-9:
                 self._policy_rate = policy
+                if self._target is None or policy < self._target:
+                    self._moved = True  # a ceiling under the target applies however close
                 if self._auto:
                     self._slow_start = False
                     self._target = policy
