@@ -140,9 +140,9 @@ def test_concurrent_workers_share_one_pace() -> None:
 
 @pytest.mark.parametrize(
     ("rate", "burst"),
-    [(0.5, 1), (4, 1), (5, 1), (5.5, 2), (50, 2), (500, 2), (500.5, 3), (1000, 4), (5000, 20)],
+    [(0.5, 1), (4, 1), (5, 1), (5.5, 2), (50, 2), (200, 3), (500, 4), (1000, 7), (5000, 31)],
 )
-def test_default_burst_is_one_at_low_rates_then_4_ms_of_traffic(rate: float, burst: int) -> None:
+def test_default_burst_is_one_at_low_rates_then_6_ms_of_slack(rate: float, burst: int) -> None:
     assert default_burst(rate) == burst
     assert RateGate(rate).burst == burst
 
@@ -198,16 +198,16 @@ def test_a_fixed_rate_just_under_a_small_burst_limiter_is_never_refused(
 
     times = run(main, **timers)
     assert limit_req_refusals(times, 500, 5) == 0
-    assert limit_req_refusals(times, 500, 2) == 0  # never more than 2 beyond the pace
+    assert limit_req_refusals(times, 500, 3) == 0  # never more than 3 beyond the pace
 
 
 def test_late_timers_cost_no_rate_at_the_small_bucket() -> None:
-    # Whole-millisecond timers, 0.3 ms late: 500/s is kept within 1% with a bucket of 2.
+    # Every wake-up 5 ms late: 500/s is kept within 1% with a bucket of 4.
     async def main(loop: FakeTimeLoop) -> float:
         return await achieved_rate(RateGate(500), workers=64, span=5.0)
 
-    assert RateGate(500).burst == 2
-    assert run(main, **REALISTIC) == pytest.approx(500, rel=0.01)
+    assert RateGate(500).burst == 4
+    assert run(main, granularity=0.001, lateness=0.005) == pytest.approx(500, rel=0.01)
 
 
 def test_after_a_pause_a_bigger_bucket_resumes_at_the_pace() -> None:

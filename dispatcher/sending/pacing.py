@@ -18,7 +18,8 @@ provoked. The :class:`Pacer` watches every answer and sets the gate's rate:
    so up to a whole window too long) is replaced by the end of the window as seen from
    here: one window after the answer that showed the budget refilled.
 4. **``--rate auto``** without a policy: a search that spends about one congestion episode.
-   Slow start doubles the rate every 0.1 s (after at least one clean answer) from 4/s. A
+   Slow start doubles the rate every 0.1 s from 4/s while answers are clean (from 100/s
+   on, it grows by 100/s every 0.1 s: see :meth:`Pacer._tick`). A
    429 starts an episode, and the answers so far tell the limit: a limiter admits at most
    ``R * d + b + 1`` requests in any ``d`` seconds (nginx's ``limit_req``, any GCRA), so
    with a burst ``b`` of at most :data:`FIT_BURST` the window of sends that admitted the
@@ -46,8 +47,10 @@ from dispatcher.model import Outcome
 SAFETY: Final = 0.98
 AUTO_START: Final = 4.0  # requests/s before anything is known (the API's documented 4/s)
 AUTO_FLOOR: Final = 0.2
-SLOW_START_MIN: Final = 0.1  # s per doubling at least (and one clean answer)
-SLOW_START_MAX: Final = 1.0  # s per doubling at most, however few the answers
+DOUBLING: Final = 0.1  # s per doubling in slow start, while answers are clean
+RAMP: Final = 1000.0  # requests/s per s at most in slow start (from 100/s on)
+SLOW_START_STEP: Final = 0.05  # s between steps at least (and one clean answer)
+SLOW_START_MAX: Final = 1.0  # s between steps at most, however few the answers
 INTERVAL: Final = 0.5  # seconds between auto adjustments once the first 429 was seen
 BACKOFF: Final = 0.85  # of the rate that drew a 429, when the answers tell nothing better
 SLOW_START_BACKOFF: Final = 0.5  # the same, in slow start: the level before was clean
@@ -58,10 +61,6 @@ TOP: Final = 0.99  # of the estimate's upper end: where the creep stops
 CLOSE: Final = 0.03  # within this share of where the creep stops, hold
 HOLD: Final = 30.0  # s held clean just under the ceiling before probing past it
 PROBE: Final = 0.01  # growth past a ceiling held clean, per clean interval
-# The gate's bucket under --rate auto: a limiter nobody announced may tolerate little burst
-# (nginx's limit_req: none unless configured), and the gate's usual 20 ms of traffic (10
-# requests at 500/s) would be refused in part after any late timer.
-AUTO_BURST: Final = 2
 _MIN_STRETCH_RESET: Final = 2.0
 _CHANGE: Final = 0.03  # ignore rate changes smaller than this fraction (each costs a bucket)
 _SENDS: Final = 8192  # answers kept for the estimate (bounded memory)
@@ -351,11 +350,15 @@ class Pacer:
         elapsed = now - self._last_tick
         target = self._target if self._target is not None else AUTO_START
         if self._slow_start:
-            if elapsed < SLOW_START_MAX and (elapsed < SLOW_START_MIN or self._answers < 1):
+            if elapsed < SLOW_START_MAX and (elapsed < SLOW_START_STEP or self._answers < 1):
                 return
             self._last_tick, self._answers = now, 0
-            # Doubling every 0.1 s of clean answers, even where one answer took longer.
-            self._target = target * 2.0 ** min(elapsed / SLOW_START_MIN, 2.0)
+            # Doubling every 0.1 s of clean answers (at most twice between two answers),
+            # but no faster than RAMP/s each second: how long the limiter stays saturated
+            # before its first 429 is what the estimate has to go on, and a doubling
+            # overshoots a fast limit so far that its burst lasts a few milliseconds.
+            grown = target * 2.0 ** min(elapsed / DOUBLING, 2.0)
+            self._target = min(grown, target + RAMP * min(elapsed, 2 * DOUBLING))
             self._moved = True
             return
         if elapsed < INTERVAL:
