@@ -58,12 +58,16 @@ FIT_BURST: Final = 5  # requests a limiter is assumed to let through beyond its 
 FIT_SPAN: Final = 10.0  # s of sends the estimate looks back over
 SHARE: Final = 0.97  # of the estimated limit, right after an episode
 TOP: Final = 0.99  # of the estimate's upper end: where the creep stops
+STALL: Final = 0.01  # s: a 429 this much slower than usual answers a stalled server
+STALL_FACTOR: Final = 5.0  # ... and this many times the usual latency
+STALL_SEEN: Final = 0.1  # s before a 429 in which a stall counts
 CLOSE: Final = 0.03  # within this share of where the creep stops, hold
 HOLD: Final = 30.0  # s held clean just under the ceiling before probing past it
 PROBE: Final = 0.01  # growth past a ceiling held clean, per clean interval
 _MIN_STRETCH_RESET: Final = 2.0
 _CHANGE: Final = 0.03  # ignore rate changes smaller than this fraction (each costs a bucket)
 _SENDS: Final = 8192  # answers kept for the estimate (bounded memory)
+_LATENCIES: Final = 64  # answers' latencies kept for the usual one
 
 
 class Steered(Protocol):
@@ -98,6 +102,7 @@ class Pacer:
         "_held_since",
         "_last_remaining",
         "_last_tick",
+        "_latencies",
         "_moved",
         "_policy_rate",
         "_quiet_until",
@@ -152,6 +157,7 @@ class Pacer:
         self._held_since: float | None = None
         self._moved = False  # the search changed the target since the gate was last set
         self._sends: deque[tuple[float, bool]] = deque(maxlen=_SENDS)  # (sent at, 2xx)
+        self._latencies: deque[tuple[float, float]] = deque(maxlen=_LATENCIES)  # (at, s)
         self._last_remaining: int | None = None
         self._window_end: float | None = None
         self._target: float | None = AUTO_START if auto else requested
@@ -206,6 +212,8 @@ class Pacer:
                     self._slow_start = False
                     self._target = policy
         searching = self._auto and self._policy_rate is None
+        if searching and outcome.sent:
+            self._latencies.append((now, outcome.latency_s))
         if outcome.status == 429:
             self._trouble = True
             if searching:
@@ -325,9 +333,18 @@ class Pacer:
         if sent <= self._decreased_at:
             return  # sent before the last decrease: the same episode
         rate = self._target if self._target is not None else AUTO_START
-        self._ceiling_rate = rate
         self._episode_at = sent
         last_ok = max((t for t, ok in self._sends if ok and t < sent), default=None)
+        if self._slow_start and self._stalled(now):
+            # The server stood still: what queued meanwhile reached its limiter at once,
+            # a burst no pace below the limit avoids. Wait, then climb on from below.
+            fit = None if last_ok is None else self._fit(last_ok)
+            low = 0.0 if fit is None else SHARE * fit[0]
+            self._target = max(AUTO_FLOOR, low, SLOW_START_BACKOFF * rate)
+            self._moved = True
+            self._pause_search(now, outcome)
+            return
+        self._ceiling_rate = rate
         fit = None if last_ok is None else self._fit(last_ok)
         if fit is not None:
             self._settle(*fit)
@@ -337,6 +354,19 @@ class Pacer:
             self._target = max(AUTO_FLOOR, rate * backoff)
             self._moved = True
         self._slow_start = False
+        self._pause_search(now, outcome)
+
+    def _stalled(self, now: float) -> bool:
+        """Whether answers just before a 429 took so much longer than usual that the server
+        stood still (the first of the burst it then saw waited longest), and may have spent
+        its limiter's burst on what queued meanwhile."""
+        if len(self._latencies) < _LATENCIES // 2:
+            return False
+        usual = sorted(latency for _, latency in self._latencies)[len(self._latencies) // 2]
+        recent = (latency for at, latency in self._latencies if at >= now - STALL_SEEN)
+        return max(recent, default=0.0) > max(STALL, STALL_FACTOR * usual)
+
+    def _pause_search(self, now: float, outcome: Outcome) -> None:
         self._decreased_at = now
         wait = outcome.retry_after if outcome.retry_after is not None else 0.0
         self._quiet_until = now + max(0.0, wait)
