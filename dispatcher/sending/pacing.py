@@ -25,8 +25,8 @@ provoked. The :class:`Pacer` watches every answer and sets the gate's rate:
    with a burst ``b`` of at most :data:`FIT_BURST` the window of sends that admitted the
    most bounds ``R`` from below, and one request more over that window from above. The
    rate drops to 97% of the lower bound; once the ``Retry-After`` pause is over it creeps
-   up to just under the upper one and holds there (:data:`HOLD` s) before probing past it
-   slowly. 429s answering requests sent before the drop are the same episode: they only
+   towards the middle of the bounds and holds there (:data:`HOLD` s) before probing past
+   it slowly. 429s answering requests sent before the drop are the same episode: they only
    sharpen the estimate. A second episode, if the creep or a bigger burst draws one, has a
    long window of sends behind it, so its estimate is tight. A ceiling remembered from an
    earlier run starts the search there. As soon as the server sends its policy, the rate
@@ -57,8 +57,9 @@ SLOW_START_BACKOFF: Final = 0.5  # the same, in slow start: the level before was
 FIT_BURST: Final = 5  # requests a limiter is assumed to let through beyond its rate
 FIT_SPAN: Final = 10.0  # s of sends the estimate looks back over
 SHARE: Final = 0.97  # of the estimated limit, right after an episode
-TOP: Final = 0.99  # of the estimate's upper end: where the creep stops
-STALL: Final = 0.01  # s: a 429 this much slower than usual answers a stalled server
+TOP: Final = 0.99  # of where the creep aims: where it stops
+BLUR: Final = 0.03  # share of the estimate answers' timing blurs (a loaded server lags)
+STALL: Final = 0.015  # s: answers this slow around a 429 tell of a stalled server
 STALL_FACTOR: Final = 5.0  # ... and this many times the usual latency
 STALL_SEEN: Final = 0.1  # s before a 429 in which a stall counts
 CLOSE: Final = 0.03  # within this share of where the creep stops, hold
@@ -98,6 +99,7 @@ class Pacer:
         "_decreased_at",
         "_episode_at",
         "_estimate",
+        "_excused",
         "_gate",
         "_held_since",
         "_last_remaining",
@@ -153,6 +155,7 @@ class Pacer:
         self._ceiling_rate: float | None = None  # the rate that drew the last 429
         self._episode_at = -math.inf  # when the request that started the episode was sent
         self._estimate: float | None = None  # the limit's lower bound, from the last episode
+        self._excused = False  # a 429 in slow start was put down to a stalled server
         self._top: float | None = None  # where the creep after an episode stops
         self._held_since: float | None = None
         self._moved = False  # the search changed the target since the gate was last set
@@ -308,11 +311,14 @@ class Pacer:
         return low, max(low, high)
 
     def _settle(self, low: float, high: float) -> None:
-        """Aim just under the limit the episode showed; creep to the middle of its bounds."""
+        """Aim just under the limit the episode showed, then creep towards the middle of
+        its bounds, short of it by what the timing of answers blurs (:data:`BLUR`): a
+        slow limit's bounds are far apart (few requests per window), a fast one's close."""
         cap = self._ceiling_rate if self._ceiling_rate is not None else math.inf
         self._estimate = low
         self._target = max(AUTO_FLOOR, SHARE * min(low, cap))
-        self._top = max(self._target, TOP * min((low + high) / 2, cap))
+        middle = max(low, (low + high) / 2 - BLUR * low)
+        self._top = max(self._target, TOP * min(middle, cap))
         self._moved = True
 
     def _refine(self, sent: float) -> None:
@@ -335,7 +341,8 @@ class Pacer:
         rate = self._target if self._target is not None else AUTO_START
         self._episode_at = sent
         last_ok = max((t for t, ok in self._sends if ok and t < sent), default=None)
-        if self._slow_start and self._stalled(now):
+        if self._slow_start and not self._excused and self._stalled(now):
+            self._excused = True  # once: on a busy machine stalls come all the time
             # The server stood still: what queued meanwhile reached its limiter at once,
             # a burst no pace below the limit avoids. Wait, then climb on from below.
             fit = None if last_ok is None else self._fit(last_ok)
