@@ -16,7 +16,7 @@ from dispatcher.model import ErrorKind, Outcome, RateLimitInfo
 from dispatcher.results.ledger import load_ceiling, save_ceiling
 from dispatcher.run import runner
 from dispatcher.run.settings import Credentials, SendSettings, parse_rate
-from dispatcher.sending.pacing import AUTO_START, BACKOFF, CLOSE, INTERVAL, SAFETY, Pacer
+from dispatcher.sending.pacing import AUTO_START, BACKOFF, INTERVAL, SAFETY, SHARE, Pacer
 
 
 class FakeGate:
@@ -219,7 +219,7 @@ def test_auto_slow_start_doubles_every_tenth_of_a_second_of_clean_answers() -> N
 
 def test_one_episode_of_many_429s_is_one_decrease() -> None:
     gate, clock = FakeGate(), Clock()
-    pacer = Pacer(gate, None, auto=True, clock=clock, remembered=64 / (1 - CLOSE))
+    pacer = Pacer(gate, None, auto=True, clock=clock, remembered=64 / SHARE)
     assert gate.rate == pytest.approx(64.0)
     # 32 requests were in flight when the limiter started refusing: all 32 come back 429
     # over the next 20 ms, each sent before the first of them was answered.
@@ -418,6 +418,6 @@ def test_auto_starts_just_under_a_remembered_ceiling() -> None:
         rate=parse_rate("auto"),
     )
     gate, _ = runner.gate_for(settings, remembered=200.0)
-    assert gate.rate == pytest.approx(200.0 * (1 - CLOSE))
+    assert gate.rate == pytest.approx(200.0 * SHARE)
     gate, _ = runner.gate_for(settings)
     assert gate.rate == AUTO_START

@@ -28,9 +28,11 @@ provoked. The :class:`Pacer` watches every answer and sets the gate's rate:
    towards the middle of the bounds and holds there (:data:`HOLD` s) before probing past
    it slowly. 429s answering requests sent before the drop are the same episode: they only
    sharpen the estimate. A second episode, if the creep or a bigger burst draws one, has a
-   long window of sends behind it, so its estimate is tight. A ceiling remembered from an
-   earlier run starts the search there. As soon as the server sends its policy, the rate
-   jumps to the policy ceiling.
+   long window of sends behind it, so its estimate is tight. Once a run, a 429 in slow
+   start that came with answers far slower than usual is put down to a stalled server
+   (what queued meanwhile reached the limiter as one burst): the search waits out the
+   pause and climbs on. A ceiling remembered from an earlier run starts the search there.
+   As soon as the server sends its policy, the rate jumps to the policy ceiling.
 
 All time comes from an injected clock, so this is tested without sleeping.
 """
@@ -69,6 +71,7 @@ _MIN_STRETCH_RESET: Final = 2.0
 _CHANGE: Final = 0.03  # ignore rate changes smaller than this fraction (each costs a bucket)
 _SENDS: Final = 8192  # answers kept for the estimate (bounded memory)
 _LATENCIES: Final = 64  # answers' latencies kept for the usual one
+_REFINES: Final = 16  # late 2xx per episode that refine its estimate (each costs a scan)
 
 
 class Steered(Protocol):
@@ -108,6 +111,7 @@ class Pacer:
         "_moved",
         "_policy_rate",
         "_quiet_until",
+        "_refined",
         "_sends",
         "_share",
         "_slow_start",
@@ -155,6 +159,7 @@ class Pacer:
         self._ceiling_rate: float | None = None  # the rate that drew the last 429
         self._episode_at = -math.inf  # when the request that started the episode was sent
         self._estimate: float | None = None  # the limit's lower bound, from the last episode
+        self._refined = 0  # late 2xx of the episode taken into its estimate
         self._excused = False  # a 429 in slow start was put down to a stalled server
         self._top: float | None = None  # where the creep after an episode stops
         self._held_since: float | None = None
@@ -324,8 +329,9 @@ class Pacer:
     def _refine(self, sent: float) -> None:
         """A 2xx sent before the episode's decrease, answered since (a limiter that queues
         answers late what it admitted): it may end, or fill, the window that tells most."""
-        if self._ceiling_rate is None:
+        if self._ceiling_rate is None or self._refined >= _REFINES:
             return
+        self._refined += 1
         latest = max(t for t, ok in self._sends if ok and t <= self._decreased_at)
         for end in {sent, latest}:
             fit = self._fit(end)
@@ -340,6 +346,7 @@ class Pacer:
             return  # sent before the last decrease: the same episode
         rate = self._target if self._target is not None else AUTO_START
         self._episode_at = sent
+        self._refined = 0
         last_ok = max((t for t, ok in self._sends if ok and t < sent), default=None)
         if self._slow_start and not self._excused and self._stalled(now):
             self._excused = True  # once: on a busy machine stalls come all the time
