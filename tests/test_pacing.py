@@ -233,6 +233,21 @@ def test_one_episode_of_many_429s_is_one_decrease() -> None:
     assert (gate.rate or 0.0) < 64.0 * BACKOFF
 
 
+def test_an_early_429_takes_at_most_15_percent_off_a_remembered_ceiling() -> None:
+    gate, clock = FakeGate(), Clock()
+    pacer = Pacer(gate, None, auto=True, clock=clock, remembered=500.0)
+    before = gate.rate
+    assert before == pytest.approx(500.0 * SHARE)
+    for _ in range(10):  # 10 answers in 20 ms: far too few to say where the limit is
+        clock.now += 0.002
+        pacer.observe(answer(latency=0.001), in_flight=1)
+    clock.now += 0.002
+    pacer.observe(answer(429, retry_after=1.0, latency=0.001), in_flight=0)
+    # A second run of --rate auto at 500/s was held at 42% of it for the whole run when
+    # such a 429 was taken as the limit's measure (the 10 answers "admitted" ~200/s).
+    assert (gate.rate or 0.0) >= BACKOFF * before - 1e-9
+
+
 def test_recovers_within_seconds_after_one_episode() -> None:
     gate, clock = FakeGate(), Clock()
     pacer = Pacer(gate, None, auto=True, clock=clock, remembered=100.0)

@@ -103,6 +103,7 @@ class Pacer:
         "_episode_at",
         "_estimate",
         "_excused",
+        "_floor",
         "_gate",
         "_held_since",
         "_last_remaining",
@@ -161,6 +162,7 @@ class Pacer:
         self._estimate: float | None = None  # the limit's lower bound, from the last episode
         self._refined = 0  # late 2xx of the episode taken into its estimate
         self._excused = False  # a 429 in slow start was put down to a stalled server
+        self._floor = 0.0  # the episode under way lowers the rate no further than this
         self._top: float | None = None  # where the creep after an episode stops
         self._held_since: float | None = None
         self._moved = False  # the search changed the target since the gate was last set
@@ -321,7 +323,7 @@ class Pacer:
         slow limit's bounds are far apart (few requests per window), a fast one's close."""
         cap = self._ceiling_rate if self._ceiling_rate is not None else math.inf
         self._estimate = low
-        self._target = max(AUTO_FLOOR, SHARE * min(low, cap))
+        self._target = max(AUTO_FLOOR, self._floor, SHARE * min(low, cap))
         middle = max(low, (low + high) / 2 - BLUR * low)
         self._top = max(self._target, TOP * min(middle, cap))
         self._moved = True
@@ -359,6 +361,9 @@ class Pacer:
             self._pause_search(now, outcome)
             return
         self._ceiling_rate = rate
+        # Out of slow start the rate had held clean: one episode takes at most 15% off it,
+        # however little the few answers since a pause tell (a later episode takes more).
+        self._floor = 0.0 if self._slow_start else BACKOFF * rate
         fit = None if last_ok is None else self._fit(last_ok)
         if fit is not None:
             self._settle(*fit)
