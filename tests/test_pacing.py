@@ -237,6 +237,7 @@ def test_an_early_429_takes_at_most_15_percent_off_a_remembered_ceiling() -> Non
     gate, clock = FakeGate(), Clock()
     pacer = Pacer(gate, None, auto=True, clock=clock, remembered=500.0)
     before = gate.rate
+    assert before is not None
     assert before == pytest.approx(500.0 * SHARE)
     for _ in range(10):  # 10 answers in 20 ms: far too few to say where the limit is
         clock.now += 0.002
