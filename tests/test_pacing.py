@@ -249,6 +249,25 @@ def test_an_early_429_takes_at_most_15_percent_off_a_remembered_ceiling() -> Non
     assert (gate.rate or 0.0) >= BACKOFF * before - 1e-9
 
 
+def test_one_429_after_seconds_held_clean_costs_about_3_percent() -> None:
+    gate, clock = FakeGate(), Clock()
+    pacer = Pacer(gate, None, auto=True, clock=clock, remembered=200.0)
+
+    def clean(seconds: float) -> None:
+        for _ in range(int(seconds * 190)):
+            clock.now += 1 / 190
+            pacer.observe(answer(latency=0.001), in_flight=1)
+
+    clean(3.0)
+    before = gate.rate
+    assert before is not None
+    # A stalled server turned the pace into a burst; then clean answers again.
+    pacer.observe(answer(429, retry_after=1.0, latency=0.001), in_flight=0)
+    clock.now += 1.0
+    clean(3.0)
+    assert (gate.rate or 0.0) >= SHARE * before - 1e-9
+
+
 def test_recovers_within_seconds_after_one_episode() -> None:
     gate, clock = FakeGate(), Clock()
     pacer = Pacer(gate, None, auto=True, clock=clock, remembered=100.0)

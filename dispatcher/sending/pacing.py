@@ -66,6 +66,7 @@ STALL_FACTOR: Final = 5.0  # ... and this many times the usual latency
 STALL_SEEN: Final = 0.1  # s before a 429 in which a stall counts
 CLOSE: Final = 0.03  # within this share of where the creep stops, hold
 HOLD: Final = 30.0  # s held clean just under the ceiling before probing past it
+PROVEN: Final = 2.0  # s held clean after which a single 429 costs only 3% for long
 PROBE: Final = 0.01  # growth past a ceiling held clean, per clean interval
 _MIN_STRETCH_RESET: Final = 2.0
 _CHANGE: Final = 0.03  # ignore rate changes smaller than this fraction (each costs a bucket)
@@ -364,9 +365,21 @@ class Pacer:
         # Out of slow start the rate had held clean: one episode takes at most 15% off it,
         # however little the few answers since a pause tell (a later episode takes more).
         self._floor = 0.0 if self._slow_start else BACKOFF * rate
+        # A 429 after seconds held clean at this rate, under the limit estimated before, is
+        # more likely a burst the server made of our pace (a stall) than the limit: climb
+        # back to 97% of it. Were the limit lower, the next episode comes before the rate
+        # has held clean again.
+        held = (
+            self._held_since is not None
+            and now - self._held_since >= PROVEN
+            and self._estimate is not None
+            and rate <= self._estimate
+        )
         fit = None if last_ok is None else self._fit(last_ok)
         if fit is not None:
             self._settle(*fit)
+            if held and self._top is not None:
+                self._top = max(self._top, SHARE * rate)
         else:
             backoff = SLOW_START_BACKOFF if self._slow_start else BACKOFF
             self._estimate, self._top = None, None
