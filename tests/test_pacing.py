@@ -247,6 +247,11 @@ def test_an_early_429_takes_at_most_15_percent_off_a_remembered_ceiling() -> Non
     # A second run of --rate auto at 500/s was held at 42% of it for the whole run when
     # such a 429 was taken as the limit's measure (the 10 answers "admitted" ~200/s).
     assert (gate.rate or 0.0) >= BACKOFF * before - 1e-9
+    clock.now += 1.0  # the Retry-After
+    for _ in range(2000):  # 4 s of clean answers: back to where it was
+        clock.now += 0.002
+        pacer.observe(answer(latency=0.001), in_flight=1)
+    assert (gate.rate or 0.0) >= SHARE * before
 
 
 def test_one_429_after_seconds_held_clean_costs_about_3_percent() -> None:

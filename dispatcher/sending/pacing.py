@@ -58,6 +58,7 @@ BACKOFF: Final = 0.85  # of the rate that drew a 429, when the answers tell noth
 SLOW_START_BACKOFF: Final = 0.5  # the same, in slow start: the level before was clean
 FIT_BURST: Final = 5  # requests a limiter is assumed to let through beyond its rate
 FIT_SPAN: Final = 10.0  # s of sends the estimate looks back over
+FIT_MIN: Final = 30  # admitted sends below which an estimate says little
 SHARE: Final = 0.97  # of the estimated limit, right after an episode
 TOP: Final = 0.99  # of where the creep aims: where it stops
 BLUR: Final = 0.03  # share of the estimate answers' timing blurs (a loaded server lags)
@@ -178,6 +179,9 @@ class Pacer:
             self._top = TOP * self._estimate
             self._target = max(AUTO_FLOOR, self._estimate * SHARE)
             self._slow_start = False
+            # The earlier run held it clean: a 429 right at the start (the first requests
+            # of new connections reach the server together) costs 3%, not 15% for 30 s.
+            self._held_since = now - PROVEN
         self._apply(self._target, force=True)
 
     @property
@@ -287,7 +291,7 @@ class Pacer:
                 return max(0.0, left)  # at most until the latest the window can end
         return reset
 
-    def _fit(self, end: float) -> tuple[float, float] | None:
+    def _fit(self, end: float) -> tuple[float, float, int] | None:
         """The limit's bounds from the sends so far: ``end`` is a send answered 2xx, and
         the episode's first refused send (:attr:`_episode_at`) came after some of them.
 
@@ -295,12 +299,13 @@ class Pacer:
         (nginx's ``limit_req``, any GCRA), so each window ending at ``end`` gives ``R >=
         (admitted - b - 1) / d``, ``b`` taken as :data:`FIT_BURST`. The refused send says
         that over the window since the limiter's bucket was last empty, ``R < (admitted -
-        b) / d``; that window is not known, so the bound is the largest over all.
+        b) / d``; that window is not known, so the bound is the largest over all. Also
+        returned: how many sends the window that gave the lower bound admitted.
         """
         sends = sorted(self._sends)
         refused = self._episode_at
         low = high = 0.0
-        admitted = before = 0
+        admitted = before = counted = 0
         since = max(end, refused) - FIT_SPAN
         for sent, ok in reversed(sends):
             if sent < since:
@@ -309,16 +314,16 @@ class Pacer:
                 continue
             if sent <= end:
                 admitted += 1
-                if end > sent:
-                    low = max(low, (admitted - 1 - FIT_BURST) / (end - sent))
+                if end > sent and (admitted - 1 - FIT_BURST) / (end - sent) > low:
+                    low, counted = (admitted - 1 - FIT_BURST) / (end - sent), admitted
             if sent < refused:
                 before += 1
                 high = max(high, (before - FIT_BURST) / (refused - sent))
         if low <= 0:
             return None
-        return low, max(low, high)
+        return low, max(low, high), counted
 
-    def _settle(self, low: float, high: float) -> None:
+    def _settle(self, low: float, high: float, counted: int) -> None:
         """Aim just under the limit the episode showed, then creep towards the middle of
         its bounds, short of it by what the timing of answers blurs (:data:`BLUR`): a
         slow limit's bounds are far apart (few requests per window), a fast one's close."""
@@ -327,6 +332,10 @@ class Pacer:
         self._target = max(AUTO_FLOOR, self._floor, SHARE * min(low, cap))
         middle = max(low, (low + high) / 2 - BLUR * low)
         self._top = max(self._target, TOP * min(middle, cap))
+        if counted < FIT_MIN and self._floor > SHARE * low:
+            # A few answers since a pause say little (they may all be a burst of new
+            # connections): climb back towards the rate that drew the 429.
+            self._top = max(self._top, TOP * cap)
         self._moved = True
 
     def _refine(self, sent: float) -> None:
