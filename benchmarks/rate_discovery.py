@@ -1,5 +1,5 @@
 """How well ``--rate auto`` finds a limit: nginx ``limit_req`` without rate headers, and the
-emulator with them (``make bench-rate``, about 5 minutes).
+emulator with them (``make bench-rate``, about 6 minutes).
 
 Each case is one ``dispatcher send`` process, as a user runs it, with 25 s worth of records
 at the limit R (12 s against the emulator) and 64 workers:
