@@ -1,8 +1,8 @@
 """How well ``--rate auto`` finds a limit: nginx ``limit_req`` without rate headers, and the
-emulator with them (``make bench-rate``, about 3 minutes).
+emulator with them (``make bench-rate``, about 6 minutes).
 
-Each case is one ``dispatcher send`` process, as a user runs it, with 12 s worth of records
-at the limit R and 64 workers:
+Each case is one ``dispatcher send`` process, as a user runs it, with 25 s worth of records
+at the limit R (12 s against the emulator) and 64 workers:
 
 - **nginx** ``limit_req rate=R burst=5`` (``nodelay``: the burst passes at once; without it,
   nginx queues the burst and answers it at R), 429 with ``Retry-After: 1``, no rate headers.
@@ -11,11 +11,14 @@ at the limit R and 64 workers:
 - **emulator** ``--limit R/1s``: ``Ratelimit`` and ``Ratelimit-Policy`` on every answer;
   the request over the budget starts a lockout of a whole window.
 
-Figures: ``goodput`` = confirmed records / the process's wall time (start-up and the search
-included), as a share of R; ``after 3 s`` = the server's 2xx answers per second from 3 s
-after the first one to the last, as a share of R; ``429/attempts`` from the server's log.
+Figures, all as a share of R and from the server's own log: ``goodput`` = 2xx answers per
+second from the first request the server saw to its last 2xx (the search and every pause
+included; the process's start-up, which a loaded machine makes seconds long, is not);
+``first 10 s`` = the same for the first 10 s worth of records (what a run of 10 s at R
+would have got: the client cannot know the run is longer); ``after 3 s`` = 2xx per second
+from 3 s after the first one to the last; ``429/attempts`` from the server's log.
 
-    python benchmarks/rate_discovery.py [--quick] [--write BENCHMARKS.md]
+    python benchmarks/rate_discovery.py [--quick] [--only nginx|emulator] [--write FILE]
 
 ``--write`` replaces the section between the rate-discovery markers of that file (or appends
 it). nginx is installed with apt-get if missing (root only).
@@ -46,9 +49,11 @@ from dispatcher.emulator import Emulator, EmulatorConfig, Limit
 ACCOUNT: Final = "acc"
 TOKEN: Final = "tok-bench-rate"
 WORKERS: Final = 64
-SECONDS_AT_R: Final = 12
+SECONDS_AT_R: Final = 25  # of records at R, against nginx
+EMULATOR_SECONDS: Final = 12  # the same against the emulator: headers need no search
+FIRST_SECONDS: Final = 10
 STEADY_FROM: Final = 3.0
-TIMEOUT_S: Final = 45.0  # a case that takes longer is stopped (and its row says so)
+TIMEOUT_S: Final = 60.0  # a case that takes longer is stopped (and its row says so)
 START: Final = "<!-- rate-discovery:start -->"
 END: Final = "<!-- rate-discovery:end -->"
 OK_BODY: Final = '{"success":true,"errors":[],"messages":[],"result":{}}'
@@ -191,10 +196,8 @@ class Measured:
     refused: int
     steady: float | None  # 2xx/s after STEADY_FROM, as a share of the limit
     exit_code: int
-
-    @property
-    def goodput(self) -> float:
-        return self.confirmed / self.wall_s / self.case.limit
+    goodput: float | None  # 2xx/s from the first request to the last 2xx, share of the limit
+    first: float | None  # the same over the first FIRST_SECONDS worth of records
 
     @property
     def refused_share(self) -> float:
@@ -247,6 +250,21 @@ def read_results(out: Path) -> tuple[int, int]:
     return confirmed, attempts
 
 
+def run_shares(
+    first_request: float, ok_times: list[float], limit: int
+) -> tuple[float | None, float | None]:
+    """Goodput over the whole run and over its first FIRST_SECONDS worth of records."""
+    ok_times = sorted(ok_times)
+    if not ok_times or ok_times[-1] <= first_request:
+        return None, None
+    whole = len(ok_times) / (ok_times[-1] - first_request) / limit
+    n = FIRST_SECONDS * limit
+    first = None
+    if len(ok_times) >= n and ok_times[n - 1] > first_request:
+        first = n / (ok_times[n - 1] - first_request) / limit
+    return whole, first
+
+
 def steady_share(ok_times: list[float], limit: int) -> float | None:
     ok_times.sort()
     if not ok_times:
@@ -267,11 +285,16 @@ async def measure_nginx(case: Case, tmp: Path, port: int, log: Path, *, fresh: b
     wall = await run_send(base, inp, out, case.rate, fresh=fresh)
     await anyio.sleep(0.2)
     lines = [line.split() for line in log.read_text().splitlines()]  # noqa: ASYNC240
+    # $msec is when the answer was logged; a 429 goes out at once, a 2xx possibly queued.
+    first_request = min((float(t) for t, _ in lines), default=0.0)
     ok_times = [float(t) for t, status in lines if status == "200"]
     refused = sum(status == "429" for _, status in lines)
     confirmed, attempts = read_results(out)
     steady = steady_share(ok_times, case.limit)
-    return Measured(case, abs(wall), confirmed, attempts, refused, steady, int(wall < 0))
+    whole, first = run_shares(first_request, ok_times, case.limit)
+    return Measured(
+        case, abs(wall), confirmed, attempts, refused, steady, int(wall < 0), whole, first
+    )
 
 
 async def measure_emulator(case: Case, tmp: Path) -> Measured:
@@ -284,6 +307,8 @@ async def measure_emulator(case: Case, tmp: Path) -> Measured:
         ok_times = [t for times in emu.log.accepted.values() for t in times]
         refused = emu.log.status_counts[429]
     confirmed, attempts = read_results(out)
+    # The emulator logs the 2xx it admitted; the first of them is the run's first request.
+    whole, first = run_shares(min(ok_times, default=0.0), ok_times, case.limit)
     return Measured(
         case,
         abs(wall),
@@ -292,6 +317,8 @@ async def measure_emulator(case: Case, tmp: Path) -> Measured:
         refused,
         steady_share(ok_times, case.limit),
         0 if wall > 0 else 1,
+        whole,
+        first,
     )
 
 
@@ -301,36 +328,40 @@ def pct(x: float | None) -> str:
 
 def table(rows: list[Measured]) -> str:
     lines = [
-        "| server | R /s | client | records | wall s | goodput (share of R) | after 3 s "
-        "| 429s | 429/attempts |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | R /s | client | records | process wall s | goodput (whole run) "
+        f"| first {FIRST_SECONDS} s | after 3 s | 429s | 429/attempts |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for m in rows:
         c = m.case
         flag = " (stopped)" if m.exit_code else ""
         lines.append(
             f"| {c.server} | {c.limit} | {c.client} | {c.records:,} | {m.wall_s:.1f}{flag} "
-            f"| **{pct(m.goodput)}** | {pct(m.steady)} | {m.refused} | {pct(m.refused_share)} |"
+            f"| **{pct(m.goodput)}** | {pct(m.first)} | {pct(m.steady)} | {m.refused} "
+            f"| {pct(m.refused_share)} |"
         )
     return "\n".join(lines)
 
 
-def section(rows: list[Measured], took: float, quick: bool) -> str:
+def section(rows: list[Measured], took: float, quick: bool, load: str) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     mode = ", --quick" if quick else ""
     head = (
         "## `--rate auto` against a limit nobody announced\n\n"
         f"Written by `benchmarks/rate_discovery.py` (`make bench-rate`{mode}; "
-        f"{took / 60:.1f} min, {when}). "
+        f"{took / 60:.1f} min, {when}; load average {load}). "
         f"One `dispatcher send --concurrency {WORKERS}` process per row, "
-        f"{SECONDS_AT_R} s of records at R. nginx `limit_req rate=R burst=5` answers 429 with "
+        f"{SECONDS_AT_R} s of records at R against nginx, {EMULATOR_SECONDS} s against the "
+        "emulator. nginx `limit_req rate=R burst=5` answers 429 with "
         "`Retry-After: 1` and no rate headers (`nodelay`: the burst passes at once; `queue`: "
         "nginx holds the burst and answers it at R); the emulator sends `Ratelimit` and "
-        "`Ratelimit-Policy`. `goodput` = confirmed / the process's wall time, the search "
-        "and start-up included; `after 3 s` = the server's 2xx per second from 3 s after its "
-        "first one; `auto, 2nd run` starts from the ceiling the first run remembered; "
-        "`(known)` is the baseline, the limit given in advance (98% of it), measured in the "
-        "same run: the machine is shared, so compare auto with it rather than with 100%.\n"
+        "`Ratelimit-Policy`. All shares are of R and from the server's log: `goodput` = 2xx "
+        "per second from the first request the server saw to its last 2xx, the search and "
+        "every pause included (the process's start-up is not: `process wall s` shows it); "
+        f"`first {FIRST_SECONDS} s` = the same over the first {FIRST_SECONDS} s worth of "
+        f"records, what a {FIRST_SECONDS} s run would have got; `after 3 s` = 2xx per second "
+        "from 3 s after the first one; `auto, 2nd run` starts from the ceiling the first run "
+        "remembered; `(known)` is the limit given in advance, just under it.\n"
     )
     return f"{START}\n{head}\n{table(rows)}\n{END}\n"
 
@@ -346,14 +377,14 @@ def write_section(path: Path, text: str) -> None:
     path.write_text(new)
 
 
-async def main_async(quick: bool, only: list[int] | None = None) -> list[Measured]:
-    limits = only or ([20, 200] if quick else [20, 200, 500])
+async def main_async(quick: bool, only: str | None, limits: list[int] | None) -> list[Measured]:
+    limits = limits or ([20, 200] if quick else [20, 200, 500])
     rows: list[Measured] = []
     with tempfile.TemporaryDirectory(prefix="bench-rate-") as d:
         tmp = Path(d)
-        for limit in limits:
+        for limit in limits if only in (None, "nginx") else []:
             n = limit * SECONDS_AT_R
-            for nodelay in (True, False):
+            for nodelay in (True, False) if limit == 200 else (True,):
                 kind = "nodelay" if nodelay else "queue"
                 with nginx(tmp, limit, nodelay=nodelay) as (port, log):
                     case = Case(f"nginx ({kind})", limit, "`--rate auto`", "auto", n)
@@ -363,15 +394,17 @@ async def main_async(quick: bool, only: list[int] | None = None) -> list[Measure
                         again = Case(case.server, limit, "`--rate auto`, 2nd run", "auto", n)
                         say(f"{case.server} R={limit}: auto, second run")
                         rows.append(await measure_nginx(again, tmp, port, log, fresh=False))
-                        # The baseline: the limit known in advance, the best a client can do.
+                        # The limit known in advance: what a fixed rate just under it gets.
                         known = f"{0.98 * limit:g}/s"
                         base = Case(case.server, limit, f"`--rate {known}` (known)", known, n)
                         say(f"{case.server} R={limit}: {known}")
                         rows.append(await measure_nginx(base, tmp, port, log, fresh=True))
-        for limit, rate in ((20, "auto"), (20, "19/s"), (200, "auto")):
-            if (quick and limit == 200) or only:
+        emulated = ((20, "auto"), (20, "19/s"), (200, "auto"), (200, "196/s"))
+        for limit, rate in emulated if only in (None, "emulator") else ():
+            if quick and limit == 200:
                 continue
-            case = Case("emulator (headers)", limit, f"`--rate {rate}`", rate, limit * SECONDS_AT_R)
+            n = limit * EMULATOR_SECONDS
+            case = Case("emulator (headers)", limit, f"`--rate {rate}`", rate, n)
             say(f"{case.server} R={limit}: {rate}")
             rows.append(await measure_emulator(case, tmp))
     return rows
@@ -382,12 +415,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="R = 20 and 200 only")
     parser.add_argument("--write", metavar="FILE", help="put the table into FILE's section")
     parser.add_argument("--limits", help="comma-separated R for nginx (default 20,200,500)")
+    parser.add_argument("--only", choices=("nginx", "emulator"), help="one server only")
     args = parser.parse_args()
-    ensure_nginx()
+    if args.only != "emulator":
+        ensure_nginx()
     t0 = time.monotonic()
-    only = [int(x) for x in args.limits.split(",")] if args.limits else None
-    rows = anyio.run(main_async, args.quick, only)
-    text = section(rows, time.monotonic() - t0, args.quick)
+    limits = [int(x) for x in args.limits.split(",")] if args.limits else None
+    load = "{:.1f} / {:.1f} / {:.1f} (1/5/15 min) at the start".format(*os.getloadavg())
+    rows = anyio.run(main_async, args.quick, args.only, limits)
+    load += f", {os.getloadavg()[0]:.1f} at the end"
+    text = section(rows, time.monotonic() - t0, args.quick, load)
     print(text)
     if args.write:
         write_section(Path(args.write), text)

@@ -53,7 +53,7 @@ from dispatcher.results.sqlite_sink import is_sqlite_path
 from dispatcher.run.settings import ConfigError, Credentials, HttpClient, Rate, SendSettings
 from dispatcher.sending.engine import Engine, StopRules
 from dispatcher.sending.gate import RateGate
-from dispatcher.sending.pacing import AUTO_BURST, Pacer
+from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.policy import RetryPolicy
 from dispatcher.sending.stats import RunStats
 
@@ -87,7 +87,7 @@ def gate_for(
     """
     rate = settings.rate
     requested = rate.per_second if isinstance(rate, Rate) else None
-    gate = RateGate(requested, burst=AUTO_BURST if rate == "auto" else None)
+    gate = RateGate(requested)
     pacer = Pacer(
         gate,
         requested,

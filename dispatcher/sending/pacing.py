@@ -17,15 +17,22 @@ provoked. The :class:`Pacer` watches every answer and sets the gate's rate:
    reset. For resets under 2 s only at ``R = 0``, and ``T`` (rounded up to whole seconds,
    so up to a whole window too long) is replaced by the end of the window as seen from
    here: one window after the answer that showed the budget refilled.
-4. **``--rate auto``** without a policy: a search, one decision per congestion episode.
-   Slow start doubles the rate after every few clean answers (at least 0.1 s apart) from
-   4/s. A 429 starts an episode: the rate that drew it is the *ceiling*; the rate drops to
-   half of it (in slow start) or 85% of it, and never above 97% of the goodput just
-   measured (a limiter that queues admits exactly its rate). 429s answering requests sent
-   before that drop are the same episode and change nothing. Each clean second then
-   halves the gap to the ceiling; within 3% of it the rate holds for 30 s before probing
-   past it by 5% a second. A ceiling remembered from an earlier run starts the search
-   there. As soon as the server sends its policy, the rate jumps to the policy ceiling.
+4. **``--rate auto``** without a policy: a search that spends about one congestion episode.
+   Slow start doubles the rate every 0.1 s from 4/s while answers are clean (from 100/s
+   on, it grows by 100/s every 0.1 s: see :meth:`Pacer._tick`). A
+   429 starts an episode, and the answers so far tell the limit: a limiter admits at most
+   ``R * d + b + 1`` requests in any ``d`` seconds (nginx's ``limit_req``, any GCRA), so
+   with a burst ``b`` of at most :data:`FIT_BURST` the window of sends that admitted the
+   most bounds ``R`` from below, and one request more over that window from above. The
+   rate drops to 97% of the lower bound; once the ``Retry-After`` pause is over it creeps
+   towards the middle of the bounds and holds there (:data:`HOLD` s) before probing past
+   it slowly. 429s answering requests sent before the drop are the same episode: they only
+   sharpen the estimate. A second episode, if the creep or a bigger burst draws one, has a
+   long window of sends behind it, so its estimate is tight. Once a run, a 429 in slow
+   start that came with answers far slower than usual is put down to a stalled server
+   (what queued meanwhile reached the limiter as one burst): the search waits out the
+   pause and climbs on. A ceiling remembered from an earlier run starts the search there.
+   As soon as the server sends its policy, the rate jumps to the policy ceiling.
 
 All time comes from an injected clock, so this is tested without sleeping.
 """
@@ -42,24 +49,31 @@ from dispatcher.model import Outcome
 SAFETY: Final = 0.98
 AUTO_START: Final = 4.0  # requests/s before anything is known (the API's documented 4/s)
 AUTO_FLOOR: Final = 0.2
-SLOW_START_ANSWERS: Final = 3  # clean answers per doubling
-SLOW_START_MIN: Final = 0.1  # s per doubling at least: a limiter's burst hides an overshoot
-SLOW_START_MAX: Final = 1.0  # s per doubling at most, however few the answers
+DOUBLING: Final = 0.1  # s per doubling in slow start, while answers are clean
+RAMP: Final = 1000.0  # requests/s per s at most in slow start (from 100/s on)
+SLOW_START_STEP: Final = 0.05  # s between steps at least (and one clean answer)
+SLOW_START_MAX: Final = 1.0  # s between steps at most, however few the answers
 INTERVAL: Final = 0.5  # seconds between auto adjustments once the first 429 was seen
-BACKOFF: Final = 0.85  # of the rate that drew a 429, outside slow start
-SLOW_START_BACKOFF: Final = 0.5  # the level before was clean
-GOODPUT_SHARE: Final = 0.97  # of the goodput measured just before a 429
-GOODPUT_WINDOW: Final = 0.2  # s of 2xx answers the goodput is measured over
-CLOSE: Final = 0.03  # within this share of the ceiling, hold
+BACKOFF: Final = 0.85  # of the rate that drew a 429, when the answers tell nothing better
+SLOW_START_BACKOFF: Final = 0.5  # the same, in slow start: the level before was clean
+FIT_BURST: Final = 5  # requests a limiter is assumed to let through beyond its rate
+FIT_SPAN: Final = 10.0  # s of sends the estimate looks back over
+FIT_MIN: Final = 30  # admitted sends below which an estimate says little
+SHARE: Final = 0.97  # of the estimated limit, right after an episode
+TOP: Final = 0.99  # of where the creep aims: where it stops
+BLUR: Final = 0.03  # share of the estimate answers' timing blurs (a loaded server lags)
+STALL: Final = 0.015  # s: answers this slow around a 429 tell of a stalled server
+STALL_FACTOR: Final = 5.0  # ... and this many times the usual latency
+STALL_SEEN: Final = 0.1  # s before a 429 in which a stall counts
+CLOSE: Final = 0.03  # within this share of where the creep stops, hold
 HOLD: Final = 30.0  # s held clean just under the ceiling before probing past it
-PROBE: Final = 0.05  # growth past a ceiling held clean, per clean interval
-# The gate's bucket under --rate auto: a limiter nobody announced may tolerate little burst
-# (nginx's limit_req: none unless configured), and the gate's usual 20 ms of traffic (10
-# requests at 500/s) would be refused in part after any late timer.
-AUTO_BURST: Final = 2
+PROVEN: Final = 2.0  # s held clean after which a single 429 costs only 3% for long
+PROBE: Final = 0.01  # growth past a ceiling held clean, per clean interval
 _MIN_STRETCH_RESET: Final = 2.0
 _CHANGE: Final = 0.03  # ignore rate changes smaller than this fraction (each costs a bucket)
-_OK_TIMES: Final = 4096  # answers kept for the goodput measure (bounded memory)
+_SENDS: Final = 8192  # answers kept for the estimate (bounded memory)
+_LATENCIES: Final = 64  # answers' latencies kept for the usual one
+_REFINES: Final = 16  # late 2xx per episode that refine its estimate (each costs a scan)
 
 
 class Steered(Protocol):
@@ -88,22 +102,27 @@ class Pacer:
         "_ceiling_rate",
         "_clock",
         "_decreased_at",
+        "_episode_at",
+        "_estimate",
+        "_excused",
+        "_floor",
         "_gate",
-        "_good",
         "_held_since",
         "_last_remaining",
         "_last_tick",
+        "_latencies",
         "_moved",
-        "_ok_times",
         "_policy_rate",
         "_quiet_until",
+        "_refined",
+        "_sends",
         "_share",
         "_slow_start",
         "_stretch_until",
         "_stretched_at",
         "_target",
+        "_top",
         "_trouble",
-        "_unproven",
         "_window_end",
     )
 
@@ -140,19 +159,29 @@ class Pacer:
         self._answers = 0
         self._decreased_at = -math.inf
         self._quiet_until = -math.inf
-        self._ceiling_rate: float | None = None  # the lowest rate that drew a 429 lately
-        self._good = 0.0  # the fastest rate held clean for a whole interval
+        self._ceiling_rate: float | None = None  # the rate that drew the last 429
+        self._episode_at = -math.inf  # when the request that started the episode was sent
+        self._estimate: float | None = None  # the limit's lower bound, from the last episode
+        self._refined = 0  # late 2xx of the episode taken into its estimate
+        self._excused = False  # a 429 in slow start was put down to a stalled server
+        self._floor = 0.0  # the episode under way lowers the rate no further than this
+        self._top: float | None = None  # where the creep after an episode stops
         self._held_since: float | None = None
-        self._unproven = False  # out of slow start by a 429, no rate held clean since
         self._moved = False  # the search changed the target since the gate was last set
-        self._ok_times: deque[float] = deque(maxlen=_OK_TIMES)
+        self._sends: deque[tuple[float, bool]] = deque(maxlen=_SENDS)  # (sent at, 2xx)
+        self._latencies: deque[tuple[float, float]] = deque(maxlen=_LATENCIES)  # (at, s)
         self._last_remaining: int | None = None
         self._window_end: float | None = None
         self._target: float | None = AUTO_START if auto else requested
         if auto and remembered is not None and math.isfinite(remembered) and remembered > 0:
-            self._ceiling_rate = remembered * share
-            self._target = max(AUTO_FLOOR, remembered * share * (1 - CLOSE))
+            self._estimate = remembered * share
+            self._ceiling_rate = self._estimate
+            self._top = TOP * self._estimate
+            self._target = max(AUTO_FLOOR, self._estimate * SHARE)
             self._slow_start = False
+            # The earlier run held it clean: a 429 right at the start (the first requests
+            # of new connections reach the server together) costs 3%, not 15% for 30 s.
+            self._held_since = now - PROVEN
         self._apply(self._target, force=True)
 
     @property
@@ -166,16 +195,15 @@ class Pacer:
 
     @property
     def found(self) -> float | None:
-        """What auto learnt of the endpoint's limit, for the next run: the fastest rate held
-        clean, or the rate just under the lowest one that drew a 429 (whole-account rates,
-        before ``share``). ``None`` when there is nothing to remember."""
-        if not self._auto or self._policy_rate is not None:
+        """What auto learnt of the endpoint's limit, for the next run: the estimate from the
+        last congestion episode, or the rate held clean since (whole-account rates, before
+        ``share``). ``None`` when there is nothing to remember."""
+        if not self._auto or self._policy_rate is not None or self._slow_start:
             return None
-        target = self._target or 0.0
-        rate = target if self._ceiling_rate is not None and target <= self._ceiling_rate else 0.0
-        if rate <= 0 and not self._slow_start:
-            rate = self._good
-        return rate / self._share if rate > 0 else None
+        rate = self._estimate if self._estimate is not None else self._target
+        if rate is None or rate <= 0:
+            return None
+        return max(rate, self._target or 0.0) / self._share
 
     def _ceiling(self, rate: float | None) -> float | None:
         if self._policy_rate is None:
@@ -201,13 +229,18 @@ class Pacer:
                     self._slow_start = False
                     self._target = policy
         searching = self._auto and self._policy_rate is None
+        if searching and outcome.sent:
+            self._latencies.append((now, outcome.latency_s))
         if outcome.status == 429:
             self._trouble = True
             if searching:
                 self._congestion(now, outcome)
         elif searching:
             if outcome.ok:
-                self._ok_times.append(now)
+                sent = now - outcome.latency_s
+                self._sends.append((sent, True))
+                if sent <= self._decreased_at and now <= self._quiet_until:
+                    self._refine(sent)  # sent before the decrease, answered late: news
             self._answers += 1
             self._tick(now)
         stretched: float | None = None
@@ -260,49 +293,123 @@ class Pacer:
                 return max(0.0, left)  # at most until the latest the window can end
         return reset
 
-    def _goodput(self, now: float) -> float | None:
-        """2xx answers per second over the last :data:`GOODPUT_WINDOW`, if it was unpaused."""
-        start = now - GOODPUT_WINDOW
-        if start < self._quiet_until or len(self._ok_times) < SLOW_START_ANSWERS:
-            return None
-        times = self._ok_times
-        if times[0] > start:
-            return None  # not a whole window of answers kept
-        count = 0
-        for t in reversed(times):
-            if t < start:
+    def _fit(self, end: float) -> tuple[float, float, int] | None:
+        """The limit's bounds from the sends so far: ``end`` is a send answered 2xx, and
+        the episode's first refused send (:attr:`_episode_at`) came after some of them.
+
+        In any ``d`` s a limiter of ``R``/s and burst ``b`` admits at most ``R * d + b + 1``
+        (nginx's ``limit_req``, any GCRA), so each window ending at ``end`` gives ``R >=
+        (admitted - b - 1) / d``, ``b`` taken as :data:`FIT_BURST`. The refused send says
+        that over the window since the limiter's bucket was last empty, ``R < (admitted -
+        b) / d``; that window is not known, so the bound is the largest over all. Also
+        returned: how many sends the window that gave the lower bound admitted.
+        """
+        sends = sorted(self._sends)
+        refused = self._episode_at
+        low = high = 0.0
+        admitted = before = counted = 0
+        since = max(end, refused) - FIT_SPAN
+        for sent, ok in reversed(sends):
+            if sent < since:
                 break
-            count += 1
-        return count / GOODPUT_WINDOW
+            if not ok:
+                continue
+            if sent <= end:
+                admitted += 1
+                if end > sent and (admitted - 1 - FIT_BURST) / (end - sent) > low:
+                    low, counted = (admitted - 1 - FIT_BURST) / (end - sent), admitted
+            if sent < refused:
+                before += 1
+                high = max(high, (before - FIT_BURST) / (refused - sent))
+        if low <= 0:
+            return None
+        return low, max(low, high), counted
+
+    def _settle(self, low: float, high: float, counted: int) -> None:
+        """Aim just under the limit the episode showed, then creep towards the middle of
+        its bounds, short of it by what the timing of answers blurs (:data:`BLUR`): a
+        slow limit's bounds are far apart (few requests per window), a fast one's close."""
+        cap = self._ceiling_rate if self._ceiling_rate is not None else math.inf
+        self._estimate = low
+        self._target = max(AUTO_FLOOR, self._floor, SHARE * min(low, cap))
+        middle = max(low, (low + high) / 2 - BLUR * low)
+        self._top = max(self._target, TOP * min(middle, cap))
+        if counted < FIT_MIN and self._floor > SHARE * low:
+            # A few answers since a pause say little (they may all be a burst of new
+            # connections): climb back towards the rate that drew the 429.
+            self._top = max(self._top, TOP * cap)
+        self._moved = True
+
+    def _refine(self, sent: float) -> None:
+        """A 2xx sent before the episode's decrease, answered since (a limiter that queues
+        answers late what it admitted): it may end, or fill, the window that tells most."""
+        if self._ceiling_rate is None or self._refined >= _REFINES:
+            return
+        self._refined += 1
+        latest = max(t for t, ok in self._sends if ok and t <= self._decreased_at)
+        for end in {sent, latest}:
+            fit = self._fit(end)
+            if fit is not None and (self._estimate is None or fit[0] > self._estimate):
+                self._settle(*fit)
 
     def _congestion(self, now: float, outcome: Outcome) -> None:
         """A 429: one decrease per episode, however many requests it answers."""
-        if now - outcome.latency_s <= self._decreased_at:
+        sent = now - outcome.latency_s
+        self._sends.append((sent, False))
+        if sent <= self._decreased_at:
             return  # sent before the last decrease: the same episode
         rate = self._target if self._target is not None else AUTO_START
+        self._episode_at = sent
+        self._refined = 0
+        last_ok = max((t for t, ok in self._sends if ok and t < sent), default=None)
+        if self._slow_start and not self._excused and self._stalled(now):
+            self._excused = True  # once: on a busy machine stalls come all the time
+            # The server stood still: what queued meanwhile reached its limiter at once,
+            # a burst no pace below the limit avoids. Wait, then climb on from below.
+            fit = None if last_ok is None else self._fit(last_ok)
+            low = 0.0 if fit is None else SHARE * fit[0]
+            self._target = max(AUTO_FLOOR, low, SLOW_START_BACKOFF * rate)
+            self._moved = True
+            self._pause_search(now, outcome)
+            return
         self._ceiling_rate = rate
-        if self._slow_start or self._unproven:
-            new = rate * SLOW_START_BACKOFF  # nothing held clean yet: the limit may be far
-            self._unproven = True
-        elif 0 < self._good < rate:
-            # The limit lies between the fastest rate held clean and this one. A limiter's
-            # burst hides a small excess for a while, so the 429 may answer an earlier,
-            # slower step of the climb: the ceiling is taken halfway.
-            new = self._good
-            self._ceiling_rate = (self._good + rate) / 2
+        # Out of slow start the rate had held clean: one episode takes at most 15% off it,
+        # however little the few answers since a pause tell (a later episode takes more).
+        self._floor = 0.0 if self._slow_start else BACKOFF * rate
+        # A 429 after seconds held clean at this rate, under the limit estimated before, is
+        # more likely a burst the server made of our pace (a stall) than the limit: climb
+        # back to 97% of it. Were the limit lower, the next episode comes before the rate
+        # has held clean again.
+        held = (
+            self._held_since is not None
+            and now - self._held_since >= PROVEN
+            and self._estimate is not None
+            and rate <= self._estimate
+        )
+        fit = None if last_ok is None else self._fit(last_ok)
+        if fit is not None:
+            self._settle(*fit)
+            if held and self._top is not None:
+                self._top = max(self._top, SHARE * rate)
         else:
-            # Refused at a rate that had looked clean: the limiter's burst had hidden it.
-            new = rate * BACKOFF
-            self._good = 0.0
-        # Answered slower than sent: the limiter held us to about its rate. (Not in slow
-        # start, where the window spans slower steps of the climb.)
-        goodput = None if self._slow_start else self._goodput(now)
-        if goodput is not None and goodput < rate:
-            new = min(new, GOODPUT_SHARE * goodput)
-            self._ceiling_rate = min(self._ceiling_rate, goodput)
-        self._target = max(AUTO_FLOOR, new)
-        self._moved = True
+            backoff = SLOW_START_BACKOFF if self._slow_start else BACKOFF
+            self._estimate, self._top = None, None
+            self._target = max(AUTO_FLOOR, rate * backoff)
+            self._moved = True
         self._slow_start = False
+        self._pause_search(now, outcome)
+
+    def _stalled(self, now: float) -> bool:
+        """Whether answers just before a 429 took so much longer than usual that the server
+        stood still (the first of the burst it then saw waited longest), and may have spent
+        its limiter's burst on what queued meanwhile."""
+        if len(self._latencies) < _LATENCIES // 2:
+            return False
+        usual = sorted(latency for _, latency in self._latencies)[len(self._latencies) // 2]
+        recent = (latency for at, latency in self._latencies if at >= now - STALL_SEEN)
+        return max(recent, default=0.0) > max(STALL, STALL_FACTOR * usual)
+
+    def _pause_search(self, now: float, outcome: Outcome) -> None:
         self._decreased_at = now
         wait = outcome.retry_after if outcome.retry_after is not None else 0.0
         self._quiet_until = now + max(0.0, wait)
@@ -316,12 +423,15 @@ class Pacer:
         elapsed = now - self._last_tick
         target = self._target if self._target is not None else AUTO_START
         if self._slow_start:
-            if elapsed < SLOW_START_MAX and (
-                elapsed < SLOW_START_MIN or self._answers < SLOW_START_ANSWERS
-            ):
+            if elapsed < SLOW_START_MAX and (elapsed < SLOW_START_STEP or self._answers < 1):
                 return
             self._last_tick, self._answers = now, 0
-            self._target = target * 2.0
+            # Doubling every 0.1 s of clean answers (at most twice between two answers),
+            # but no faster than RAMP/s each second: how long the limiter stays saturated
+            # before its first 429 is what the estimate has to go on, and a doubling
+            # overshoots a fast limit so far that its burst lasts a few milliseconds.
+            grown = target * 2.0 ** min(elapsed / DOUBLING, 2.0)
+            self._target = min(grown, target + RAMP * min(elapsed, 2 * DOUBLING))
             self._moved = True
             return
         if elapsed < INTERVAL:
@@ -330,16 +440,18 @@ class Pacer:
         if self._trouble:
             self._trouble = False
             return
-        self._unproven = False
-        self._good = max(self._good, target)
-        ceiling = self._ceiling_rate
-        if ceiling is not None and target < ceiling * (1 - CLOSE):
-            target += (ceiling - target) / 2  # halve the gap to the rate that drew a 429
-        elif ceiling is not None and target < ceiling:
+        top = self._top
+        if top is None and self._ceiling_rate is not None:
+            top = TOP * self._ceiling_rate
+        if top is not None and target < top * (1 - CLOSE):
+            target += (top - target) / 2  # halve the gap to where the creep stops
+        elif top is not None:
+            target = max(target, top)
             if self._held_since is None:
                 self._held_since = now
             if now - self._held_since >= HOLD:
-                self._ceiling_rate = None  # held clean long enough: the limit may have moved
+                # Held clean long enough: the limit may have moved.
+                self._top = self._ceiling_rate = None
         else:
             target *= 1 + PROBE * min(elapsed / INTERVAL, 4.0)
         self._moved = target != self._target
