@@ -240,8 +240,14 @@ def worker_main(early: list[int] | None = None) -> int:
         backend="asyncio",
         backend_options=runner.backend_options(),
     )
-    sys.stdout.buffer.write(_stats_line(stats))
-    sys.stdout.buffer.flush()
+    # The loop put back Python's default handlers as it closed: a stop that comes now
+    # (the run is over, only its counters are left to hand over) must not end in a
+    # KeyboardInterrupt traceback during the write or the interpreter's shutdown.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(BrokenPipeError):  # the parent is gone: nobody to tell
+        sys.stdout.buffer.write(_stats_line(stats))
+        sys.stdout.buffer.flush()
     return 0
 
 
