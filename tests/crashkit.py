@@ -7,15 +7,19 @@ record was accepted twice unless its envelope said ``unknown`` at some point.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
+import pytest
 
 from dispatcher.emulator import Emulator
 
@@ -126,3 +130,19 @@ def check_after_resume(
         if env["delivery"] == "confirmed":
             assert counts[instance] == 1, instance
     return {i: e["delivery"] for i, e in final.items()}
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

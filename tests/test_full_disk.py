@@ -6,11 +6,8 @@ and a short journal write are injected into the writers (root ignores permission
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -25,6 +22,7 @@ from crashkit import (
     final_by_instance,
     journals,
     run_cli,
+    tmpfs,
     write_input,
 )
 
@@ -33,22 +31,6 @@ from dispatcher.results import sinks
 from dispatcher.results.journal import Journal, read_crashed
 from dispatcher.run import runner
 from dispatcher.run.settings import Credentials, SendSettings
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 async def test_a_full_disk_stops_the_run_with_exit_5_and_resume_finishes(tmp_path: Path) -> None:

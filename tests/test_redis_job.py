@@ -486,3 +486,48 @@ async def test_a_claim_call_repeated_after_its_answer_was_lost_still_wins(
         assert meta.strip() == b"2"
     finally:
         await link.aclose()
+
+
+async def test_a_full_disk_under_a_job_is_exit_5_and_a_rerun_finishes_it(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    from crashkit import tmpfs
+
+    total = 600
+    source = write_input(tmp_path / "in.jsonl", total)
+    with tmpfs(tmp_path / "disk", "32k") as disk:
+        out = disk / "out.jsonl"
+        async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
+            command = job_command(source, out, emu.base_url, redis_server.url, "unlimited")
+            first = await anyio.run_process(
+                command, env=job_env(DISPATCHER_JOB_TIMEOUT="3"), check=False
+            )
+            err = first.stderr.decode()
+            assert first.returncode == 5, err
+            assert "Traceback" not in err
+            assert (
+                err.strip()
+                .splitlines()[-1]
+                .startswith("dispatcher send: error: cannot write results to ")
+            )
+            assert "No space left on device" in err
+            await anyio.run_process(["mount", "-o", "remount,size=16m", str(disk)])
+            # The claims of the envelopes the disk refused carry them: after the first
+            # process's heartbeat timed out, a rerun of the same job writes them.
+            await anyio.sleep(3.5)
+            # The summary's last line is the command that finishes the job: the same one.
+            # The summary, then one line: what failed and the command that finishes the
+            # job, which for a job is the same command (it resumes by itself).
+            assert "run summary" in err
+            last = err.strip().splitlines()[-1]
+            assert "--resume" not in last, err
+            assert last.endswith("--progress lines"), err
+            second = await anyio.run_process(
+                command, env=job_env(DISPATCHER_JOB_TIMEOUT="3"), check=False
+            )
+            assert second.returncode == 0, second.stderr.decode()
+            accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
+        per_key = Counter(e["key"] for e in envelopes([out]))
+    assert len(per_key) == total
+    assert set(per_key.values()) == {1}
+    assert [k for k, n in accepted.items() if n > 1] == []

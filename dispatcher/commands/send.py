@@ -25,6 +25,7 @@ from dispatcher.commands.cli import user_error
 from dispatcher.commands.dryrun import add_dry_run_argument, dry_run
 from dispatcher.commands.progress import ProgressMode, format_summary, resolve_mode, show_progress
 from dispatcher.model import Delivery
+from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.ledger import load_ledger, read_envelopes
 from dispatcher.results.sinks import check_results_path
 from dispatcher.run import runner
@@ -111,7 +112,12 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return dry_run(settings, sys.stdout)
-    check_results_path(settings.results, resume=settings.resume, overwrite=settings.overwrite)
+    # A --job's own earlier results are appended to: the job in Redis says what is done.
+    check_results_path(
+        settings.results,
+        resume=settings.resume or settings.job is not None,
+        overwrite=settings.overwrite,
+    )
     finish = finish_command(getattr(args, "_argv", None), settings)
     try:
         stats = anyio.run(
@@ -122,9 +128,19 @@ def run(args: argparse.Namespace) -> int:
         print("dispatcher send: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
+        mistake = user_error(exc)
+        if isinstance(mistake, ResultsWriteError):
+            # The disk refused where no stop could be asked for first (a job's claimed
+            # envelopes): one line all the same, and what to run once there is room.
+            print(
+                f"dispatcher send: error: {mistake}; what is on disk is kept: free space or "
+                f"fix the folder, then: {finish or 'run the same command with --resume'}",
+                file=sys.stderr,
+            )
+            return EXIT_WRITE_FAILED
         # A bug, not a mistake (those are UserError): the traceback follows, but first
         # what to run once it is fixed or worked around.
-        if finish is not None and user_error(exc) is None:
+        if finish is not None and mistake is None:
             print(f"dispatcher send: crashed; to finish the job: {finish}", file=sys.stderr)
         raise
     if _nothing_read(stats):
@@ -189,6 +205,10 @@ def finish_command(
     if argv is None or settings.results == "-":
         return None
     tokens = [t for t in argv if t not in ("--overwrite", "--no-resume", "--dry-run")]
+    if settings.job is not None:
+        # A job resumes by itself: the same command takes up what is left in Redis.
+        command = shlex.join(["dispatcher", *tokens])
+        return command + ("   (with the same input on stdin)" if "-" in settings.inputs else "")
     if "--resume" not in tokens:
         tokens.append("--resume")
     if (

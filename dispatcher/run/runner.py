@@ -583,6 +583,10 @@ def prepare_results(settings: SendSettings, stats: RunStats) -> tuple[Sink, dict
     The caller holds the results' lock (:func:`open_results` takes it).
     """
     path = settings.results
+    if settings.job is not None and not settings.overwrite and not is_sqlite_path(path):
+        # A job's process started again appends to its results: after a crash, complete
+        # the torn last line first, or the next envelope would be glued to it.
+        repair_jsonl_tail(path)
     if not settings.resume:
         remove_journals(path)  # --overwrite (or no earlier results): stale journals
         return open_sink(path, truncate=settings.overwrite), {}
@@ -675,7 +679,11 @@ async def run(
     check_inputs(settings)
     if shard is None and sink is None:
         # The CLI's rule for the API too: earlier results are touched only when asked.
-        check_results_path(settings.results, resume=settings.resume, overwrite=settings.overwrite)
+        check_results_path(
+            settings.results,
+            resume=settings.resume or settings.job is not None,
+            overwrite=settings.overwrite,
+        )
     stats = RunStats()
     lock: ResultsLock | None = None
     if shard is not None:
@@ -791,7 +799,7 @@ async def _run_locked(
             async with anyio.create_task_group() as flow:
                 if shared is not None and shared.job is not None:
                     # A job claims each envelope in Redis and writes the claimed ones through.
-                    flow.start_soon(shared.drain, receive, out, journal)
+                    flow.start_soon(shared.drain, receive, out, journal, write_failed)
                 else:
                     flow.start_soon(functools.partial(drain_to_sink, receive, out, commit=commit))
                 async with aclosing(batches):

@@ -20,7 +20,7 @@ import dataclasses
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Final
 
 import anyio
@@ -47,6 +47,7 @@ from dispatcher.inputs.records import (
     read_line_range,
 )
 from dispatcher.model import Delivery, Envelope, ErrorKind, Record
+from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.journal import Journal
 from dispatcher.results.ledger import envelope_from_json
 from dispatcher.results.sinks import JsonlSink, Sink, encode
@@ -138,6 +139,10 @@ class Coordinated:
         self._tg: anyio.abc.TaskGroup | None = None
         self._fd: int | None = None
         self._sink: Sink | None = None
+        # Set once the results refused a write (a full disk): from then on envelopes are
+        # claimed but not written, so their claims keep them for the job's next process.
+        self._broken: ResultsWriteError | None = None
+        self._on_error: Callable[[ResultsWriteError], None] | None = None
         self._owed: tuple[list[str], list[str]] = ([], [])
         self.adopted = 0  # envelopes of dead workers' pending claims written here
         self.left = 0  # stopped records left unclaimed for another process
@@ -326,8 +331,13 @@ class Coordinated:
     def _write(self, data: bytes) -> None:
         if self._fd is not None:
             view = memoryview(data)
-            while view:  # whole lines: a short write is carried on, not torn
-                view = view[os.write(self._fd, view) :]
+            try:
+                while view:  # whole lines: a short write is carried on, not torn
+                    view = view[os.write(self._fd, view) :]
+            except OSError as exc:
+                # A full disk: exit 5 like any run. These envelopes stay in their claims
+                # (never marked written), so the job's next process writes them.
+                raise ResultsWriteError(self.settings.results, exc) from exc
         elif self._sink is not None:
             for line in data.splitlines(keepends=True):
                 self._sink.write(envelope_from_json(orjson.loads(line)))
@@ -339,11 +349,15 @@ class Coordinated:
         receive: MemoryObjectReceiveStream[Envelope],
         sink: Sink,
         journal: Journal | None = None,
+        on_error: Callable[[ResultsWriteError], None] | None = None,
     ) -> None:
         """Claim envelopes in batches, write the claimed ones through, acknowledge
-        finished shards (with the next batch's claims, or at once when none is ready)."""
+        finished shards (with the next batch's claims, or at once when none is ready).
+
+        ``on_error`` hears of a write the results refused (the run then stops sending)."""
         job = self.job
         assert job is not None
+        self._on_error = on_error
         # Claimed envelopes go to the OS at once, through a handle of our own opened for
         # appending (whole lines, one write per batch): a kill -9 right after the write
         # cannot lose them, as it could from a buffer.
@@ -436,8 +450,15 @@ class Coordinated:
             lines.setdefault(env.key, encode(env))
         won = dict(zip(lines, await job.settle(owed[0], owed[1], list(lines.items())), strict=True))
         data = b"".join(line for key, line in lines.items() if won[key])
-        if data:
-            self._write(data)
+        if data and self._broken is None:
+            try:
+                self._write(data)
+            except ResultsWriteError as exc:
+                self._failed(exc)
+        if self._broken is not None:
+            # Nothing is marked written and no shard acknowledged: the claims hold these
+            # envelopes, and whoever takes the shards over writes them.
+            return [], []
         written = [key for key in lines if won[key]]
         acks: list[str] = []
         for env in final:
@@ -450,11 +471,27 @@ class Coordinated:
                 acks.append(done)
         return written, acks
 
+    def _failed(self, exc: ResultsWriteError) -> None:
+        if self._broken is None:
+            self._broken = exc
+            if self._on_error is not None:
+                self._on_error(exc)
+            else:
+                raise exc
+
     async def _sync(self) -> None:
-        if self._fd is not None:
-            await anyio.to_thread.run_sync(os.fsync, self._fd)
-        elif self._sink is not None:
-            await self._sink.flush()
+        if self._broken is not None:
+            return
+        try:
+            if self._fd is not None:
+                try:
+                    await anyio.to_thread.run_sync(os.fsync, self._fd)
+                except OSError as exc:
+                    raise ResultsWriteError(self.settings.results, exc) from exc
+            elif self._sink is not None:
+                await self._sink.flush()
+        except ResultsWriteError as exc:
+            self._failed(exc)
 
     async def leave(self) -> None:
         """Hand back the unfinished shards and say this process has gone (bounded)."""
