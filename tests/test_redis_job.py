@@ -65,6 +65,35 @@ def envelopes(paths: list[Path]) -> list[dict[str, object]]:
     ]
 
 
+async def two_runs_one_interrupted(
+    source: Path, outs: list[Path], emu: Emulator, redis: RedisServer, *, signals: int
+) -> list[int]:
+    """Two processes of one job at 40/s; the first gets ``signals`` SIGINTs once it has
+    written some envelopes. Their exit codes, once both have ended."""
+    procs = [
+        await anyio.open_process(
+            job_command(source, outs[i], emu.base_url, redis.url, "40/s"), env=job_env()
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (  # noqa: ASYNC110
+            not outs[0].exists() or outs[0].stat().st_size < 1500
+        ):
+            await anyio.sleep(0.05)
+        for n in range(signals):
+            if n:
+                await anyio.sleep(0.05)
+            procs[0].send_signal(signal.SIGINT)
+        with anyio.fail_after(30):
+            return [await p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+
+
 async def test_a_killed_worker_s_shards_are_finished_by_the_others(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -266,26 +295,7 @@ async def test_a_run_stopped_by_ctrl_c_leaves_its_unfinished_records_to_the_othe
     outs = [tmp_path / f"out{i}.jsonl" for i in range(2)]
     # The default heartbeat timeout (30 s): the shards come back at once, not by timeout.
     async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
-        procs = [
-            await anyio.open_process(
-                job_command(source, outs[i], emu.base_url, redis_server.url, "40/s"),
-                env=job_env(),
-            )
-            for i in range(2)
-        ]
-        try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and (  # noqa: ASYNC110
-                not outs[0].exists() or outs[0].stat().st_size < 1500
-            ):
-                await anyio.sleep(0.05)
-            procs[0].send_signal(signal.SIGINT)
-            with anyio.fail_after(25):
-                codes = [await p.wait() for p in procs]
-        finally:
-            for p in procs:
-                if p.returncode is None:
-                    p.kill()
+        codes = await two_runs_one_interrupted(source, outs, emu, redis_server, signals=1)
         accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
     assert codes == [130, 0]
     mine, theirs = envelopes([outs[0]]), envelopes([outs[1]])
@@ -310,28 +320,7 @@ async def test_a_run_stopped_at_once_claims_what_it_cut_off(
     outs = [tmp_path / f"out{i}.jsonl" for i in range(2)]
     config = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults(latency=(0.3, 0.3)))
     async with Emulator(config) as emu:
-        procs = [
-            await anyio.open_process(
-                job_command(source, outs[i], emu.base_url, redis_server.url, "40/s"),
-                env=job_env(),
-            )
-            for i in range(2)
-        ]
-        try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and (  # noqa: ASYNC110
-                not outs[0].exists() or outs[0].stat().st_size < 1500
-            ):
-                await anyio.sleep(0.05)
-            procs[0].send_signal(signal.SIGINT)
-            await anyio.sleep(0.05)
-            procs[0].send_signal(signal.SIGINT)
-            with anyio.fail_after(30):
-                codes = [await p.wait() for p in procs]
-        finally:
-            for p in procs:
-                if p.returncode is None:
-                    p.kill()
+        codes = await two_runs_one_interrupted(source, outs, emu, redis_server, signals=2)
         accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
     assert codes == [130, 0]
     mine, theirs = envelopes([outs[0]]), envelopes([outs[1]])
