@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -65,6 +66,25 @@ def envelopes(paths: list[Path]) -> list[dict[str, object]]:
     ]
 
 
+async def job_status(
+    redis: RedisServer, job: str = "nightly", sample: str = "0.1"
+) -> subprocess.CompletedProcess[bytes]:
+    """``dispatcher status`` of ``job``, as a user runs it."""
+    return await anyio.run_process(
+        [
+            *(sys.executable, "-m", "dispatcher", "status"),
+            *("--redis", redis.url, "--job", job, "--sample", sample),
+        ],
+        check=False,
+    )
+
+
+def job_meta(redis: RedisServer) -> dict[bytes, bytes]:
+    """The job's meta hash (shards, acked...)."""
+    fields = redis.command("hgetall", "dispatcher:{job:nightly}:meta").split()
+    return dict(zip(fields[::2], fields[1::2], strict=True))
+
+
 async def two_runs_one_interrupted(
     source: Path, outs: list[Path], emu: Emulator, redis: RedisServer, *, signals: int
 ) -> list[int]:
@@ -120,21 +140,7 @@ async def test_a_killed_worker_s_shards_are_finished_by_the_others(
             with anyio.move_on_after(60):
                 codes = [await p.wait() for p in procs]
             if any(p.returncode is None for p in procs):
-                status = await anyio.run_process(
-                    [
-                        sys.executable,
-                        "-m",
-                        "dispatcher",
-                        "status",
-                        "--redis",
-                        redis_server.url,
-                        "--job",
-                        "nightly",
-                        "--sample",
-                        "0.1",
-                    ],
-                    check=False,
-                )
+                status = await job_status(redis_server)
                 pytest.fail("the job did not finish:\n" + status.stdout.decode())
         finally:
             for p in procs:
@@ -155,24 +161,9 @@ async def test_a_killed_worker_s_shards_are_finished_by_the_others(
     # (--concurrency 4) plus the answers waiting in its engine's output buffer (4 per
     # worker) for their claim's round trip.
     assert len(twice) <= 4 + 16, twice
-    fields = redis_server.command("hgetall", "dispatcher:{job:nightly}:meta").split()
-    meta = dict(zip(fields[::2], fields[1::2], strict=True))
+    meta = job_meta(redis_server)
     assert meta[b"acked"] == meta[b"shards"] == b"12"
-    shown = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "dispatcher",
-            "status",
-            "--redis",
-            redis_server.url,
-            "--job",
-            "nightly",
-            "--sample",
-            "0.1",
-        ],
-        check=False,
-    )
+    shown = await job_status(redis_server)
     text = shown.stdout.decode()
     assert shown.returncode == 0, shown.stderr
     assert "state     done" in text
@@ -305,8 +296,7 @@ async def test_a_run_stopped_by_ctrl_c_leaves_its_unfinished_records_to_the_othe
     assert set(per_key.values()) == {1}
     assert {e["delivery"] for e in mine + theirs} == {"confirmed"}
     assert [k for k, n in accepted.items() if n > 1] == []
-    fields = redis_server.command("hgetall", "dispatcher:{job:nightly}:meta").split()
-    meta = dict(zip(fields[::2], fields[1::2], strict=True))
+    meta = job_meta(redis_server)
     assert meta[b"acked"] == meta[b"shards"] == b"6"
 
 
@@ -376,21 +366,7 @@ async def test_nothing_is_sent_while_redis_is_down_then_the_job_completes(
 
 
 async def test_status_of_an_unknown_job_is_one_line_and_exit_2(redis_server: RedisServer) -> None:
-    shown = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "dispatcher",
-            "status",
-            "--redis",
-            redis_server.url,
-            "--job",
-            "never-started",
-            "--sample",
-            "0",
-        ],
-        check=False,
-    )
+    shown = await job_status(redis_server, "never-started", sample="0")
     assert shown.returncode == 2
     assert shown.stderr.decode().strip().count("\n") == 0
     assert "never-started" in shown.stderr.decode()
