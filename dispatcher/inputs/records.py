@@ -146,9 +146,7 @@ def check_inputs(paths: Sequence[str], override: str | None, options: ReadOption
                     f"{flag} applies only to id lists (.txt, .ids, .lst or --format ids); "
                     f"the records of {', '.join(paths)} carry their own event_type and body"
                 )
-    seen: dict[tuple[int, int], str] = {}
-    if paths.count("-") > 1:
-        raise InputError(f"{STDIN_NAME} is given more than once; stdin can be read only once")
+    seen: dict[tuple[int, int], str] = {}  # (device, inode) -> the name first given
     for path, fmt in zip(paths, formats, strict=True):
         name = STDIN_NAME if path == "-" else path
         if fmt == "ids":

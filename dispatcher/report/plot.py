@@ -116,11 +116,12 @@ def _import_plotly() -> Any:
 
 
 def _kind_of(outcome: str) -> int:
-    """The category of a ``statuses`` key: an HTTP status, or an error kind (no answer)."""
+    """The category of an answer that confirmed nothing, from its ``statuses`` key: an
+    HTTP status, or an error kind (no answer)."""
     if outcome == "429":
         return RATE_LIMITED
     if outcome.isdigit():
-        return HTTP_ERROR  # an earlier attempt: never a confirmation, or it was the last
+        return HTTP_ERROR
     return NO_ANSWER
 
 
@@ -155,16 +156,8 @@ class Points:
             last_sent = finished - lat / 1000.0
             self.t.append(last_sent)
             self.latency.append(lat)
-            if env.ok:
-                kind = OK
-            elif env.status == 429:
-                kind = RATE_LIMITED
-            elif env.status is not None:
-                kind = HTTP_ERROR
-            else:
-                kind = NO_ANSWER
-            self.kind.append(kind)
             last = str(env.status) if env.status is not None else _last_error(env)
+            self.kind.append(OK if env.ok else _kind_of(last))
             if earlier.get(last, 0) > 0:
                 earlier[last] -= 1
             elif earlier:
