@@ -112,10 +112,9 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return dry_run(settings, sys.stdout)
-    # A --job's own earlier results are appended to: the job in Redis says what is done.
     check_results_path(
         settings.results,
-        resume=settings.resume or settings.job is not None,
+        resume=settings.keeps_results,
         overwrite=settings.overwrite,
     )
     finish = finish_command(getattr(args, "_argv", None), settings)

@@ -681,7 +681,7 @@ async def run(
         # The CLI's rule for the API too: earlier results are touched only when asked.
         check_results_path(
             settings.results,
-            resume=settings.resume or settings.job is not None,
+            resume=settings.keeps_results,
             overwrite=settings.overwrite,
         )
     stats = RunStats()

@@ -484,6 +484,12 @@ class SendSettings:
         if self.resume and self.results == "-":
             raise ConfigError("resume", "needs a results file to resume from, not stdout")
 
+    @property
+    def keeps_results(self) -> bool:
+        """Whether earlier results at ``results`` are carried on, not refused: with
+        ``--resume``, and for a ``--job`` (which resumes by itself, from Redis)."""
+        return self.resume or self.job is not None
+
     def _check_target(self) -> None:
         _check_choice("target", self.target, TARGETS)
         if self.account_id is not None and (
