@@ -22,6 +22,7 @@ import orjson
 import pytest
 
 from dispatcher.emulator import Emulator
+from dispatcher.run.settings import Credentials, SendSettings
 
 TOKEN = "tok-crash-safety-5c1e"
 
@@ -32,6 +33,22 @@ def env_for(emu: Emulator) -> dict[str, str]:
         CLOUDFLARE_API_TOKEN=TOKEN, CLOUDFLARE_ACCOUNT_ID="acc", CLOUDFLARE_BASE_URL=emu.base_url
     )
     return env
+
+
+def settings_for(emu: Emulator, src: Path, out: Path, **kw: object) -> SendSettings:
+    """An in-process run's settings: unlimited rate, 4 workers unless ``kw`` says."""
+    fields: dict[str, Any] = {"rate": "unlimited", "concurrency": 4, **kw}
+    return SendSettings(
+        inputs=(str(src),),
+        workflow="wf",
+        account_id="acc",
+        base_url=emu.base_url,
+        credentials=Credentials(token=TOKEN),
+        results=str(out),
+        progress="off",
+        quiet=True,
+        **fields,
+    )
 
 
 def write_input(path: Path, ids: list[str]) -> Path:

@@ -22,6 +22,7 @@ from crashkit import (
     final_by_instance,
     journals,
     run_cli,
+    settings_for,
     tmpfs,
     write_input,
 )
@@ -30,7 +31,6 @@ from dispatcher.emulator import Emulator, EmulatorConfig, Faults
 from dispatcher.results import sinks
 from dispatcher.results.journal import Journal, read_crashed
 from dispatcher.run import runner
-from dispatcher.run.settings import Credentials, SendSettings
 
 
 async def test_a_full_disk_stops_the_run_with_exit_5_and_resume_finishes(tmp_path: Path) -> None:
@@ -66,22 +66,6 @@ async def test_a_full_disk_stops_the_run_with_exit_5_and_resume_finishes(tmp_pat
             deliveries = check_after_resume(emu, out, ids, confirmed_first)
     # Only what was in flight, or done but not yet durable, is left unknown.
     assert sum(d == "unknown" for d in deliveries.values()) <= 8 + 40
-
-
-def settings_for(emu: Emulator, src: Path, out: Path, **kw: object) -> SendSettings:
-    return SendSettings(
-        inputs=(str(src),),
-        workflow="wf",
-        account_id="acc",
-        base_url=emu.base_url,
-        credentials=Credentials(token=TOKEN),
-        rate="unlimited",
-        concurrency=4,
-        results=str(out),
-        progress="off",
-        quiet=True,
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 async def test_a_results_folder_turned_unwritable_stops_the_run(

@@ -111,3 +111,11 @@ def test_progress_says_when_the_run_is_paused() -> None:
     assert pause_text(RunStats(), lambda: 2.0) == (
         "paused: waiting for the rate budget, resuming in 2 s"
     )
+
+
+def test_the_summary_tells_when_the_disk_held_the_run_back() -> None:
+    stats = stats_with(Delivery.CONFIRMED)
+    assert "disk" not in format_summary(stats, "r.jsonl")
+    stats.disk_held_s = 3.24
+    text = format_summary(stats, "r.jsonl")
+    assert "  disk       new requests held 3.2 s in all (finished envelopes waited" in text

@@ -15,6 +15,7 @@ from dispatcher.sending.stats import RunStats
 LINE_INTERVAL: Final = 5.0  # seconds between plain progress lines when stderr is no terminal
 BAR_INTERVAL: Final = 0.25
 MIN_RATE_SECONDS: Final = 1.0  # shorter runs get no rate in the summary
+DISK_HELD_SHOWN_S: Final = 0.5  # the summary tells of the disk holding requests from this
 
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 
@@ -172,6 +173,11 @@ def format_summary(
         lines.append(
             f"  paused     {stats.pauses:,} times, {paused:,.1f} s in all "
             "(every worker waits out a 429's Retry-After or a spent budget)"
+        )
+    if stats.disk_held_s >= DISK_HELD_SHOWN_S:
+        lines.append(
+            f"  disk       new requests held {min(stats.disk_held_s, elapsed):,.1f} s in all "
+            "(finished envelopes waited for the disk; that keeps a crash's unknown bounded)"
         )
     mean = stats.latency_sum_ms / stats.latency_count if stats.latency_count else 0.0
     # Requests over the wall time, start of the run to its end. Under a second that is

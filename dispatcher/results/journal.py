@@ -41,12 +41,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
+import anyio
 import orjson
 
 from dispatcher.model import Event
 from dispatcher.results.errors import ResultsWriteError
 
 SUFFIX: Final = ".inflight"
+# Envelopes a run may have finished but not yet made durable, beyond its --concurrency
+# (at least; a run with more workers may lag by as many as it has): what bounds a kill -9's
+# ``unknown`` whatever the disk's speed. See :attr:`Journal.limit`.
+BACKLOG: Final = 24
 # Compact after this many lines: ~600 KiB of journal, a few hundred µs of rewrite.
 COMPACT_EVERY: Final = 4096
 _KEY_PREFIX: Final = re.compile(rb'^\{"key":("(?:[^"\\]|\\.)*")')
@@ -85,15 +90,22 @@ class Journal:
         "_durable",
         "_entries",
         "_fd",
+        "_freed",
         "_given",
         "_path",
         "_results",
         "_size",
         "_started",
+        "limit",
     )
 
-    def __init__(self, path: str, *, results: str | None = None) -> None:
+    def __init__(self, path: str, *, results: str | None = None, limit: int | None = None) -> None:
         self._path = path
+        # The most records journaled and not yet durable that the engine lets it hold
+        # (None: no bound): a record's first request waits while it is reached, so a
+        # slow disk slows the run rather than widening what a kill -9 leaves unknown.
+        self.limit = limit
+        self._freed: anyio.Event | None = None
         self._results = results if results is not None else path
         self._started = datetime.now(UTC)
         self._entries: dict[str, bytes] = {}
@@ -111,6 +123,12 @@ class Journal:
     def pending(self) -> int:
         """Records journaled whose envelope is not durable yet."""
         return len(self._entries)
+
+    async def freed(self) -> None:
+        """Wait until some record's envelope becomes durable (:meth:`durable`)."""
+        if self._freed is None:
+            self._freed = anyio.Event()
+        await self._freed.wait()
 
     @property
     def given_total(self) -> int:
@@ -163,6 +181,9 @@ class Journal:
         while self._durable < upto and given:
             entries.pop(given.popleft(), None)
             self._durable += 1
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
 
     def sync(self) -> None:
         """fsync the journal (from the group commit's thread, between compactions)."""

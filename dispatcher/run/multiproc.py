@@ -104,6 +104,7 @@ def _stats_line(stats: RunStats) -> bytes:
                 "rate_limited": stats.rate_limited,
                 "pauses": stats.pauses,
                 "paused_s": stats.paused_s,
+                "disk_held_s": stats.disk_held_s,
                 "in_flight": stats.in_flight,
                 "skipped": dict(stats.skipped),
                 "stop_reason": stats.stop_reason,
@@ -286,6 +287,7 @@ class _Workers:
         # Workers pause together on a 429 (each sees it): report the longest, not the sum.
         stats.pauses = max(c["pauses"] for c in self.latest.values())
         stats.paused_s = max(c["paused_s"] for c in self.latest.values())
+        stats.disk_held_s = max(c.get("disk_held_s", 0.0) for c in self.latest.values())
         stats.skipped.clear()
         for c in self.latest.values():
             stats.skipped.update(c["skipped"])

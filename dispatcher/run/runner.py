@@ -36,7 +36,7 @@ from dispatcher.inputs.records import check_inputs as check_input_files
 from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Invalid, Record
 from dispatcher.results import envelopes
 from dispatcher.results.errors import ResultsWriteError
-from dispatcher.results.journal import Journal, Started, iter_paths, read_crashed
+from dispatcher.results.journal import BACKLOG, Journal, Started, iter_paths, read_crashed
 from dispatcher.results.journal import path_for as journal_path_for
 from dispatcher.results.ledger import (
     KeyState,
@@ -730,7 +730,11 @@ async def _run_locked(
     shard_acks: Callable[[Journal], Coroutine[Any, Any, None]] | None,
 ) -> RunStats:
     try:
-        journal = Journal(jpath, results=settings.results) if jpath is not None else None
+        journal = (
+            Journal(jpath, results=settings.results, limit=in_doubt_limit(settings, shard))
+            if jpath is not None
+            else None
+        )
     except BaseException:
         await out.aclose()
         raise
@@ -770,6 +774,7 @@ async def _run_locked(
         stop_rules=stop_rules_for(settings),
         mark_started=None if journal is None else _marker(journal, engine_stats=stats),
         auth_hint=spec_of(settings.target).auth_hint,
+        backlog=journal,
     )
 
     def write_failed(exc: ResultsWriteError) -> None:
@@ -853,6 +858,18 @@ async def close_sink(out: Sink, commit: GroupCommit) -> None:
     except ResultsWriteError as exc:
         if commit.error is None:
             commit.error = exc
+
+
+def in_doubt_limit(settings: SendSettings, shard: tuple[int, int] | None) -> int:
+    """The most records this process may have started and not yet made durable.
+
+    Its ``--concurrency`` in flight, plus as many finished envelopes waiting for the disk
+    (at least :data:`BACKLOG` across the run's processes): what a kill -9 can leave
+    ``unknown``, however slow the disk. The disk keeps up with a run whose requests take
+    longer than its flushes, so this slows only a run the disk could not follow.
+    """
+    processes = 1 if shard is None else shard[1]
+    return settings.concurrency + max(settings.concurrency, -(-BACKLOG // processes))
 
 
 def _marker(journal: Journal, *, engine_stats: RunStats) -> Callable[[Event], None]:

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -104,6 +104,21 @@ class FailureWatch:
         return None
 
 
+class Backlog(Protocol):
+    """Records started whose envelope is not durable yet (the crash journal): while
+    ``pending`` is at ``limit``, no record's first request leaves, so that however slow
+    the disk, a crash leaves at most ``limit`` records in doubt."""
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def limit(self) -> int | None: ...
+
+    async def freed(self) -> None:
+        """Return once some pending record's envelope became durable."""
+
+
 class _Active:
     """A record between its first attempt and its envelope (for a hard stop's accounting)."""
 
@@ -133,6 +148,7 @@ class Engine:
         mark_started: Callable[[Event], None] | None = None,
         pacer: Pacer | None = None,
         auth_hint: str = "check the credentials",
+        backlog: Backlog | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -155,6 +171,10 @@ class Engine:
         self._active: dict[int, _Active] = {}
         self._pacer = pacer
         self._auth_hint = auth_hint  # what to check when the first answers are 401/403
+        self._backlog = backlog if backlog is not None and backlog.limit is not None else None
+        self._admitted = 0  # records past _admit() not yet journaled (counted as pending)
+        self._held = 0  # workers waiting in _admit()
+        self._held_since = 0.0
 
     def abandoned(self) -> list[Envelope]:
         """Envelopes for records cut off by a hard stop, after the engine was cancelled.
@@ -322,7 +342,41 @@ class Engine:
                     history.waited_s += self._clock() - t0
         return not scope.cancelled_caught and not self._stopping
 
+    async def _admit(self) -> bool:
+        """Hold a record's first request while the backlog is full; False if stopped.
+
+        Records admitted but not yet journaled (waiting at the gate) count as pending, so
+        the backlog never holds more than its limit, however many workers pass at once.
+        """
+        backlog = self._backlog
+        if backlog is None:
+            return True
+        limit = backlog.limit
+        assert limit is not None
+        while backlog.pending + self._admitted >= limit:
+            if self._stopping:
+                return False
+            with anyio.CancelScope() as scope:
+                self._wait_scopes.add(scope)
+                if not self._held:
+                    self._held_since = self._clock()
+                self._held += 1
+                try:
+                    await backlog.freed()
+                finally:
+                    self._wait_scopes.discard(scope)
+                    self._held -= 1
+                    if not self._held:  # wall time with any worker held, not their sum
+                        self.stats.disk_held_s += self._clock() - self._held_since
+            if scope.cancelled_caught:
+                return False
+        self._admitted += 1
+        return True
+
     async def _deliver(self, event: Event) -> Envelope | None:
+        if not await self._admit():
+            return None  # never attempted: left for a later run
+        admitted = self._backlog is not None  # counted in _admitted until journaled
         rate_limited = 0
         stats = self.stats
         clock = self._clock
@@ -337,6 +391,10 @@ class Engine:
                 history.leaving(_now(), clock())
                 if history.attempts == 0:
                     self._active[slot] = active
+                    if admitted:
+                        # Journaled next (or stopped): pending counts it from here.
+                        admitted = False
+                        self._admitted -= 1
                     if self._mark_started is not None:
                         try:
                             self._mark_started(event)
@@ -396,6 +454,8 @@ class Engine:
                 stopped=self._stopped_message(in_flight=False),
             )
         finally:
+            if admitted:
+                self._admitted -= 1  # stopped at the gate, before its first request
             # On a hard stop (cancellation), in flight or waiting for a retry, the record
             # stays listed: abandoned() gives it its envelope.
             if done:

@@ -19,6 +19,7 @@ class RunStats:
     rate_limited: int = 0  # 429 answers
     pauses: int = 0  # run-wide pauses (429 Retry-After, spent budget)
     paused_s: float = 0.0
+    disk_held_s: float = 0.0  # first requests held while envelopes waited for the disk
     in_flight: int = 0
     deliveries: Counter[str] = field(default_factory=Counter)
     statuses: Counter[str] = field(default_factory=Counter)  # final status; "none" without answer
