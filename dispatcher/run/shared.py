@@ -60,7 +60,6 @@ __all__ = ["SHARD_RECORDS", "Coordinated", "coordinated"]
 
 SHARD_RECORDS: Final = 2000  # lines per shard: a Stream entry per shard, not per record
 SHARD_ENV: Final = "DISPATCHER_JOB_SHARD_LINES"  # for tests and benchmarks of small jobs
-_FLUSH_S: Final = 1.0
 # Claims wait this long for company after the first envelope of a batch: at 50 records/s
 # per process a batch then holds a few, so a claim costs well under a round trip each.
 LINGER_S: Final = 0.05
@@ -368,7 +367,6 @@ class Coordinated:
             else None
         )
         self._owed = ([], [])  # (written, finished shards): for the next call to say
-        last_sync = time.monotonic()
         try:
             ended = False
             while not ended:
@@ -391,12 +389,14 @@ class Coordinated:
                         ended = True
                         break
                 self._owed = await self._settle(batch, self._owed, journal)
-                if time.monotonic() - last_sync >= _FLUSH_S:
-                    await self._sync()
-                    last_sync = time.monotonic()
+                if self._owed[0]:
+                    # Durable before the next claim: the journal then forgets them, and
+                    # the engine, which holds new records while too many are in doubt
+                    # (Journal.limit), goes on.
+                    await self._sync(journal)
             while self._owed[0] or self._owed[1]:
                 self._owed = await self._settle([], self._owed, journal)
-            await self._sync()
+            await self._sync(journal)
         finally:
             if self._fd is not None:
                 os.close(self._fd)
@@ -427,7 +427,7 @@ class Coordinated:
                 await self._settle([], owed, journal)
             if not claimed:
                 self._write(b"".join(encode(env) for env in envs if _is_final(env)))
-            await self._sync()
+            await self._sync(journal)
         finally:
             if self._fd is not None:
                 os.close(self._fd)
@@ -479,9 +479,11 @@ class Coordinated:
             else:
                 raise exc
 
-    async def _sync(self) -> None:
+    async def _sync(self, journal: Journal | None) -> None:
+        """fsync what was written; then the journal forgets the records it settled."""
         if self._broken is not None:
             return
+        upto = journal.given_total if journal is not None else 0
         try:
             if self._fd is not None:
                 try:
@@ -492,6 +494,10 @@ class Coordinated:
                 await self._sink.flush()
         except ResultsWriteError as exc:
             self._failed(exc)
+            return
+        if journal is not None:
+            journal.durable(upto)
+            journal.maybe_compact()
 
     async def leave(self) -> None:
         """Hand back the unfinished shards and say this process has gone (bounded)."""
