@@ -316,6 +316,18 @@ def test_one_episode_tells_a_fast_limit_within_two_percent(limit: int) -> None:
     assert 0.98 * limit <= run.found <= limit
 
 
+@pytest.mark.parametrize("limit", [200, 500])
+def test_a_limiter_that_queues_is_found_in_one_episode(limit: int) -> None:
+    # limit_req without nodelay answers its burst late, at its pace: slow answers, but no
+    # gap in them, so not the stalled server the search excuses once (that took a second
+    # episode, and its second 1 s pause, at 200/s: 88.8% over 25 s).
+    run = simulate(limit, limit * 25, delay=True)
+    assert run.refused == 1
+    assert len(run.accepted) / run.wall >= 0.91 * limit
+    assert run.found is not None
+    assert 0.97 * limit <= run.found <= 1.01 * limit
+
+
 @pytest.mark.parametrize("at", [0.6, 0.7, 0.8])
 @pytest.mark.parametrize("limit", [200, 500])
 def test_a_server_that_stalls_once_during_the_search_does_not_stop_it(

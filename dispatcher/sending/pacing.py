@@ -29,8 +29,9 @@ provoked. The :class:`Pacer` watches every answer and sets the gate's rate:
    it slowly. 429s answering requests sent before the drop are the same episode: they only
    sharpen the estimate. A second episode, if the creep or a bigger burst draws one, has a
    long window of sends behind it, so its estimate is tight. Once a run, a 429 in slow
-   start that came with answers far slower than usual is put down to a stalled server
-   (what queued meanwhile reached the limiter as one burst): the search waits out the
+   start that came with answers far slower than usual, after a gap in the answers, is put
+   down to a stalled server (what queued meanwhile reached the limiter as one burst; a
+   limiter that queues answers late but without a gap): the search waits out the
    pause and climbs on. A ceiling remembered from an earlier run starts the search there.
    As soon as the server sends its policy, the rate jumps to the policy ceiling.
 
@@ -65,6 +66,7 @@ BLUR: Final = 0.03  # share of the estimate answers' timing blurs (a loaded serv
 STALL: Final = 0.015  # s: answers this slow around a 429 tell of a stalled server
 STALL_FACTOR: Final = 5.0  # ... and this many times the usual latency
 STALL_SEEN: Final = 0.1  # s before a 429 in which a stall counts
+STALL_GAP: Final = 0.5  # ... seen as a gap in the answers this share of the slowest one
 CLOSE: Final = 0.03  # within this share of where the creep stops, hold
 HOLD: Final = 30.0  # s held clean just under the ceiling before probing past it
 PROVEN: Final = 2.0  # s held clean after which a single 429 costs only 3% for long
@@ -406,8 +408,20 @@ class Pacer:
         if len(self._latencies) < _LATENCIES // 2:
             return False
         usual = sorted(latency for _, latency in self._latencies)[len(self._latencies) // 2]
-        recent = (latency for at, latency in self._latencies if at >= now - STALL_SEEN)
-        return max(recent, default=0.0) > max(STALL, STALL_FACTOR * usual)
+        since = now - STALL_SEEN
+        slowest = max((latency for at, latency in self._latencies if at >= since), default=0.0)
+        if slowest <= max(STALL, STALL_FACTOR * usual):
+            return False
+        # A stalled server answers nothing for a while, then everything at once: a gap in
+        # the answers about as long as the slowest one took. A limiter that queues what it
+        # admits (limit_req without nodelay) answers at its own pace throughout, each
+        # answer a little later: slow answers, no gap (at most 1/burst of the delay).
+        gap, previous = 0.0, None
+        for at, _ in self._latencies:
+            if previous is not None and at >= since:
+                gap = max(gap, at - previous)
+            previous = at
+        return gap >= STALL_GAP * slowest
 
     def _pause_search(self, now: float, outcome: Outcome) -> None:
         self._decreased_at = now
