@@ -316,6 +316,18 @@ def test_one_episode_tells_a_fast_limit_within_two_percent(limit: int) -> None:
     assert 0.98 * limit <= run.found <= limit
 
 
+@pytest.mark.parametrize("limit", [7, 8, 15])
+def test_a_slow_limit_is_bisected_within_20_seconds(limit: int) -> None:
+    # A slow limit's first episode has few sends behind it, mostly the limiter's burst:
+    # bounds far apart (3.3 to 8.4 at 8/s). Sends held clean at their middle raise the
+    # lower bound, and the creep aims again; it used to hold at the middle for 30 s
+    # (from 20 s on: 79% of R at 8/s, 84% at 15/s).
+    run = simulate(limit, limit * 40)
+    assert run.refused <= 0.02 * run.attempts
+    late = [t for t in run.accepted if t >= 20.0]
+    assert (len(late) - 1) / (late[-1] - late[0]) >= 0.89 * limit
+
+
 @pytest.mark.parametrize("limit", [200, 500])
 def test_a_limiter_that_queues_is_found_in_one_episode(limit: int) -> None:
     # limit_req without nodelay answers its burst late, at its pace: slow answers, but no

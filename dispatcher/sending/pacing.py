@@ -26,7 +26,9 @@ provoked. The :class:`Pacer` watches every answer and sets the gate's rate:
    most bounds ``R`` from below, and one request more over that window from above. The
    rate drops to 97% of the lower bound; once the ``Retry-After`` pause is over it creeps
    towards the middle of the bounds and holds there (:data:`HOLD` s) before probing past
-   it slowly. 429s answering requests sent before the drop are the same episode: they only
+   it slowly; while the bounds are far apart (a slow limit), sends held clean raise the
+   lower one, and the creep aims at the new middle (:meth:`Pacer._narrow`).
+   429s answering requests sent before the drop are the same episode: they only
    sharpen the estimate. A second episode, if the creep or a bigger burst draws one, has a
    long window of sends behind it, so its estimate is tight. Once a run, a 429 in slow
    start that came with answers far slower than usual, after a gap in the answers, is put
@@ -110,6 +112,7 @@ class Pacer:
         "_floor",
         "_gate",
         "_held_since",
+        "_high",
         "_last_remaining",
         "_last_tick",
         "_latencies",
@@ -168,6 +171,7 @@ class Pacer:
         self._excused = False  # a 429 in slow start was put down to a stalled server
         self._floor = 0.0  # the episode under way lowers the rate no further than this
         self._top: float | None = None  # where the creep after an episode stops
+        self._high: float | None = None  # the limit's upper bound, from the last episode
         self._held_since: float | None = None
         self._moved = False  # the search changed the target since the gate was last set
         self._sends: deque[tuple[float, bool]] = deque(maxlen=_SENDS)  # (sent at, 2xx)
@@ -332,7 +336,7 @@ class Pacer:
         its bounds, short of it by what the timing of answers blurs (:data:`BLUR`): a
         slow limit's bounds are far apart (few requests per window), a fast one's close."""
         cap = self._ceiling_rate if self._ceiling_rate is not None else math.inf
-        self._estimate = low
+        self._estimate, self._high = low, high
         self._target = max(AUTO_FLOOR, self._floor, SHARE * min(low, cap))
         middle = max(low, (low + high) / 2 - BLUR * low)
         self._top = max(self._target, TOP * min(middle, cap))
@@ -432,6 +436,25 @@ class Pacer:
         self._trouble = False
         self._held_since = None
 
+    def _narrow(self, now: float) -> bool:
+        """While the last episode's bounds are far apart (a slow limit: few sends before
+        its 429, most of them the limiter's burst), sends held clean at the middle raise
+        the lower bound: the creep then aims at the new middle. A bisection, so a slow
+        limit is found in seconds, not after the 30 s hold; and its next 429, if any, comes
+        with a long window of sends that pins the limit."""
+        low, high, top = self._estimate, self._high, self._top
+        if low is None or high is None or top is None or high <= top * (1 + 2 * CLOSE):
+            return False
+        last_ok = max((t for t, ok in self._sends if ok and t <= now), default=None)
+        fit = None if last_ok is None else self._fit(last_ok)
+        if fit is None or fit[0] <= low * (1 + _CHANGE):
+            return False
+        self._estimate = low = fit[0]
+        cap = self._ceiling_rate if self._ceiling_rate is not None else math.inf
+        middle = max(low, (low + high) / 2 - BLUR * low)
+        self._top = max(top, TOP * min(middle, cap))
+        return self._top > top
+
     def _tick(self, now: float) -> None:
         """Raise the auto rate after a clean stretch."""
         elapsed = now - self._last_tick
@@ -463,7 +486,9 @@ class Pacer:
             target = max(target, top)
             if self._held_since is None:
                 self._held_since = now
-            if now - self._held_since >= HOLD:
+            if now - self._held_since >= PROVEN and self._narrow(now):
+                self._held_since = None  # bounds narrowed: creep on to their new middle
+            elif now - self._held_since >= HOLD:
                 # Held clean long enough: the limit may have moved.
                 self._top = self._ceiling_rate = None
         else:
