@@ -2,9 +2,9 @@
 
 At 400 records/s with 16 in flight (40 ms per request), a kill leaves ``unknown`` only the
 records in flight plus those whose envelope was waiting for the group commit. However
-slow the disk (a loaded CI machine's), a run holds no more than 16 + max(16, 24) = 40 such
-records (see "Durability" in docs/results.md): the bound. Every test then resumes and
-reads the emulator's log.
+slow the disk (a loaded CI machine's), a run holds no more than 16 + max(16, 24, 50 ms
+at 400/s) = 40 such records (see "Durability" in docs/results.md): the bound. Every test
+then resumes and reads the emulator's log.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from crashkit import (
 
 from dispatcher.emulator import Emulator, EmulatorConfig, Faults
 
-BOUND = 40  # --concurrency 16 + max(16, 24): what the journal's limit holds (issue 11)
+BOUND = 40  # 16 + max(16, 24, 20): runner.in_doubt_limit at 400/s (issue 11)
 
 
 async def kill_at_random(proc: Process, emu: Emulator, rng: random.Random) -> None:

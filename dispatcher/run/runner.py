@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import math
 import os
 import random
 import time
@@ -860,16 +861,26 @@ async def close_sink(out: Sink, commit: GroupCommit) -> None:
             commit.error = exc
 
 
+# Finished envelopes waiting for the disk that a run may hold: this much traffic at a fixed
+# --rate (what the group commit, or a --job's claim and fsync, takes to make them durable).
+IN_DOUBT_S: Final = 0.05
+UNPACED_BACKLOG: Final = 512  # the same with --rate unlimited or auto (no rate to go by)
+
+
 def in_doubt_limit(settings: SendSettings, shard: tuple[int, int] | None) -> int:
     """The most records this process may have started and not yet made durable.
 
-    Its ``--concurrency`` in flight, plus as many finished envelopes waiting for the disk
-    (at least :data:`BACKLOG` across the run's processes): what a kill -9 can leave
-    ``unknown``, however slow the disk. The disk keeps up with a run whose requests take
-    longer than its flushes, so this slows only a run the disk could not follow.
+    Its ``--concurrency`` in flight, plus finished envelopes waiting for the disk: as many
+    as it has workers, at least :data:`BACKLOG`, at least :data:`IN_DOUBT_S` of traffic at
+    ``--rate`` (:data:`UNPACED_BACKLOG` without a fixed rate), shared among the run's
+    processes. That is what a kill -9 can leave ``unknown``, however slow the disk; a disk
+    whose flushes take less than that much traffic never holds a request.
     """
     processes = 1 if shard is None else shard[1]
-    return settings.concurrency + max(settings.concurrency, -(-BACKLOG // processes))
+    rate = settings.rate
+    paced = math.ceil(rate.per_second * IN_DOUBT_S) if isinstance(rate, Rate) else UNPACED_BACKLOG
+    backlog = max(BACKLOG, paced)
+    return settings.concurrency + max(settings.concurrency, -(-backlog // processes))
 
 
 def _marker(journal: Journal, *, engine_stats: RunStats) -> Callable[[Event], None]:
