@@ -135,3 +135,27 @@ async def test_a_rejected_token_stops_every_worker_and_says_how_to_finish(tmp_pa
         accepted = {k[1]: len(v) for k, v in emu.log.accepted.items()}
     assert done.returncode == 1, done.stderr.decode()  # the broken line
     assert accepted == {f"m{k}": 1 for k in range(200)}
+
+
+async def test_a_stop_while_a_worker_winds_down_is_ignored_not_a_traceback() -> None:
+    # When the watch ends, asyncio puts back Python's default handlers: a SIGINT from the
+    # parent in the worker's teardown was a KeyboardInterrupt inside anyio's cancel scopes
+    # (seen in CI, a traceback on stderr). The worker's watch ignores stops as it ends.
+    from dispatcher.run.signals import ignore_stops, watch_signals
+    from dispatcher.sending.engine import Engine
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    engine = Engine.__new__(Engine)  # never used: no signal comes while it watches
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_signals, engine, anyio.CancelScope(), 1.0, False, ignore_stops)
+            await anyio.sleep(0.05)
+            assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, before[signal.SIGINT])
+            tg.cancel_scope.cancel()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt here
+        await anyio.sleep(0.01)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -57,7 +57,7 @@ from dispatcher.results.lock import ResultsLock
 from dispatcher.results.sinks import JsonlSink, Sink
 from dispatcher.run import runner
 from dispatcher.run.settings import Rate, SendSettings
-from dispatcher.run.signals import watch_signals
+from dispatcher.run.signals import ignore_stops, watch_signals
 from dispatcher.sending.engine import Engine, FailureWatch
 from dispatcher.sending.stats import RunStats
 
@@ -189,7 +189,12 @@ async def _worker(spec: WorkerSpec, early: list[int]) -> RunStats:
 
         def hook(engine: Engine) -> None:
             engines.append(engine)
-            tg.start_soon(watch_signals, engine, run_scope, spec.settings.grace, False)
+            # A worker's stop comes from its parent, which may send SIGINT to every worker
+            # while this one winds down: once the watch is over it is ignored, not a
+            # KeyboardInterrupt traceback from the middle of the loop's teardown.
+            tg.start_soon(
+                watch_signals, engine, run_scope, spec.settings.grace, False, ignore_stops
+            )
             tg.start_soon(_early_signals, engine, early)
             tg.start_soon(_report, engine.stats, sink)
 
@@ -244,8 +249,7 @@ def worker_main(early: list[int] | None = None) -> int:
     # The loop put back Python's default handlers as it closed: a stop that comes now
     # (the run is over, only its counters are left to hand over) must not end in a
     # KeyboardInterrupt traceback during the write or the interpreter's shutdown.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stops()
     with contextlib.suppress(BrokenPipeError):  # the parent is gone: nobody to tell
         sys.stdout.buffer.write(_stats_line(stats))
         sys.stdout.buffer.flush()

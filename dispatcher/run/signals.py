@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+from collections.abc import Callable, Iterator
 
 import anyio
 
 from dispatcher.sending.engine import Engine
 from dispatcher.sending.stats import RunStats
+
+
+@contextlib.contextmanager
+def _then(callback: Callable[[], None] | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if callback is not None:
+            callback()
+
+
+def ignore_stops() -> None:
+    """From now on SIGINT and SIGTERM are ignored (for a process whose run is over)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 async def _grace_then_stop(
@@ -28,12 +45,20 @@ async def _grace_then_stop(
 
 
 async def watch_signals(
-    engine: Engine, hard_stop: anyio.CancelScope, grace: float, announce: bool = True
+    engine: Engine,
+    hard_stop: anyio.CancelScope,
+    grace: float,
+    announce: bool = True,
+    then: Callable[[], None] | None = None,
 ) -> None:
-    """First SIGINT/SIGTERM: stop reading, drain for ``grace`` s; second: stop at once."""
+    """First SIGINT/SIGTERM: stop reading, drain for ``grace`` s; second: stop at once.
+
+    ``then`` runs the moment the watch ends: asyncio has just put back Python's default
+    handlers (a SIGINT would be a KeyboardInterrupt wherever the program then is).
+    """
     seen = 0
     async with anyio.create_task_group() as tg:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with _then(then), anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 engine.stats.interrupted = True
