@@ -171,7 +171,9 @@ class Engine:
         self._active: dict[int, _Active] = {}
         self._pacer = pacer
         self._auth_hint = auth_hint  # what to check when the first answers are 401/403
-        self._backlog = backlog if backlog is not None and backlog.limit is not None else None
+        limit = None if backlog is None else backlog.limit
+        self._backlog = backlog if limit is not None else None  # None: no hold
+        self._backlog_limit = limit or 0
         self._admitted = 0  # records past _admit() not yet journaled (counted as pending)
         self._held = 0  # workers waiting in _admit()
         self._held_since = 0.0
@@ -351,9 +353,7 @@ class Engine:
         backlog = self._backlog
         if backlog is None:
             return True
-        limit = backlog.limit
-        assert limit is not None
-        while backlog.pending + self._admitted >= limit:
+        while backlog.pending + self._admitted >= self._backlog_limit:
             if self._stopping:
                 return False
             with anyio.CancelScope() as scope:
