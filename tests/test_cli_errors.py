@@ -69,6 +69,10 @@ CASES: list[tuple[list[str], str]] = [
     (["report", "corrupt.jsonl"], "corrupt.jsonl:1"),
     (["report", "good.jsonl", "--threshold", "p99<<1"], "p99<<1"),
     (["report", "good.jsonl", "--topp", "3"], "did you mean --top"),
+    # The command's own parser says it, and points to the command's --help.
+    (["send", "good.jsonl", "--bogus"], "dispatcher send: error: unrecognized arguments"),
+    (["send", "good.jsonl", "--concurrenc", "3"], "(see: dispatcher send --help)"),
+    (["load", "--bogus"], "dispatcher load: error: unrecognized arguments: --bogus"),
     (["load", "--workflow", "wf", "--event-type", "e"], "instance"),
     (["load", "--workflow", "wf", "--event-type", "e", "--instances", "no.txt", "--rate", "1"], ""),
     (

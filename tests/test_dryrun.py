@@ -159,12 +159,8 @@ def test_format_seconds() -> None:
 def test_send_cli_wiring(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once send_cmd has the --dry-run flag, the shell command behaves like dry_run()."""
-    try:
-        build_parser().parse_args(["send", "x.txt", "--dry-run"])
-    except SystemExit:
-        capsys.readouterr()
-        pytest.skip("dispatcher send has no --dry-run flag yet (send_cmd wiring pending)")
+    """The shell command behaves like dry_run()."""
+    assert build_parser().parse_args(["send", "x.txt", "--dry-run"]).dry_run is True
     ids = tmp_path / "ids.txt"
     ids.write_text("a\n")
     monkeypatch.setenv("CLOUDFLARE_API_TOKEN", TOKEN)
@@ -174,3 +170,19 @@ def test_send_cli_wiring(
     assert code == 0
     assert "Authorization: Bearer <redacted>" in out
     assert TOKEN not in out
+
+
+def test_files_may_come_after_the_flags_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `send a.txt --workflow wf b.txt`: both files are read (argparse alone takes b.txt for
+    # an unrecognized argument once a flag has come between them).
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"{name[0]}-1\n{name[0]}-2\n")
+    monkeypatch.setenv("CLOUDFLARE_API_TOKEN", TOKEN)
+    monkeypatch.setenv("CLOUDFLARE_ACCOUNT_ID", "acc")
+    monkeypatch.chdir(tmp_path)
+    code = main(["send", "a.txt", "--workflow", "wf", "b.txt", "--event-type", "e", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "4 read: 4 to send, 0 invalid" in out

@@ -21,6 +21,7 @@ from dispatcher.clients.aiohttp_client import HttpTransport
 from dispatcher.clients.base import TransportConfig
 from dispatcher.clients.fast import FastTransport
 from dispatcher.clients.proxy import ProxyError, proxy_for
+from dispatcher.clients.relay import RelayConfig, RelayTransport
 from dispatcher.model import Event
 
 TOKEN = "tok-SECRET-7f3a9c"
@@ -75,6 +76,10 @@ async def https_api(ca: trustme.CA) -> AsyncIterator[tuple[str, list[str]]]:
 
     async def handler(request: web.Request) -> web.Response:
         auth.append(request.headers.get("Authorization", ""))
+        if request.path.endswith("/events"):  # the relay Worker's batch endpoint
+            events = (await request.json())["events"]
+            results = [{"key": e["key"], "ok": True} for e in events]
+            return web.json_response({"success": True, "results": results})
         return web.json_response({"success": True, "errors": [], "messages": [], "result": {}})
 
     app = web.Application()
@@ -114,7 +119,7 @@ def config(url: str) -> TransportConfig:
     )
 
 
-@pytest.mark.parametrize("client", ["fast", "aiohttp"])
+@pytest.mark.parametrize("client", ["fast", "aiohttp", "relay"])
 async def test_https_goes_through_the_connect_tunnel_and_the_proxy_never_sees_the_token(
     client: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -128,6 +133,14 @@ async def test_https_goes_through_the_connect_tunnel_and_the_proxy_never_sees_th
         if client == "fast":
             async with FastTransport(config(url), ssl_context=trusting) as fast:
                 outcomes = [await fast.send(event()) for _ in range(2)]
+        elif client == "relay":
+            # A relay Worker on workers.dev is reached through the proxy as the API is.
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusting))
+            relay = RelayTransport(RelayConfig(base_url=url, secret=TOKEN), session=session)
+            try:
+                outcomes = [await relay.send(event()) for _ in range(2)]
+            finally:
+                await relay.aclose()  # closes the session too
         else:
             # Behind a proxy HttpTransport sends the credentials with each request: a
             # session default header would be copied into the CONNECT by aiohttp.

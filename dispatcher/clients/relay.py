@@ -51,6 +51,7 @@ from dispatcher.clients.base import (
     outcome_from_response,
     short,
 )
+from dispatcher.clients.proxy import proxy_for
 from dispatcher.model import ErrorKind, Event, Outcome
 
 __all__ = ["RelayConfig", "RelayTransport", "outcome_of_result"]
@@ -170,6 +171,7 @@ class RelayTransport:
         "_headers",
         "_pending",
         "_pending_bytes",
+        "_proxy",
         "_redact",
         "_session",
         "_timer",
@@ -187,6 +189,11 @@ class RelayTransport:
             "Content-Type": "application/json",
         }
         self._redact = Redactor({"Authorization": self._headers["Authorization"]})
+        # HTTPS_PROXY / NO_PROXY as for the API (clients/proxy.py): a relay on workers.dev
+        # is reached the same way. The secret goes with each request, inside the tunnel:
+        # aiohttp would copy a session default header into the CONNECT the proxy reads.
+        route = proxy_for(config.base_url)
+        self._proxy = route.url if route is not None else None
         self._session = session
         self._pending: list[_Pending] = []
         self._pending_bytes = 0
@@ -300,7 +307,11 @@ class RelayTransport:
         started = time.perf_counter()
         try:
             async with session.post(
-                self._url, data=body, headers=self._headers, allow_redirects=False
+                self._url,
+                data=body,
+                headers=self._headers,
+                allow_redirects=False,
+                proxy=self._proxy,
             ) as resp:
                 raw = await _read_capped(resp)
                 status = resp.status

@@ -59,6 +59,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.commands: dict[str, Parser] = {}  # the top level's parser of each command
 
     def known_flags(self) -> list[str]:
         flags: list[str] = []
@@ -79,15 +80,18 @@ class Parser(argparse.ArgumentParser):
         match = _UNRECOGNIZED.search(message)
         if match is not None:
             known = sorted(set(self.known_flags()))
-            hints = []
+            hints: dict[str, str] = {}
             for token in match["args"].split():
                 if token.startswith("--"):
                     name = token.split("=", 1)[0]
                     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
                     if close:
-                        hints.append(f"did you mean {close[0]} (for {name})?")
-            if hints:
-                message = f"{message}; {' '.join(hints)}"
+                        hints[name] = close[0]
+            if len(hints) == 1:
+                message = f"{message}; did you mean {next(iter(hints.values()))}?"
+            elif hints:
+                meant = ", ".join(f"{close} for {name}" for name, close in hints.items())
+                message = f"{message}; did you mean {meant}?"
         # One line, as for every other mistake (argparse would print the usage first).
         self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
 
@@ -105,7 +109,7 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> Parser:
     """The parser; with ``only``, just that command's arguments are set up."""
     parser = Parser(
         prog="dispatcher",
@@ -115,6 +119,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        parser.commands[name] = cmd
         if only is None or only == name:
             module = importlib.import_module(module_name)
             module.configure(cmd)
@@ -159,7 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"dispatcher {command}" if command else "dispatcher"
     try:
         parser = build_parser(command)
-        args = parser.parse_args(args_list)
+        if command is None:
+            args = parser.parse_args(args_list)  # --help, --version or a mistake
+        else:
+            # The command's own parser, so that a mistake names it and its flags (the top
+            # level would say `dispatcher`), and intermixed: `send a.jsonl --workflow wf
+            # b.jsonl` sends both files, where argparse would take b.jsonl for a stray.
+            args = parser.commands[command].parse_intermixed_args(args_list[1:])
+            args.command = command
         args._argv = args_list  # for the "to finish" command a stopped run prints
         code: int = args._run(args)
         sys.stdout.flush()
