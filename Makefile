@@ -47,7 +47,7 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py --quick
 
-# --rate auto against nginx limit_req (no rate headers) and the emulator (headers), ~6 min.
+# --rate auto against nginx limit_req (no rate headers) and the emulator (headers), ~10 min.
 bench-rate: $(STAMP)
 	$(BIN)/python benchmarks/rate_discovery.py --write BENCHMARKS.md
 

@@ -378,7 +378,7 @@ def write_section(path: Path, text: str) -> None:
 
 
 async def main_async(quick: bool, only: str | None, limits: list[int] | None) -> list[Measured]:
-    limits = limits or ([20, 200] if quick else [5, 20, 200, 500])
+    limits = limits or ([20, 200] if quick else [5, 10, 20, 50, 200, 500])
     rows: list[Measured] = []
     with tempfile.TemporaryDirectory(prefix="bench-rate-") as d:
         tmp = Path(d)
@@ -414,7 +414,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="R = 20 and 200 only")
     parser.add_argument("--write", metavar="FILE", help="put the table into FILE's section")
-    parser.add_argument("--limits", help="comma-separated R for nginx (default 5,20,200,500)")
+    parser.add_argument("--limits", help="comma-separated R for nginx (default 5,10,20,50,200,500)")
     parser.add_argument("--only", choices=("nginx", "emulator"), help="one server only")
     args = parser.parse_args()
     if args.only != "emulator":
