@@ -231,6 +231,28 @@ def test_auto_slow_start_doubles_every_tenth_of_a_second_of_clean_answers() -> N
     assert gate.rate == pytest.approx(AUTO_START * 8 + 2 * RAMP * 0.1)
 
 
+def test_a_429_among_the_first_requests_from_a_remembered_ceiling_climbs_back() -> None:
+    # A second run starts at 97% of the 500/s found before; a 429 comes back after a few
+    # requests (new connections' first requests reach the server together). Those few
+    # say nothing of the limit: the rate loses at most 15% and climbs back, where it
+    # once stayed at 82% of the limit for the rest of the run (make bench-rate, R = 500).
+    gate, clock = FakeGate(), Clock()
+    pacer = Pacer(gate, None, auto=True, clock=clock, remembered=500.0)
+    start_rate = gate.rate or 0.0
+    assert start_rate == pytest.approx(SHARE * 500.0)
+    for _ in range(6):  # as many as the limiter's burst: no lower bound in them
+        clock.now += 0.002
+        pacer.observe(answer(latency=0.001), in_flight=0)
+    clock.now += 0.002
+    pacer.observe(answer(429, retry_after=1.0, latency=0.001), in_flight=0)
+    assert (gate.rate or 0.0) >= BACKOFF * start_rate * 0.99
+    clock.now += 1.0  # the Retry-After pause
+    for _ in range(int(5 / 0.002)):  # 5 s of clean answers at 500/s
+        clock.now += 0.002
+        pacer.observe(answer(latency=0.001), in_flight=0)
+    assert (gate.rate or 0.0) >= 0.95 * start_rate
+
+
 def test_one_episode_of_many_429s_is_one_decrease() -> None:
     gate, clock = FakeGate(), Clock()
     pacer = Pacer(gate, None, auto=True, clock=clock, remembered=64 / SHARE)

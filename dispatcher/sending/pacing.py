@@ -429,9 +429,11 @@ class Pacer:
             self._settle(*fit)
             if held and self._top is not None:
                 self._top = max(self._top, SHARE * rate)
-        elif fit is not None:
+        elif fit is not None and proven is None:
             # Only the limiter's burst got through (a slow limit, reached at once): no lower
-            # bound, but the refusal bounds it from above. Aim just under that.
+            # bound, but the refusal bounds it from above. Aim just under that. (Not at a
+            # rate proven clean: a 429 among the first requests of a run that starts from a
+            # remembered ceiling says little, and climbs back as below.)
             high = min(fit[1], rate)
             self._estimate, self._high = None, high
             self._target = max(AUTO_FLOOR, self._floor, SHARE * high)
