@@ -378,7 +378,7 @@ class Pacer:
         latest = max(t for t, ok in self._sends if ok and t <= self._decreased_at)
         for end in {sent, latest}:
             fit = self._fit(end)
-            if fit is not None and fit[0] > 0 and fit[0] > (self._estimate or 0.0):
+            if fit is not None and fit[0] > (self._estimate or 0.0):
                 self._settle(*fit)
 
     def _congestion(self, now: float, outcome: Outcome) -> None:
@@ -436,7 +436,7 @@ class Pacer:
             # remembered ceiling says little, and climbs back as below.)
             high = min(fit[1], rate)
             self._estimate, self._high = None, high
-            self._target = max(AUTO_FLOOR, self._floor, SHARE * high)
+            self._target = max(AUTO_FLOOR, SHARE * high)  # no floor: nothing was proven
             self._top = TOP * high
             self._moved = True
         else:
