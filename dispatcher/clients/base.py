@@ -9,6 +9,7 @@ know nothing of retries or rates: those are the policy's and the gate's.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -191,15 +192,25 @@ def _error_from_body(raw: bytes) -> tuple[bool, int | None, str | None]:
     return refused, None, None
 
 
+# A secret at least this long is cut out wherever it appears, inside a word too (a server
+# may echo it URL-encoded, "Bearer%20<token>"): no ordinary text holds 8 characters of a
+# token by chance. A shorter one (an email address; a token the settings refuse but a
+# library caller passed) is cut out only where it stands alone, not inside a longer run
+# of letters and digits: a token "t" must not turn "Internal" into "In<redacted>ernal".
+_MIN_ANYWHERE: Final = 8
+_WORD_CHAR: Final = "[A-Za-z0-9]"
+
+
 class Redactor:
     """Cuts every credential of the run out of text that came from a server or an exception.
 
     Built once per run from the auth header values (a ``Bearer`` token is also redacted
     on its own, since a server may echo just the token). Applied before any text is
-    shortened, so no prefix of a secret survives a cut either.
+    shortened, so no prefix of a secret survives a cut either. A secret shorter than
+    :data:`_MIN_ANYWHERE` is cut out only on word boundaries.
     """
 
-    __slots__ = ("_secrets",)
+    __slots__ = ("_bounded", "_secrets")
 
     def __init__(self, auth_headers: Mapping[str, str]) -> None:
         secrets: set[str] = set()
@@ -211,15 +222,27 @@ class Redactor:
             if rest.strip() and scheme.lower() == "bearer":
                 secrets.add(rest.strip())
         # Longest first: the whole "Bearer <token>" goes before the bare token.
-        self._secrets = tuple(sorted(secrets, key=len, reverse=True))
+        ordered = sorted(secrets, key=len, reverse=True)
+        self._secrets = tuple(x for x in ordered if len(x) >= _MIN_ANYWHERE)
+        short_ones = [x for x in ordered if len(x) < _MIN_ANYWHERE]
+        self._bounded = (
+            re.compile(
+                f"(?<!{_WORD_CHAR})(?:{'|'.join(map(re.escape, short_ones))})(?!{_WORD_CHAR})"
+            )
+            if short_ones
+            else None
+        )
 
     def __repr__(self) -> str:
-        return f"Redactor(<{len(self._secrets)} secrets>)"
+        count = len(self._secrets) + (0 if self._bounded is None else 1)
+        return f"Redactor(<{count} secrets>)"
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
+        if self._bounded is not None:
+            text = self._bounded.sub(REDACTED, text)
         return text
 
 
