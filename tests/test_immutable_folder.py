@@ -152,3 +152,28 @@ async def test_a_folder_immutable_from_the_start_sends_nothing_and_says_so(
         assert "Traceback" not in text
         assert "Operation not permitted" in text
         assert emu.log.total_requests() == 0
+
+
+async def test_an_unknown_list_that_cannot_be_written_is_a_warning(
+    tmp_path: Path, folder: Path
+) -> None:
+    # Every request dropped mid-answer: the records end unknown, and the run writes the
+    # list of them beside the results, which the frozen folder refuses.
+    src = write_input(tmp_path / "in.jsonl", [f"u{k}" for k in range(20)])
+    out = folder / "r.jsonl"
+    for path in (str(out), f"{out}.lock", f"{out}.inflight"):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+    cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults.parse(["drop=100%"]))
+    async with Emulator(cfg) as emu:
+        with immutable(folder):
+            args = _args(src, out, "--max-attempts", "1")
+            result = await anyio.run_process(args, env=env_for(emu), check=False)
+        text = result.stderr.decode()
+    assert result.returncode == 1, text  # some records are not confirmed: the true code
+    assert "Traceback" not in text
+    assert "run summary" in text
+    assert f"warning: could not update {out}.unknown.jsonl: Operation not permitted" in text
+    assert f"warning: could not remove {out}.inflight: Operation not permitted" in text
+    finals = {e["key"]: e["delivery"] for e in envelopes(out)}
+    assert len(finals) == 20
+    assert set(finals.values()) == {"unknown"}
