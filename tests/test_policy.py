@@ -299,6 +299,8 @@ def test_a_429_storm_on_a_fake_clock_sends_a_handful_not_thousands(header: str) 
         ("max_delay", float("inf")),
         ("max_retry_wait", -0.5),
         ("default_retry_after", "5"),
+        ("min_retry_after", -1.0),
+        ("max_rate_limit_floor", float("nan")),
     ],
 )
 def test_policy_rejects_bad_values_naming_the_field(field: str, value: object) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -112,3 +113,42 @@ async def test_a_503_storm_with_retry_after_zero_waits_between_attempts() -> Non
     # so in 2.5 s each worker sends at most 3 (the 4th would come after 1 + 1 + 1 s).
     assert requests <= 3 * CONCURRENCY, requests
     assert all(env.delivery is not Delivery.CONFIRMED for env in got)
+
+
+async def test_the_cli_at_rate_unlimited_sends_a_few_rounds_into_a_storm(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import orjson
+    from hostile_server import SECRET
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(
+        b"".join(
+            orjson.dumps({"instance_id": f"i{k}", "event_type": "e"}) + b"\n" for k in range(500)
+        )
+    )
+    async with serve(storm("0")) as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")}
+        env.update(
+            CLOUDFLARE_API_TOKEN=SECRET, CLOUDFLARE_ACCOUNT_ID="acc", CLOUDFLARE_BASE_URL=server.url
+        )
+        args = [
+            sys.executable,
+            *("-m", "dispatcher", "send", str(src), "--workflow", "wf"),
+            *("--results", str(tmp_path / "r.jsonl"), "--progress", "off"),
+            *("--rate", "unlimited", "--concurrency", str(CONCURRENCY)),
+        ]
+        async with await anyio.open_process(args, env=env, stderr=subprocess.PIPE) as proc:
+            await anyio.sleep(RUN_S + 1.0)  # the interpreter's start-up, then the storm
+            proc.send_signal(signal.SIGINT)
+            assert proc.stderr is not None
+            err = b"".join([chunk async for chunk in proc.stderr]).decode()
+            code = await proc.wait()
+        requests = len(server.requests)
+    assert code == 130, err
+    assert "Traceback" not in err
+    assert "paused" in err
+    assert 0 < requests <= 3 * CONCURRENCY, requests
