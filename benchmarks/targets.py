@@ -153,7 +153,7 @@ async def main() -> int:
                         target="api",
                         base_url=emu.base_url,
                         account_id="bench",
-                        credentials=Credentials(token="bench"),
+                        credentials=Credentials(token="bench-token"),
                     ),
                     False,
                 ),

@@ -15,6 +15,7 @@ import contextlib
 import gzip
 import socket
 import struct
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +38,25 @@ def answer(status: str, headers: list[str], body: bytes = b"", *, length: bool =
 
 
 SUCCESS_BODY = b'{"success":true,"errors":[],"messages":[],"result":{}}'
+NOT_FOUND_BODY = (
+    b'{"success":false,"errors":[{"code":10400,"message":"instance not found"}],"messages":[]}'
+)
+INTERNAL_BODY = (
+    b'{"success":false,"errors":[{"code":10001,"message":"internal error"}],"messages":[]}'
+)
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+def _corrupt(data: bytes) -> bytes:
+    """Flip bytes in the middle of a compressed stream (its header stays valid)."""
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0x5A for b in data[middle : middle + 4]) + data[middle + 4 :]
+
+
 JSON = "Content-Type: application/json"
 HTML = "Content-Type: text/html; charset=utf-8"
 
@@ -380,9 +400,143 @@ CASES: tuple[Case, ...] = (
     Case(
         "gzip_body_nobody_asked_for",
         _send(answer("200 OK", [JSON, "Content-Encoding: gzip"], gzip.compress(SUCCESS_BODY))),
+        Seen.SUCCESS,
+        None,
+        why="neither client asks for compression, but a proxy may compress anyway: decoded, "
+        "the envelope is complete",
+    ),
+    Case(
+        "gzip_twice_and_identity",
+        _send(
+            answer(
+                "200 OK",
+                [JSON, "Content-Encoding: gzip, identity, GZIP"],
+                gzip.compress(gzip.compress(SUCCESS_BODY)),
+            )
+        ),
+        Seen.SUCCESS,
+        None,
+        why="codings are undone last first, case-insensitively; identity is none",
+    ),
+    Case(
+        "gzip_two_members",
+        _send(
+            answer(
+                "200 OK",
+                [JSON, "Content-Encoding: gzip"],
+                gzip.compress(SUCCESS_BODY[:10]) + gzip.compress(SUCCESS_BODY[10:]),
+            )
+        ),
+        Seen.SUCCESS,
+        None,
+        why="a gzip file may hold several members (RFC 1952 2.2)",
+    ),
+    Case(
+        "deflate_zlib_body",
+        _send(answer("200 OK", [JSON, "Content-Encoding: deflate"], zlib.compress(SUCCESS_BODY))),
+        Seen.SUCCESS,
+        None,
+    ),
+    Case(
+        "deflate_raw_body",
+        _send(answer("200 OK", [JSON, "Content-Encoding: deflate"], _raw_deflate(SUCCESS_BODY))),
+        Seen.SUCCESS,
+        None,
+        why="raw deflate without the zlib wrapper, which some servers send for deflate",
+    ),
+    Case(
+        "gzip_corrupt_200",
+        _send(
+            answer(
+                "200 OK",
+                [JSON, "Content-Encoding: gzip"],
+                _corrupt(gzip.compress(SUCCESS_BODY)),
+            )
+        ),
         Seen.IN_DOUBT,
         ErrorKind.HTTP,
-        why="neither client asks for compression; bytes that are not the envelope confirm nothing",
+        why="a body that does not decode confirms nothing, though a 2xx may have taken it",
+    ),
+    Case(
+        "gzip_cut_200",
+        _send(answer("200 OK", [JSON, "Content-Encoding: gzip"], gzip.compress(SUCCESS_BODY)[:-6])),
+        Seen.IN_DOUBT,
+        ErrorKind.HTTP,
+        why="the framing is whole but the gzip stream (and its checksum) is cut",
+    ),
+    Case(
+        "gzip_with_trailing_bytes_200",
+        _send(
+            answer("200 OK", [JSON, "Content-Encoding: gzip"], gzip.compress(SUCCESS_BODY) + b"xyz")
+        ),
+        Seen.IN_DOUBT,
+        ErrorKind.HTTP,
+    ),
+    Case(
+        "plain_body_labelled_gzip_200",
+        _send(answer("200 OK", [JSON, "Content-Encoding: gzip"], SUCCESS_BODY)),
+        Seen.IN_DOUBT,
+        ErrorKind.HTTP,
+        why="the label says the bytes are compressed: taken at its word, they are garbage",
+    ),
+    Case(
+        "brotli_200",
+        _send(answer("200 OK", [JSON, "Content-Encoding: br"], b"\x1b\x2b\x00\xf8" * 4)),
+        Seen.IN_DOUBT,
+        ErrorKind.HTTP,
+        why="no brotli decoder is installed: an undecoded body confirms nothing",
+    ),
+    Case(
+        "gzip_bomb_200",
+        _send(
+            answer(
+                "200 OK",
+                [JSON, "Content-Encoding: gzip"],
+                gzip.compress(SUCCESS_BODY[:-1] + b" " * (2 * 1024 * 1024) + b"}"),
+            )
+        ),
+        Seen.IN_DOUBT,
+        ErrorKind.HTTP,
+        why="decompressed, the body is over the 1 MiB cap both clients apply",
+    ),
+    Case(
+        "gzip_error_404",
+        _send(
+            answer(
+                "404 Not Found",
+                [JSON, "Content-Encoding: gzip"],
+                gzip.compress(NOT_FOUND_BODY),
+            )
+        ),
+        Seen.ERROR,
+        ErrorKind.HTTP,
+        why="the Cloudflare error code is inside the compressed body",
+    ),
+    Case(
+        "deflate_error_500",
+        _send(
+            answer(
+                "500 Internal Server Error",
+                [JSON, "Content-Encoding: deflate"],
+                zlib.compress(INTERNAL_BODY),
+            )
+        ),
+        Seen.ERROR,
+        ErrorKind.HTTP,
+    ),
+    Case(
+        "gzip_corrupt_error_503",
+        _send(
+            answer(
+                "503 Service Unavailable",
+                [JSON, "Content-Encoding: gzip"],
+                _corrupt(gzip.compress(INTERNAL_BODY)),
+            )
+        ),
+        Seen.ERROR,
+        ErrorKind.HTTP,
+        why="an error status is an error answer whatever its body; the message says why "
+        "the body says nothing",
     ),
     Case(
         "bad_gateway_html_502",

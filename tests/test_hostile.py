@@ -152,3 +152,45 @@ async def test_messages_keep_a_readable_head_of_an_echoing_page() -> None:
     assert "<redacted>" in outcome.message
     assert "POST /client/v4/accounts/acc/" in outcome.message
     assert_no_secret(outcome.message)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize(
+    ("case_name", "code", "message"),
+    [
+        ("gzip_error_404", 10400, "instance not found"),
+        ("deflate_error_500", 10001, "internal error"),
+    ],
+)
+async def test_a_compressed_error_body_keeps_its_cloudflare_code(
+    client: str, case_name: str, code: int, message: str
+) -> None:
+    case = next(c for c in CASES if c.name == case_name)
+    async with serve(case) as server:
+        tx = CLIENTS[client](config(server.url))
+        try:
+            outcome = await tx.send(event())
+            env = await one_envelope(tx)
+        finally:
+            await tx.aclose()
+    assert outcome.cf_code == code
+    assert outcome.message == message
+    assert env.error is not None
+    assert (env.error.code, env.error.message) == (code, message)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("case_name", ["gzip_corrupt_error_503", "gzip_corrupt_200", "brotli_200"])
+async def test_an_undecodable_body_says_so_in_words_not_bytes(client: str, case_name: str) -> None:
+    case = next(c for c in CASES if c.name == case_name)
+    async with serve(case) as server:
+        tx = CLIENTS[client](config(server.url))
+        try:
+            outcome = await tx.send(event())
+        finally:
+            await tx.aclose()
+    assert not outcome.ok
+    assert outcome.message is not None
+    assert "body" in outcome.message
+    assert outcome.message.isprintable()
+    assert "\ufffd" not in outcome.message  # no compressed bytes decoded as text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -206,6 +207,83 @@ def test_decide_rejects_impossible_counters(attempts: int, rate_limited: int) ->
         RetryPolicy().decide(SERVER_ERROR, attempts, rate_limited, fixed(0.5))
 
 
+# --- the 429 floor: a Retry-After of 0 is no licence to ask again at once -------------------
+
+PAST_DATE = "Sun, 01 Mar 2026 11:00:00 GMT"  # an hour before NOW
+STORM_HEADERS = ["0", "0.0", PAST_DATE, "garbage", "-5", ""]
+
+
+def _storm_answer(header: str) -> Outcome:
+    return answer(429, retry_after=parse_retry_after(header, now=NOW))
+
+
+@pytest.mark.parametrize("header", STORM_HEADERS)
+def test_a_429_never_pauses_the_run_less_than_the_floor(header: str) -> None:
+    policy = RetryPolicy()
+    for rng in (fixed(0.0), fixed(0.5), fixed(ALMOST_ONE)):
+        decision = policy.decide(_storm_answer(header), 1, 1, rng)
+        assert isinstance(decision, Retry)
+        assert decision.pause_all
+        assert decision.delay >= 1.0
+
+
+def test_a_spent_ratelimit_reset_of_zero_still_waits_the_floor() -> None:
+    spent = answer(429, ratelimit=RateLimitInfo(remaining=0, reset=0.0))
+    decision = RetryPolicy().decide(spent, 1, 1, fixed(0.0))
+    assert decision == Retry(delay=1.0, pause_all=True)
+
+
+def test_the_429_floor_doubles_on_repeats_up_to_its_cap() -> None:
+    policy = RetryPolicy(min_retry_after=1.0, max_rate_limit_floor=30.0)
+    zero = _storm_answer("0")
+    delays = [policy.decide(zero, n, n, fixed(0.0)) for n in range(1, 9)]
+    assert delays == [
+        Retry(delay=d, pause_all=True) for d in (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0)
+    ]
+
+
+def test_the_429_floor_takes_its_jitter_from_the_injected_rng() -> None:
+    policy = RetryPolicy()
+    zero = _storm_answer("0")
+    low = policy.decide(zero, 3, 3, fixed(0.0))
+    high = policy.decide(zero, 3, 3, fixed(ALMOST_ONE))
+    assert isinstance(low, Retry)
+    assert isinstance(high, Retry)
+    assert low.delay == 4.0
+    assert 4.0 < high.delay < 6.0
+    # The same rng gives the same pause: nothing but the arguments counts.
+    assert policy.decide(zero, 3, 3, fixed(0.3)) == policy.decide(zero, 3, 3, fixed(0.3))
+
+
+def test_a_longer_retry_after_than_the_floor_is_honoured_exactly() -> None:
+    assert RetryPolicy().decide(answer(429, retry_after=42.0), 1, 1, fixed(ALMOST_ONE)) == Retry(
+        delay=42.0, pause_all=True
+    )
+
+
+@pytest.mark.parametrize("header", ["0", PAST_DATE])
+def test_a_503_with_retry_after_zero_waits_at_least_the_floor(header: str) -> None:
+    unavailable = answer(503, retry_after=parse_retry_after(header, now=NOW))
+    decision = RetryPolicy().decide(unavailable, 1, 0, fixed(0.0))
+    assert decision == Retry(delay=1.0, pause_all=False)
+
+
+@pytest.mark.parametrize("header", STORM_HEADERS)
+def test_a_429_storm_on_a_fake_clock_sends_a_handful_not_thousands(header: str) -> None:
+    """One record against a server that answers every request 429 with ``header``: the
+    clock only moves by the waits the policy asks for, so this counts the requests the
+    policy allows in 30 s of a storm (without the floor: every request at once)."""
+    policy = RetryPolicy(max_rate_limited=10_000)
+    rng = random.Random(23).random
+    clock, requests, refused = 0.0, 0, _storm_answer(header)
+    while clock < 30.0:
+        requests += 1
+        decision = policy.decide(refused, requests, requests, rng)
+        assert isinstance(decision, Retry)
+        clock += decision.delay
+    assert requests <= 6  # 1 + 2 + 4 + 8 + 16 s of floors (jitter only lengthens them)
+
+
 # --- validation -------------------------------------------------------------------------
 
 
@@ -221,6 +299,8 @@ def test_decide_rejects_impossible_counters(attempts: int, rate_limited: int) ->
         ("max_delay", float("inf")),
         ("max_retry_wait", -0.5),
         ("default_retry_after", "5"),
+        ("min_retry_after", -1.0),
+        ("max_rate_limit_floor", float("nan")),
     ],
 )
 def test_policy_rejects_bad_values_naming_the_field(field: str, value: object) -> None:
@@ -237,8 +317,8 @@ def test_cap_below_base_caps_every_backoff() -> None:
 def test_default_wait_over_the_longest_wait_makes_a_bare_429_final() -> None:
     policy = RetryPolicy(max_retry_wait=2.0)  # default_retry_after stays 5
     assert policy.decide(answer(429), 1, 1, fixed(0.5)) == Final("rate_limited")
-    assert policy.decide(answer(429, retry_after=1.0), 1, 1, fixed(0.5)) == Retry(
-        delay=1.0, pause_all=True
+    assert policy.decide(answer(429, retry_after=1.5), 1, 1, fixed(0.5)) == Retry(
+        delay=1.5, pause_all=True
     )
 
 

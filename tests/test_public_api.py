@@ -22,13 +22,13 @@ def test_all_is_exactly_the_public_names() -> None:
 async def test_readme_python_api(tmp_path: Path) -> None:
     src = tmp_path / "events.jsonl"
     src.write_bytes(orjson.dumps({"instance_id": "order-1", "event_type": "approval"}) + b"\n")
-    async with Emulator(EmulatorConfig(tokens=("t0k",), limit=None)) as emu:
+    async with Emulator(EmulatorConfig(tokens=("tok-public-api",), limit=None)) as emu:
         settings = dispatcher.SendSettings(
             inputs=(str(src),),
             workflow="order-pipeline",
             account_id="acc",
             base_url=emu.base_url,
-            credentials=dispatcher.Credentials(token="t0k"),
+            credentials=dispatcher.Credentials(token="tok-public-api"),
             rate=dispatcher.parse_rate("50/s"),
             results=str(tmp_path / "results.jsonl"),
         )
@@ -59,7 +59,7 @@ async def test_run_twice_keeps_the_results_rule(tmp_path: Path) -> None:
     src = tmp_path / "events.jsonl"
     src.write_bytes(orjson.dumps({"instance_id": "order-1", "event_type": "approval"}) + b"\n")
     results = tmp_path / "results.jsonl"
-    async with Emulator(EmulatorConfig(tokens=("t0k",), limit=None)) as emu:
+    async with Emulator(EmulatorConfig(tokens=("tok-public-api",), limit=None)) as emu:
 
         def settings(*, resume: bool = False, overwrite: bool = False) -> dispatcher.SendSettings:
             return dispatcher.SendSettings(
@@ -67,7 +67,7 @@ async def test_run_twice_keeps_the_results_rule(tmp_path: Path) -> None:
                 workflow="order-pipeline",
                 account_id="acc",
                 base_url=emu.base_url,
-                credentials=dispatcher.Credentials(token="t0k"),
+                credentials=dispatcher.Credentials(token="tok-public-api"),
                 rate="unlimited",
                 results=str(results),
                 resume=resume,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import os
 import signal
 import socket
@@ -409,6 +410,7 @@ REFUSALS = {
     "rate_limited_429",
     "unauthorized_401_echoes_request",
     "bad_request_400_json_echoes_request",
+    "gzip_error_404",
 }
 
 
@@ -560,3 +562,26 @@ async def test_ctrl_c_cuts_off_a_hanging_batch_after_the_grace(tmp_path: Path) -
     docs = [orjson.loads(x) for x in (tmp_path / "results.jsonl").read_bytes().splitlines()]
     assert len(docs) == len(lines)
     assert {(d["delivery"], d["error"]["kind"]) for d in docs} == {("unknown", "stopped")}
+
+
+def gzipped(make: Callable[[list[dict[str, Any]]], bytes], status: str = "200 OK") -> Answer:
+    async def act(writer: Writer, events: list[dict[str, Any]], fake: FakeRelay) -> None:
+        writer.write(answer(status, [JSON, "Content-Encoding: gzip"], gzip.compress(make(events))))
+        await writer.drain()
+
+    return act
+
+
+async def test_a_gzipped_relay_answer_is_read_once_decoded() -> None:
+    # aiohttp decodes the relay's answers itself: each event's own result still counts, and
+    # a refusal's message is words, not compressed bytes.
+    async with relay(gzipped(lambda events: body([ok(e) for e in events]))) as fake:
+        envs = await run_engine(transport(fake.url))
+    assert {e.delivery for e in envs.values()} == {C}
+    refusal = orjson.dumps(
+        {"success": False, "errors": [{"code": 400, "message": "batch malformed"}]}
+    )
+    async with relay(gzipped(lambda events: refusal, "400 Bad Request")) as fake:
+        envs = await run_engine(transport(fake.url))
+    assert {e.delivery for e in envs.values()} == {R}
+    assert {e.error.message for e in envs.values() if e.error} == {"batch malformed"}

@@ -340,7 +340,7 @@ async def send_ids(emu: Emulator, tmp_path: Path, name: str, count: int = 30) ->
         event_type="evt",
         account_id="acc",
         base_url=emu.base_url,
-        credentials=Credentials(token="tok"),
+        credentials=Credentials(token="tok-report-test"),
         rate="unlimited",
         concurrency=count,
         results=str(results),

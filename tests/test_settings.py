@@ -196,7 +196,7 @@ def test_credentials_equality_still_covers_the_secrets() -> None:
     assert Credentials(token=TOKEN) != Credentials(token=TOKEN + "x")
     assert hash(Credentials(token=TOKEN)) == hash(Credentials(token=TOKEN))
     assert settings() == settings()
-    assert settings() != settings(credentials=Credentials(token="other"))
+    assert settings() != settings(credentials=Credentials(token="tok-other-one"))
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,10 @@ LOST = EnvelopeError(kind=ErrorKind.TIMEOUT, code=None, message="no answer in 30
 
 def settings(results: str = "r.jsonl", inputs: tuple[str, ...] = ("in.jsonl",)) -> SendSettings:
     return SendSettings(
-        inputs=inputs, account_id="acc", credentials=Credentials(token="t"), results=results
+        inputs=inputs,
+        account_id="acc",
+        credentials=Credentials(token="tok-summary"),
+        results=results,
     )
 
 

@@ -104,3 +104,18 @@ async def test_sends_body_and_auth_and_never_shows_the_token() -> None:
     assert no_body.ok
     assert ("wf", "a/b", "evt") in {k[:3] for k in accepted}
     assert ("wf", "c", "evt", None) in accepted
+
+
+def test_a_body_decoded_by_the_http_library_is_not_decoded_twice() -> None:
+    import gzip
+
+    from multidict import CIMultiDict
+
+    from dispatcher.clients.base import outcome_from_response
+
+    body = b'{"success":true,"errors":[],"messages":[],"result":{}}'
+    headers = CIMultiDict({"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert outcome_from_response(200, gzip.compress(body), headers, 0.01).ok
+    # The relay's aiohttp session decompresses by itself: the header stays, the bytes are plain.
+    assert outcome_from_response(200, body, headers, 0.01, decoded=True).ok
+    assert not outcome_from_response(200, body, headers, 0.01).ok

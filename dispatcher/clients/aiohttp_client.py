@@ -99,8 +99,9 @@ class HttpTransport:
             max_headers=MAX_HEADERS,
             # No cookie ever goes back to a server: the endpoint sets none worth keeping.
             cookie_jar=aiohttp.DummyCookieJar(),
-            # Ask for no compression and decode none, as the fast client: an answer is a
-            # few hundred bytes, and both clients must read the same bytes the same way.
+            # Ask for no compression, as the fast client: an answer is a few hundred bytes.
+            # A body compressed anyway is decoded by outcome_from_response, the same code
+            # for both clients, so that they read the same bytes the same way.
             skip_auto_headers=("Accept-Encoding",),
             auto_decompress=False,
         )

@@ -9,6 +9,8 @@ know nothing of retries or rates: those are the policy's and the gate's.
 
 from __future__ import annotations
 
+import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -103,6 +105,69 @@ def is_success_envelope(raw: bytes) -> bool:
     return type(doc) is dict and doc.get("success") is True
 
 
+class _Undecodable(Exception):
+    """A body whose ``Content-Encoding`` cannot be undone: its bytes say nothing."""
+
+
+# More layers than this is not an answer anyone meant (and would cost a pass each).
+_MAX_CODINGS: Final = 4
+_GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
+
+
+def _inflate(data: bytes, wbits: int, *, members: bool) -> bytes:
+    """zlib's inflate of a whole body, refusing a cut, trailing bytes or more than MAX_BODY.
+
+    ``members``: gzip allows several members one after the other (RFC 1952 2.2).
+    """
+    out = bytearray()
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out += inflater.decompress(data, MAX_BODY + 1 - len(out))
+        except zlib.error as exc:
+            raise _Undecodable(f"not valid compressed data ({exc})") from None
+        if len(out) > MAX_BODY or inflater.unconsumed_tail:
+            raise _Undecodable(f"over {MAX_BODY} bytes once decompressed")
+        if not inflater.eof:
+            raise _Undecodable("the compressed data is cut off")
+        data = inflater.unused_data
+        if not data or not members:
+            break
+    if data:
+        raise _Undecodable("bytes after the end of the compressed data")
+    return bytes(out)
+
+
+def decode_body(raw: bytes, content_encoding: str | None) -> bytes:
+    """``raw`` with its ``Content-Encoding`` undone (stdlib zlib: gzip, deflate).
+
+    Neither client asks for compression, but a proxy or a misconfigured server may
+    compress an answer anyway; its error code and message are in the decoded bytes.
+    Raises ``_Undecodable`` for a coding this client does not read (``br``, ``zstd``...)
+    or bytes that do not decode: such a body confirms nothing and explains nothing.
+    """
+    if content_encoding is None:
+        return raw
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    if len(codings) > _MAX_CODINGS:
+        raise _Undecodable(f"{len(codings)} content codings, more than {_MAX_CODINGS}")
+    for coding in reversed(codings):  # the last applied comes first off
+        if coding == "identity":
+            continue
+        if coding in ("gzip", "x-gzip"):
+            raw = _inflate(raw, _GZIP_WBITS, members=True)
+        elif coding == "deflate":
+            # RFC 9110 deflate is a zlib stream; some servers send raw deflate, as browsers
+            # and aiohttp accept.
+            try:
+                raw = _inflate(raw, zlib.MAX_WBITS, members=False)
+            except _Undecodable:
+                raw = _inflate(raw, -zlib.MAX_WBITS, members=False)
+        else:
+            raise _Undecodable(f"Content-Encoding {coding!r} is not one this client reads")
+    return raw
+
+
 def _error_from_body(raw: bytes) -> tuple[bool, int | None, str | None]:
     """(is an API envelope with ``success: false``, first error code, readable message)."""
     try:
@@ -127,15 +192,25 @@ def _error_from_body(raw: bytes) -> tuple[bool, int | None, str | None]:
     return refused, None, None
 
 
+# A secret at least this long is cut out wherever it appears, inside a word too (a server
+# may echo it URL-encoded, "Bearer%20<token>"): no ordinary text holds 8 characters of a
+# token by chance. A shorter one (an email address; a token the settings refuse but a
+# library caller passed) is cut out only where it stands alone, not inside a longer run
+# of letters and digits: a token "t" must not turn "Internal" into "In<redacted>ernal".
+_MIN_ANYWHERE: Final = 8
+_WORD_CHAR: Final = "[A-Za-z0-9]"
+
+
 class Redactor:
     """Cuts every credential of the run out of text that came from a server or an exception.
 
     Built once per run from the auth header values (a ``Bearer`` token is also redacted
     on its own, since a server may echo just the token). Applied before any text is
-    shortened, so no prefix of a secret survives a cut either.
+    shortened, so no prefix of a secret survives a cut either. A secret shorter than
+    :data:`_MIN_ANYWHERE` is cut out only on word boundaries.
     """
 
-    __slots__ = ("_secrets",)
+    __slots__ = ("_bounded", "_secrets")
 
     def __init__(self, auth_headers: Mapping[str, str]) -> None:
         secrets: set[str] = set()
@@ -147,15 +222,27 @@ class Redactor:
             if rest.strip() and scheme.lower() == "bearer":
                 secrets.add(rest.strip())
         # Longest first: the whole "Bearer <token>" goes before the bare token.
-        self._secrets = tuple(sorted(secrets, key=len, reverse=True))
+        ordered = sorted(secrets, key=len, reverse=True)
+        self._secrets = tuple(x for x in ordered if len(x) >= _MIN_ANYWHERE)
+        short_ones = [x for x in ordered if len(x) < _MIN_ANYWHERE]
+        self._bounded = (
+            re.compile(
+                f"(?<!{_WORD_CHAR})(?:{'|'.join(map(re.escape, short_ones))})(?!{_WORD_CHAR})"
+            )
+            if short_ones
+            else None
+        )
 
     def __repr__(self) -> str:
-        return f"Redactor(<{len(self._secrets)} secrets>)"
+        count = len(self._secrets) + (0 if self._bounded is None else 1)
+        return f"Redactor(<{count} secrets>)"
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
+        if self._bounded is not None:
+            text = self._bounded.sub(REDACTED, text)
         return text
 
 
@@ -207,19 +294,31 @@ def outcome_from_response(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     latency_s: float,
     redact: Redactor = NO_SECRETS,
+    *,
+    decoded: bool = False,
 ) -> Outcome:
     """Map one complete HTTP answer to an :class:`Outcome` (pure; the answer rule).
 
-    ``confirmed`` needs a 2xx and :func:`is_success_envelope`. A 2xx without the API's
-    envelope is ``in_doubt``; anything else is an error answer. Messages are redacted.
+    ``raw`` is the body as it came off the wire; its ``Content-Encoding`` is undone here
+    (:func:`decode_body`), unless ``decoded`` says the caller's HTTP library already did.
+    ``confirmed`` needs a 2xx and :func:`is_success_envelope` of the decoded body. A 2xx
+    without the API's envelope, or whose body does not decode, is ``in_doubt``; anything
+    else is an error answer. Messages are redacted.
     """
+    undecodable: str | None = None
+    if not decoded:
+        try:
+            raw = decode_body(raw, headers.get("Content-Encoding"))
+        except _Undecodable as exc:
+            undecodable = f"{headers.get('Content-Encoding')} body: {exc}"
+            raw = b""
     ratelimit = None
     rl = headers.get("Ratelimit")
     rlp = headers.get("Ratelimit-Policy")
     if rl is not None or rlp is not None:
         ratelimit = parse_ratelimit(rl, rlp)
     ok_status = 200 <= status < 300
-    if ok_status and is_success_envelope(raw):
+    if ok_status and undecodable is None and is_success_envelope(raw):
         return Outcome(status=status, ok=True, sent=True, latency_s=latency_s, ratelimit=ratelimit)
     refused, code, message = _error_from_body(raw)
     in_doubt = ok_status and not refused
@@ -230,10 +329,14 @@ def outcome_from_response(
     elif in_doubt:
         kind = headers.get("Content-Type") or "no content type"
         what = f"{kind}: {message}" if message else f"{kind}, {len(raw)} bytes"
+        if undecodable is not None:
+            what = f"{kind}, {undecodable}"
         message = (
             f"HTTP {status} without the API's success envelope ({what}); not a confirmation, "
             "and whoever answered may have taken the event"
         )
+    elif undecodable is not None:
+        message = f"HTTP {status} with an unreadable {undecodable}"
     elif message is None:
         message = "the API answered success: false" if ok_status else f"HTTP {status}"
     return Outcome(

@@ -44,7 +44,9 @@ from dispatcher.model import ErrorKind, Event, Outcome
 __all__ = ["FastTransport"]
 
 # Header names the outcome needs; every other header is counted and measured, not kept.
-_KEPT: Final = frozenset({b"retry-after", b"ratelimit", b"ratelimit-policy", b"location"})
+_KEPT: Final = frozenset(
+    {b"retry-after", b"ratelimit", b"ratelimit-policy", b"location", b"content-encoding"}
+)
 _CONTENT_TYPE: Final = b"content-type"
 _CONTENT_LENGTH: Final = b"content-length"
 _TRANSFER_ENCODING: Final = b"transfer-encoding"

@@ -215,6 +215,8 @@ class RelayTransport:
             max_field_size=MAX_FIELD,
             max_headers=MAX_HEADERS,
             cookie_jar=aiohttp.DummyCookieJar(),
+            # aiohttp decodes Content-Encoding here (auto_decompress): bodies reach
+            # outcome_from_response decoded, and a corrupt one is a ClientPayloadError.
         )
 
     async def aclose(self) -> None:
@@ -334,7 +336,9 @@ class RelayTransport:
             return self._per_event(events, raw, status, latency)
         if status >= 500:
             # The Worker may have failed halfway through the batch.
-            answer = outcome_from_response(status, raw, headers, latency, self._redact)
+            answer = outcome_from_response(
+                status, raw, headers, latency, self._redact, decoded=True
+            )
             said = f" ({answer.message})" if answer.message else ""
             doubt = _in_doubt(
                 status,
@@ -346,7 +350,9 @@ class RelayTransport:
         # 1xx, 3xx, 4xx: refused as a whole before any of it was sent (a wrong secret, a
         # malformed or too large batch; a 429 carries Retry-After for the gate). Nothing in
         # front of a Worker redirects after the Worker acted, and no redirect is followed.
-        return [outcome_from_response(status, raw, headers, latency, self._redact)] * n
+        return [
+            outcome_from_response(status, raw, headers, latency, self._redact, decoded=True)
+        ] * n
 
     def _per_event(
         self, events: list[Event], raw: bytes, status: int, latency: float

@@ -157,10 +157,20 @@ def run(args: argparse.Namespace) -> int:
         or stats.crashed_unknown > 0
     )
     unknown_list: str | None = None
-    if maybe_unknown:
-        unknown_list = write_unknown_list(settings.results)
-    else:
-        remove_unknown_list(settings.results)
+    try:
+        if maybe_unknown:
+            unknown_list = write_unknown_list(settings.results)
+        else:
+            remove_unknown_list(settings.results)
+    except OSError as exc:
+        # The envelopes are durable: a list beside them that cannot be written changes
+        # nothing of the run's outcome (an immutable or full folder).
+        stats.warnings.append(
+            f"could not update {unknown_list_path(settings.results)}: "
+            f"{exc.strerror or exc}; the results say the same of each record"
+        )
+    for warning in stats.warnings:
+        print(f"dispatcher send: warning: {warning}", file=sys.stderr)
     stopped = stats.stop_reason is not None or stats.interrupted or stats.write_error is not None
     if not settings.quiet:
         finish = finish_command(getattr(args, "_argv", None), settings, stats)

@@ -15,7 +15,22 @@ blake2b personalisations, so a raw line can never pass for a record's content.
 
 Identical records in one run each keep their own key: the n-th repeat (n >= 1) of the
 same content gets the suffix ``#n``. The same multiset of records therefore always gets
-the same multiset of keys, whatever the order.
+the same multiset of keys, whatever the order. An invalid line whose ``id`` repeats an
+earlier one is keyed ``<id>#n`` (so that it has an envelope of its own).
+
+**The derived namespace.** Derived keys must never equal an explicit ``id``, or one
+record's envelope would stand for another's (ids ``k``, ``k``, ``k#2``: the invalid second
+line was keyed ``k#2``, the third line too, and after a resume ``report`` counted the
+never-sent line as confirmed). So an explicit ``id`` that could be a derived key is
+refused (rule ``id_reserved``, the line is not sent, keyed by its raw bytes instead):
+one that ends in ``#`` and digits, 20 lowercase hex digits, or ``raw-`` and 20 hex
+digits (:func:`is_derived`). Every derived key is of one of those forms and no explicit
+key is, so the two sets are disjoint; among derived keys, content hashes, raw-line
+hashes and ``<id>#n`` differ by form (an explicit id is never 20 hex digits and never
+ends in ``#n`` itself), so they cannot collide either but by a hash collision. The
+forms are the ones earlier versions wrote, so results files of earlier runs resume with
+the same keys; only a line whose explicit id is in the namespace is now refused (its
+old envelope stays in the file, under that id).
 
 Counting repeats must not cost a Python object per record (a ``set`` of 1 M str keys is
 about 80 MB), so :class:`FingerprintTable` keeps a 64-bit fingerprint of each derived key
@@ -37,6 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sqlite3
 import struct
@@ -48,9 +64,28 @@ from typing import Any, Final
 
 from dispatcher.inputs.validation import RuleViolation
 
-__all__ = ["FingerprintTable", "KeyDeriver", "RepeatCounter"]
+__all__ = ["FingerprintTable", "KeyDeriver", "RepeatCounter", "is_derived"]
 
 _DIGEST_SIZE: Final = 10
+# Every form a derived key takes: a repeat's "#n" suffix, a content hash, a raw-line hash.
+_DERIVED: Final = re.compile(r".*#[0-9]+|(?:raw-)?[0-9a-f]{20}", re.DOTALL)
+
+
+def is_derived(key: str) -> bool:
+    """Whether ``key`` is in the derived namespace, which no explicit ``id`` may enter."""
+    return _DERIVED.fullmatch(key) is not None
+
+
+def _reserved(explicit_id: str) -> RuleViolation:
+    shown = explicit_id if len(explicit_id) <= 60 else explicit_id[:59] + "…"
+    return RuleViolation(
+        "id_reserved",
+        f"id {shown!r} has the form of a key dispatcher derives (ending in '#' and digits, "
+        "or 20 hex digits, optionally after 'raw-'), so it could be another record's key; "
+        "choose another id (this line is not sent)",
+    )
+
+
 # Distinct personalisations keep content hashes and raw-line hashes from ever being the
 # same hash of the same bytes, so their repeat counts cannot mix.
 _CONTENT_HASH: Final = hashlib.blake2b(digest_size=_DIGEST_SIZE, person=b"dispatcher.rec")
@@ -265,9 +300,12 @@ class KeyDeriver:
 
         An explicit id seen before in the run raises :class:`RuleViolation`
         (``duplicate_id``): two records under one key would share one envelope, and
-        ``--resume`` would take the second for done once the first was.
+        ``--resume`` would take the second for done once the first was. An explicit id in
+        the derived namespace (:func:`is_derived`) raises ``id_reserved``.
         """
         if explicit_id is not None:
+            if _DERIVED.fullmatch(explicit_id) is not None:
+                raise _reserved(explicit_id)
             repeat = self._id_sighting(explicit_id)
             if repeat:
                 raise RuleViolation(
@@ -291,8 +329,9 @@ class KeyDeriver:
 
     def key_for_raw(self, explicit_id: str | None, raw: bytes) -> str:
         """The key of an unreadable record: its explicit id if readable (with ``#N`` once
-        that id was seen before, so that no two records share a key), else its raw bytes'."""
-        if explicit_id is not None:
+        that id was seen before, so that no two records share a key), else its raw bytes'.
+        An id in the derived namespace is not used: the raw bytes key the line."""
+        if explicit_id is not None and _DERIVED.fullmatch(explicit_id) is None:
             repeat = self._id_sighting(explicit_id)
             return f"{explicit_id}#{repeat}" if repeat else explicit_id
         h = _RAW_HASH.copy()

@@ -32,7 +32,7 @@ an id list without ``--event-type`` or ``--workflow``) raise :class:`InputError`
 :func:`check_inputs` finds all of those for every input before a run sends anything.
 Rule names, besides the path and body rules of :mod:`dispatcher.inputs.validation`:
 ``bad_json``, ``bad_utf8``, ``nul_byte``, ``too_deep`` (JSON nested deeper than orjson
-reads or writes), ``not_object``, ``missing_field``, ``id_type``, ``id_empty``,
+reads or writes), ``not_object``, ``missing_field``, ``id_type``, ``id_empty``, ``id_reserved``,
 ``bad_csv``, ``ragged_row``, ``unknown_field`` and ``line_too_long``.
 
 Memory stays flat whatever the input size: files are read line by line and records are

@@ -45,7 +45,7 @@ import anyio
 import orjson
 
 from dispatcher.model import Event
-from dispatcher.results.errors import ResultsWriteError
+from dispatcher.results.errors import ResultsWriteError, cleanup_warning
 
 SUFFIX: Final = ".inflight"
 # Envelopes a run may have finished but not yet made durable, beyond its --concurrency
@@ -221,18 +221,43 @@ class Journal:
         self._fd = fd
         self._appended = 0
 
-    def close(self, *, delete: bool = True) -> None:
+    def close(self, *, delete: bool = True) -> str | None:
         """End of run: delete the journal if every record marked has a durable envelope.
 
         ``delete=False`` keeps it whatever (the run could not make its envelopes durable).
+        Returns a warning when the removal failed (an immutable or read-only folder): the
+        run's envelopes are durable all the same, so that is no failure of the run.
         """
         if self._fd < 0:
-            return
-        os.close(self._fd)
-        self._fd = -1
+            return None
+        fd, self._fd = self._fd, -1
+        with contextlib.suppress(OSError):  # written and fsynced already: nothing to lose
+            os.close(fd)
         if delete and not self._entries and self._broken is None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path)
+            return remove_settled(self._path)
+        return None
+
+
+def remove_settled(path: str) -> str | None:
+    """Remove a journal whose every record has a durable envelope; a warning if it stays."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        # An immutable folder refuses the unlink but not a write to a file in it: emptied,
+        # the journal names no record (read_crashed skips a journal without a header).
+        try:
+            os.truncate(path, 0)
+        except OSError:
+            consequence = (
+                "it is harmless: every record it names has a durable envelope, which a "
+                "--resume finds first (remove the file once the folder is writable)"
+            )
+        else:
+            consequence = "it is emptied instead, which is as good (remove it when you can)"
+        return cleanup_warning(path, exc, consequence)
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -29,6 +29,7 @@ import os
 from typing import Final
 
 from dispatcher.model import UserError
+from dispatcher.results.errors import cleanup_warning
 
 SUFFIX: Final = ".lock"
 
@@ -65,17 +66,32 @@ class ResultsLock:
     def fileno(self) -> int:
         return self._fd
 
-    def release(self) -> None:
+    def release(self) -> str | None:
         """Remove the lock file (still holding it) and close this process's descriptor.
 
         Workers that inherited the descriptor are gone by the time their parent releases.
+        Returns a warning when the file could not be removed (an immutable or read-only
+        folder): the lock itself ends with the descriptor all the same.
         """
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                if _same_file(self._fd, self.path):
-                    os.unlink(self.path)
+        if self._fd < 0:
+            return None
+        warning = None
+        try:
+            if _same_file(self._fd, self.path):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            warning = cleanup_warning(
+                self.path,
+                exc,
+                "it is harmless: the lock ended with this run, and the next "
+                "run takes the file over",
+            )
+        with contextlib.suppress(OSError):
             os.close(self._fd)
-            self._fd = -1
+        self._fd = -1
+        return warning
 
 
 def _holder(fd: int) -> int | None:

@@ -50,7 +50,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 
 from dispatcher.model import Envelope
-from dispatcher.results.errors import ResultsWriteError
+from dispatcher.results.errors import EXIT_WRITE_FAILED, ResultsWriteError
 from dispatcher.results.journal import Journal
 from dispatcher.results.ledger import envelope_from_json
 from dispatcher.results.lock import ResultsLock
@@ -229,6 +229,16 @@ def _read_spec() -> object:
     return pickle.loads(_read_exactly(0, size))
 
 
+def _write_error(exc: BaseException) -> ResultsWriteError | None:
+    if isinstance(exc, ResultsWriteError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _write_error(inner)) is not None:
+                return found
+    return None
+
+
 def worker_main(early: list[int] | None = None) -> int:
     """A worker's whole life; ``early`` collects signals that came before its engine."""
     try:
@@ -239,13 +249,22 @@ def worker_main(early: list[int] | None = None) -> int:
         print("dispatcher worker: not started by dispatcher send", file=sys.stderr)
         return 2
     _die_with_parent(spec.parent)
-    stats = anyio.run(
-        _worker,
-        spec,
-        [] if early is None else early,
-        backend="asyncio",
-        backend_options=runner.backend_options(),
-    )
+    try:
+        stats = anyio.run(
+            _worker,
+            spec,
+            [] if early is None else early,
+            backend="asyncio",
+            backend_options=runner.backend_options(),
+        )
+    except Exception as exc:
+        # Its journal could not be created (a full, read-only or immutable folder): it
+        # sent nothing. One line, and the exit code the parent reads as a write failure.
+        refused = _write_error(exc)
+        if refused is None:
+            raise
+        print(f"dispatcher send: worker {spec.index}: error: {refused}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     # The loop put back Python's default handlers as it closed: a stop that comes now
     # (the run is over, only its counters are left to hand over) must not end in a
     # KeyboardInterrupt traceback during the write or the interpreter's shutdown.
@@ -418,8 +437,8 @@ async def run_parallel(settings: SendSettings, *, show: Any = None) -> RunStats:
     try:
         return await _run_workers(settings, stats, out, lock, show)
     finally:
-        if lock is not None:
-            lock.release()
+        if lock is not None and (warning := lock.release()) is not None:
+            stats.warnings.append(warning)
 
 
 async def _run_workers(
@@ -468,6 +487,11 @@ async def _run_workers(
         # Every worker has ended and each envelope it wrote has been received.
         clean = all(proc.returncode == 0 for proc in workers.procs) and commit.error is None
         for index, proc in enumerate(workers.procs):
+            if proc.returncode == EXIT_WRITE_FAILED and stats.write_error is None:
+                stats.write_error = (
+                    f"worker process {index} could not write its journal beside "
+                    f"{settings.results} (its reason is above)"
+                )
             if proc.returncode != 0 and stats.stop_reason is None:
                 stats.stop_reason = (
                     f"worker process {index} failed (exit {proc.returncode}); "
@@ -481,7 +505,7 @@ async def _run_workers(
             if commit.error is not None and stats.write_error is None:
                 stats.write_error = str(commit.error)
             if clean:
-                runner.remove_journals(settings.results)
+                runner.remove_journals(settings.results, stats.warnings)
             stats.finished = time.monotonic()
     return stats
 

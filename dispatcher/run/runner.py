@@ -11,7 +11,6 @@ import contextlib
 import functools
 import importlib.util
 import math
-import os
 import random
 import time
 import zlib
@@ -37,7 +36,14 @@ from dispatcher.inputs.records import check_inputs as check_input_files
 from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Invalid, Record
 from dispatcher.results import envelopes
 from dispatcher.results.errors import ResultsWriteError
-from dispatcher.results.journal import BACKLOG, Journal, Started, iter_paths, read_crashed
+from dispatcher.results.journal import (
+    BACKLOG,
+    Journal,
+    Started,
+    iter_paths,
+    read_crashed,
+    remove_settled,
+)
 from dispatcher.results.journal import path_for as journal_path_for
 from dispatcher.results.ledger import (
     KeyState,
@@ -571,11 +577,16 @@ def settle_crashed_run(
 _CRASHED: Final = KeyState(delivery=Delivery.UNKNOWN, ok=False, error_kind=ErrorKind.STOPPED)
 
 
-def remove_journals(results: str) -> None:
-    """Forget the journals beside ``results``: every record they name has its envelope."""
+def remove_journals(results: str, warnings: list[str] | None = None) -> None:
+    """Forget the journals beside ``results``: every record they name has its envelope.
+
+    One that cannot be removed (an immutable or read-only folder) is emptied if it can
+    be, and noted in ``warnings``: it never fails the run.
+    """
     for journal in iter_paths(results):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(journal)
+        warning = remove_settled(journal)
+        if warning is not None and warnings is not None:
+            warnings.append(warning)
 
 
 def prepare_results(settings: SendSettings, stats: RunStats) -> tuple[Sink, dict[str, KeyState]]:
@@ -589,7 +600,7 @@ def prepare_results(settings: SendSettings, stats: RunStats) -> tuple[Sink, dict
         # the torn last line first, or the next envelope would be glued to it.
         repair_jsonl_tail(path)
     if not settings.resume:
-        remove_journals(path)  # --overwrite (or no earlier results): stale journals
+        remove_journals(path, stats.warnings)  # --overwrite (or no results): stale journals
         return open_sink(path, truncate=settings.overwrite), {}
     if not is_sqlite_path(path):
         repair_jsonl_tail(path)
@@ -622,7 +633,7 @@ async def open_results(
         except BaseException:
             await sink.aclose()
             raise
-        remove_journals(settings.results)
+        remove_journals(settings.results, stats.warnings)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -713,8 +724,8 @@ async def run(
             shard_acks=shard_acks,
         )
     finally:
-        if lock is not None:
-            lock.release()
+        if lock is not None and (warning := lock.release()) is not None:
+            stats.warnings.append(warning)
 
 
 async def _run_locked(
@@ -843,7 +854,9 @@ async def _run_locked(
                 )
             if journal is not None:
                 # Kept unless every envelope is durable (a shard's: its parent removes it).
-                journal.close(delete=shard is None and commit.error is None)
+                warning = journal.close(delete=shard is None and commit.error is None)
+                if warning is not None:
+                    stats.warnings.append(warning)
             if own_transport:
                 await tx.aclose()
         # Outside the shield: it ends the coordination's own task group (it shields what

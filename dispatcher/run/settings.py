@@ -243,6 +243,9 @@ _PROGRESS: Final = ("auto", "bar", "lines", "off")
 # space is a copy-paste accident. Visible ASCII only.
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 _REDACTED: Final = "<redacted>"
+# The shortest token or API key accepted (see Credentials): a Cloudflare API token is 40
+# characters, a global API key 37; anything this short is a typo or a placeholder.
+MIN_SECRET_CHARS: Final = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
@@ -279,6 +282,16 @@ class Credentials:
                 raise ConfigError(name, "is empty")
             if _HEADER_SAFE.fullmatch(value) is None:
                 raise ConfigError(name, "must be printable ASCII without spaces or line breaks")
+            if name != "email" and len(value) < MIN_SECRET_CHARS:
+                # Every text a server sends is searched for the secret and it is cut out:
+                # a secret of a letter or two is in every other word ("In<redacted>ernal").
+                # Real ones are long: an API token is 40 characters, a global API key 37.
+                raise ConfigError(
+                    name,
+                    f"is {len(value)} character{'s' if len(value) != 1 else ''} long, too "
+                    f"short for a credential (at least {MIN_SECRET_CHARS}; a Cloudflare "
+                    "API token is 40)",
+                )
 
     @property
     def scheme(self) -> Literal["token", "legacy"]:

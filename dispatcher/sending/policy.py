@@ -130,13 +130,27 @@ class RetryPolicy:
     """The wait after a 429 that named none usable."""
     max_rate_limited: int = 50
     """429 answers a record may get; the last of them is final."""
+    min_retry_after: float = 1.0
+    """The least wait a ``Retry-After`` leads to, however little it asks for (``0``, a
+    date in the past): a 429 pauses the run at least this long, a 503 holds its record
+    back at least this long. A server that answers every request ``429, Retry-After: 0``
+    would otherwise be asked again at once, as fast as the connections allow."""
+    max_rate_limit_floor: float = 30.0
+    """The 429 floor doubles with each 429 a record got in a row, up to this."""
 
     def __post_init__(self) -> None:
         for name in ("max_attempts", "max_rate_limited"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"RetryPolicy.{name} must be an integer >= 1, got {value!r}")
-        for name in ("base_delay", "max_delay", "max_retry_wait", "default_retry_after"):
+        for name in (
+            "base_delay",
+            "max_delay",
+            "max_retry_wait",
+            "default_retry_after",
+            "min_retry_after",
+            "max_rate_limit_floor",
+        ):
             value = getattr(self, name)
             if not _is_seconds(value):
                 raise ValueError(
@@ -170,7 +184,11 @@ class RetryPolicy:
             wait = self.rate_limit_wait(outcome)
             if wait > self.max_retry_wait or rate_limited >= self.max_rate_limited:
                 return Final("rate_limited")
-            return Retry(delay=wait, pause_all=True)
+            # What the server asked for, but never less than the floor: a Retry-After of 0
+            # (or a date past, or none usable with a Ratelimit reset of 0) must not turn
+            # every worker into a tight loop of 429s.
+            floor = self.rate_limit_floor(max(rate_limited, 1), rng)
+            return Retry(delay=max(wait, floor), pause_all=True)
         failures = attempts - rate_limited
         if failures >= self.max_attempts:
             return Final("exhausted")
@@ -178,12 +196,27 @@ class RetryPolicy:
         retry_after = outcome.retry_after
         if retry_after is not None and math.isfinite(retry_after) and retry_after >= 0:
             # A 503's Retry-After sets this record's earliest retry (the client reads it
-            # on 429 and 503 only), never past --max-retry-wait.
-            delay = max(delay, min(retry_after, self.max_retry_wait))
+            # on 429 and 503 only), never under the floor and never past --max-retry-wait.
+            asked = max(retry_after, self.min_retry_after)
+            delay = max(delay, min(asked, self.max_retry_wait))
         return Retry(delay=delay, pause_all=False)
 
+    def rate_limit_floor(self, rate_limited: int, rng: Callable[[], float]) -> float:
+        """The least a record's ``rate_limited``-th 429 in a row pauses the run.
+
+        ``min_retry_after`` doubling with each one, capped at ``max_rate_limit_floor``,
+        plus up to half again of jitter (so processes or hosts sharing an account that were
+        refused together do not all come back together). Never under ``min_retry_after``.
+        """
+        if rate_limited < 1:
+            raise ValueError(f"rate_limited must be >= 1, got {rate_limited}")
+        floor = self.min_retry_after * 2.0 ** min(rate_limited - 1, _MAX_EXPONENT)
+        floor = max(min(floor, self.max_rate_limit_floor), self.min_retry_after)
+        return floor * (1.0 + 0.5 * rng())
+
     def rate_limit_wait(self, outcome: Outcome) -> float:
-        """How long a 429 asks the run to hold off.
+        """How long a 429 asks the run to hold off (before the floor of
+        :meth:`rate_limit_floor`, which :meth:`decide` adds).
 
         ``Retry-After`` first; failing that, the ``Ratelimit`` reset when it says nothing is
         left (same promise, other header); failing that, ``default_retry_after``.

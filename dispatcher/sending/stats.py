@@ -33,6 +33,9 @@ class RunStats:
     interrupted: bool = False
     coordination: str | None = None  # --redis: None while connected, else what is wrong
     coordination_dropped: int = 0  # --job: envelopes dropped, another process's was final
+    # One line each: an end-of-run step on the disk that failed after the envelopes were
+    # durable (a journal or lock file that could not be removed); the run's outcome stands.
+    warnings: list[str] = field(default_factory=list)
     # Latencies of the last attempts, kept only as a running sum for the summary's mean.
     latency_sum_ms: float = 0.0
     latency_count: int = 0
