@@ -186,3 +186,39 @@ def test_files_may_come_after_the_flags_too(
     out = capsys.readouterr().out
     assert code == 0
     assert "4 read: 4 to send, 0 invalid" in out
+
+
+def test_a_preview_needs_no_credentials_and_says_what_a_real_run_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = tmp_path / "ids.txt"
+    ids.write_text("a-1\nbad id!\na-2\n")
+    for name in ("CLOUDFLARE_API_TOKEN", "CLOUDFLARE_ACCOUNT_ID", "CLOUDFLARE_EMAIL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    code = main(["send", "ids.txt", "--workflow", "wf", "--event-type", "e", "--dry-run"])
+    captured = capsys.readouterr()
+    assert code == 1  # one invalid line: documented in the README's Dry run section
+    assert captured.err == ""
+    assert "3 read: 2 to send, 1 invalid" in captured.out
+    assert "/accounts/ACCOUNT_ID/workflows/wf/instances/a-1/events/e" in captured.out
+    needs = [line for line in captured.out.splitlines() if "a real run also needs" in line]
+    assert len(needs) == 2
+    assert "CLOUDFLARE_API_TOKEN" in needs[0]
+    assert "--account-id" in needs[1]
+    # A real run still refuses, naming what is missing.
+    assert main(["send", "ids.txt", "--workflow", "wf", "--event-type", "e"]) == 2
+    assert "credentials" in capsys.readouterr().err
+
+
+def test_a_preview_with_credentials_says_nothing_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ids.txt").write_text("a-1\n")
+    monkeypatch.setenv("CLOUDFLARE_API_TOKEN", TOKEN)
+    monkeypatch.setenv("CLOUDFLARE_ACCOUNT_ID", "acc")
+    monkeypatch.chdir(tmp_path)
+    assert main(["send", "ids.txt", "--workflow", "wf", "--event-type", "e", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "a real run also needs" not in out
+    assert "/accounts/acc/" in out

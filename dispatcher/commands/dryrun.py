@@ -110,9 +110,17 @@ def _time_line(requests: int, settings: SendSettings) -> str:
     )
 
 
-def dry_run(settings: SendSettings, out: TextIO, *, max_invalid: int = MAX_INVALID_SHOWN) -> int:
+def dry_run(
+    settings: SendSettings,
+    out: TextIO,
+    *,
+    max_invalid: int = MAX_INVALID_SHOWN,
+    needs: list[str] | tuple[str, ...] = (),
+) -> int:
     """Read and check ``settings.inputs``, print what a run would send; send nothing.
 
+    ``needs`` lists what a real run would still need (from
+    :func:`dispatcher.run.config.load_send_settings`): a preview needs no credentials.
     Returns 0 if every line is valid, 1 if some are not, 2 if an input cannot be read.
     """
     options = runner.read_options(settings)
@@ -198,4 +206,6 @@ def dry_run(settings: SendSettings, out: TextIO, *, max_invalid: int = MAX_INVAL
             f"{DEFAULT_RATE} per user: expect 429s and a 5-minute lockout of the account\n"
         )
     w(f"  results    would go to {'stdout' if settings.results == '-' else settings.results}\n")
+    for need in needs:
+        w(f"  needs      a real run also needs {need}\n")
     return EXIT_INVALID if invalid_total else EXIT_OK

@@ -102,16 +102,17 @@ def _nothing_read(stats: RunStats) -> bool:
 def run(args: argparse.Namespace) -> int:
     # Mistakes (ConfigError, InputError, ResultsPathError, LedgerError: all UserError)
     # propagate to commands.cli.main, which prints them as one line with exit 2.
-    settings = load_send_settings(args, os.environ)
+    needs: list[str] | None = [] if args.dry_run else None
+    settings = load_send_settings(args, os.environ, needs=needs)
     runner.check_inputs(settings)
-    if args.dry_run:
+    if needs is not None:
         if _results_in_the_way(settings):
             print(
                 f"dispatcher send --dry-run: warning: --results {settings.results} already "
                 "holds results; a real run needs --resume or --overwrite",
                 file=sys.stderr,
             )
-        return dry_run(settings, sys.stdout)
+        return dry_run(settings, sys.stdout, needs=needs)
     check_results_path(
         settings.results,
         resume=settings.keeps_results,

@@ -769,13 +769,25 @@ def _credentials(flags: _Layer, env: Mapping[str, str], toml: _Layer) -> Credent
 # --- the merge ----------------------------------------------------------------------
 
 
-def load_send_settings(args: argparse.Namespace, env: Mapping[str, str]) -> SendSettings:
+# What a --dry-run shows in place of what it does not need (its URLs and headers are a
+# preview; the token is redacted in them whatever it is).
+PREVIEW_ACCOUNT_ID: Final = "ACCOUNT_ID"
+_PREVIEW_TOKEN: Final = "dry-run-placeholder-token"
+
+
+def load_send_settings(
+    args: argparse.Namespace, env: Mapping[str, str], *, needs: list[str] | None = None
+) -> SendSettings:
     """Merge flags (``args``, from :func:`add_send_arguments`), ``env`` and the
     ``--config`` file over the defaults, check everything once, and return the value.
 
     Raises :class:`~dispatcher.run.settings.ConfigError` naming the flag, environment
     variable or ``file: key`` of the first bad or missing value. ``env`` is passed in
     (usually ``os.environ``) so that tests and library callers control it.
+
+    With ``needs`` (a list, for ``--dry-run``), missing credentials and a missing account
+    id are not errors: a placeholder stands in, and ``needs`` gets one line for each, saying
+    what a real run would still need. A value given but wrong is an error all the same.
     """
     config_path = getattr(args, "config", None)
     flags = _flag_layer(args)
@@ -807,7 +819,16 @@ def load_send_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Send
         # No Cloudflare token is read, so none can be sent to a relay or a local server.
         values.pop("account_id", None)
         return _settings(values, where)
-    values["credentials"] = _credentials(flags, env, toml)
+    try:
+        values["credentials"] = _credentials(flags, env, toml)
+    except ConfigError as exc:
+        if needs is None or exc.where != "credentials":
+            raise
+        needs.append(f"a token: {exc.message}")
+        values["credentials"] = Credentials(token=_PREVIEW_TOKEN)
+    if "account_id" not in values and needs is not None:
+        needs.append("an account id: pass --account-id or set CLOUDFLARE_ACCOUNT_ID")
+        values["account_id"] = PREVIEW_ACCOUNT_ID
     if "account_id" not in values:
         raise ConfigError(
             "--account-id",
