@@ -42,6 +42,8 @@ def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "notdb.sqlite").write_bytes(b"hello, not a database\n" * 10)
     (tmp_path / "earlier.jsonl").write_bytes(GOOD)
     (tmp_path / "bad.toml").write_bytes(b"rate = [\n")
+    (tmp_path / "exports").mkdir()  # a folder without an extension
+    (tmp_path / "exports.jsonl").mkdir()  # and one with
     return tmp_path
 
 
@@ -93,6 +95,19 @@ CASES: list[tuple[list[str], str]] = [
     (["send", "good.jsonl", "--token-file", "missing.txt"], "--token-file"),
     (["send", "good.jsonl", "./good.jsonl"], "./good.jsonl: given twice (as good.jsonl)"),
     (["send", "--dry-run", "good.jsonl", "good.jsonl"], "good.jsonl: given twice"),
+    (["send", "exports"], "exports: is a folder"),
+    (["send", "exports.jsonl"], "exports.jsonl: is a folder"),
+    (["send", "exports", "--format", "ids", "--workflow", "wf", "--event-type", "e"], "a folder"),
+    (["send", "--dry-run", "exports"], "exports: is a folder"),
+    (["report", "exports"], "exports: is a folder"),
+    ([*LOAD[:5], "--instances", "exports", "--rate", "1"], "exports"),
+    # A value that starts with '-' reaches the flag's own check (argparse said "expected
+    # one argument").
+    ([*LOAD, "--duration", "-5s"], "--duration: invalid duration '-5s': must not be negative"),
+    ([*LOAD, "--duration=-5s"], "invalid duration '-5s'"),
+    ([*LOAD[:-1], "-4/s"], "invalid rate '-4/s'"),
+    (["send", "good.jsonl", "--rate", "-3/s"], "--rate: invalid rate '-3/s'"),
+    (["send", "good.jsonl", "--concurrency", "-3"], "--concurrency: must be"),
     (["nosuchcommand"], "invalid choice"),
     ([], "required"),
 ]

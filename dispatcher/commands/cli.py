@@ -60,6 +60,10 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.commands: dict[str, Parser] = {}  # the top level's parser of each command
+        # `--duration -5s`, `--rate -4/s`: a value that starts with '-' and a digit is a
+        # value (argparse takes only plain numbers so, and said "expected one argument"),
+        # so that the flag's own check names it. No flag of ours starts with '-' + digit.
+        self._negative_number_matcher = re.compile(r"^-\d")
 
     def known_flags(self) -> list[str]:
         flags: list[str] = []

@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     for path in args.results:
         if not os.path.exists(path):
             return _error(f"{path}: no such file")
+        if os.path.isdir(path):
+            return _error(f"{path}: is a folder; give the results files in it")
 
     builder = ReportBuilder(top=args.top)
     points = None

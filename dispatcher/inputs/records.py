@@ -191,12 +191,16 @@ def _check_id_list_options(name: str, options: ReadOptions) -> None:
 def detect_format(path: str, override: str | None) -> Format:
     """The format of ``path``: ``override`` (from ``--format``) if given, else by extension."""
     if override is not None:
+        if path != "-" and os.path.isdir(path):
+            raise InputError(f"{path}: is a folder; give the files in it")
         for fmt in FORMATS:
             if override == fmt:
                 return fmt
         raise InputError(f"unknown --format {override!r}: choose one of {', '.join(FORMATS)}")
     if path == "-":
         return "jsonl"
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a folder; give the files in it (for example {path}/*.jsonl)")
     extension = os.path.splitext(path)[1].lower()
     detected = _EXTENSIONS.get(extension)
     if detected is None:
