@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         from dispatcher.coordination.job import JobKeys
     except ImportError:
         print(
-            "dispatcher status: error: needs redis-py: pip install 'dispatcher[redis]'",
+            "dispatcher status: error: needs redis-py: "
+            "pip install 'cf-workflows-dispatcher[redis]'",
             file=sys.stderr,
         )
         return EXIT_USAGE

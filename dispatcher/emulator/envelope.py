@@ -61,7 +61,8 @@ BAD_PATH_CODE: Final = 7003
 # Rate limiting (observed).
 RATE_LIMITED: Final = api_error(429, 971, "Please wait and consider throttling your request speed")
 
-# The event itself (10001 and 10400 as DESIGN.md lists them; 6007 observed; 10413 chosen).
+# The event itself (10001 and 10400 as Cloudflare's API reference lists them; 6007
+# observed; 10413 chosen).
 INSTANCE_NOT_FOUND: Final = api_error(404, 10400, "Instance not found")
 MALFORMED_JSON: Final = api_error(400, 6007, "Malformed JSON in request body")
 BODY_TOO_LARGE_CODE: Final = 10413

@@ -1,4 +1,5 @@
-"""The API's path and payload rules (DESIGN.md), shared by the client and the emulator."""
+"""The API's path and payload rules (Cloudflare's API reference and limits pages), shared
+by the client and the emulator."""
 
 from __future__ import annotations
 

@@ -761,7 +761,8 @@ async def _run_locked(
     shared: Coordinated | None = None
     gate: RateGate | SharedGate
     if settings.redis_url is not None:
-        # Imported here: redis-py is an extra (dispatcher[redis]), needed only with --redis.
+        # Imported here: redis-py is an extra (cf-workflows-dispatcher[redis]), needed only
+        # with --redis.
         try:
             from dispatcher.run.shared import coordinated
         except ImportError as exc:
