@@ -100,6 +100,9 @@ class Outcome:
     ``sent`` says whether the request may have reached the server. ``in_doubt`` marks a
     2xx answer that is not the API's envelope (an HTML page, an empty body, a 204): not a
     confirmation, and not a refusal either, since whoever answered may have taken it.
+    ``stop_run`` is set when the answer shows that the run's own configuration cannot
+    work (the relay's MAX_BATCH below ``--batch-size``): the run stops with that reason,
+    and the record is left for ``--resume`` instead of ending here.
     """
 
     status: int | None
@@ -112,6 +115,7 @@ class Outcome:
     retry_after: float | None = None
     ratelimit: RateLimitInfo | None = None
     in_doubt: bool = False
+    stop_run: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

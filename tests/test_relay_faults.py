@@ -69,7 +69,11 @@ def transport(base_url: str, *, batch_size: int = len(KEYS)) -> RelayTransport:
 
 
 async def run_engine(
-    tx: RelayTransport, keys: Sequence[str] = KEYS, *, attempts: int = 1
+    tx: RelayTransport,
+    keys: Sequence[str] = KEYS,
+    *,
+    attempts: int = 1,
+    on_engine: Callable[[Engine], None] | None = None,
 ) -> dict[str, Envelope]:
     """Every record's envelope, keyed by record key, after the engine sent ``keys``."""
     engine = Engine(
@@ -84,6 +88,8 @@ async def run_engine(
         ),
         concurrency=len(keys),
     )
+    if on_engine is not None:
+        on_engine(engine)
 
     async def batches() -> AsyncIterator[list[Record]]:
         yield [event(k) for k in keys]
@@ -354,11 +360,6 @@ FAULTS: tuple[Fault, ...] = (
         ),
         every(R, HTTP, 401),
     ),
-    Fault(
-        "http_413_batch_too_large",
-        reply(lambda ev: b'{"success":false,"errors":[{"code":10413,"message":"big"}]}', "413 Big"),
-        every(R, HTTP, 413),
-    ),
     Fault("truncated_body_then_close", raw(head_then_cut), every(U, CONNECTION, None)),
     Fault("reset_mid_answer", raw(head_then_cut, reset=True), every(U, CONNECTION, None)),
     Fault("closed_before_answer", raw(lambda ev: b""), every(U, CONNECTION, None)),
@@ -572,6 +573,23 @@ def gzipped(make: Callable[[list[dict[str, Any]]], bytes], status: str = "200 OK
     return act
 
 
+def too_large_over(limit: int, *, max_batch: int | None = None) -> Answer:
+    """413 for a batch of more than ``limit`` events (naming ``max_batch`` when given),
+    else deliver it."""
+
+    async def act(writer: Writer, events: list[dict[str, Any]], fake: FakeRelay) -> None:
+        if len(events) > limit:
+            doc: dict[str, Any] = {"success": False, "errors": [{"code": 10413, "message": "big"}]}
+            if max_batch is not None:
+                doc["limits"] = {"max_batch": max_batch, "max_body_bytes": 1 << 25}
+            writer.write(answer("413 Payload Too Large", [JSON], orjson.dumps(doc)))
+            await writer.drain()
+        else:
+            await deliver(writer, events, fake)
+
+    return act
+
+
 async def test_a_gzipped_relay_answer_is_read_once_decoded() -> None:
     # aiohttp decodes the relay's answers itself: each event's own result still counts, and
     # a refusal's message is words, not compressed bytes.
@@ -585,3 +603,41 @@ async def test_a_gzipped_relay_answer_is_read_once_decoded() -> None:
         envs = await run_engine(transport(fake.url))
     assert {e.delivery for e in envs.values()} == {R}
     assert {e.error.message for e in envs.values() if e.error} == {"batch malformed"}
+
+
+KEYS5 = ("k1", "k2", "k3", "k4", "k5")
+
+
+async def test_a_413_batch_is_split_until_it_fits_and_no_record_is_rejected() -> None:
+    # Too large in bytes (no limits named: a proxy in front, or the relay's body limit).
+    async with relay(too_large_over(2)) as fake:
+        envs = await run_engine(transport(fake.url, batch_size=5), KEYS5)
+    assert {k: e.delivery for k, e in envs.items()} == dict.fromkeys(KEYS5, C)
+    assert fake.delivered == dict.fromkeys(KEYS5, 1)
+    assert [len(b) for b in fake.batches] == [5, 3, 2, 1, 2]
+
+
+async def test_a_413_for_one_event_alone_rejects_that_event_only() -> None:
+    async with relay(too_large_over(0)) as fake:
+        envs = await run_engine(transport(fake.url, batch_size=1), KEYS[:1])
+    (env,) = envs.values()
+    assert (env.delivery, env.status) == (R, 413)
+    assert env.error is not None
+    assert "alone as too large" in env.error.message
+    assert fake.delivered == {}
+
+
+async def test_a_413_naming_a_max_batch_below_batch_size_stops_the_run() -> None:
+    seen: list[Engine] = []
+    async with relay(too_large_over(2, max_batch=2)) as fake:
+        envs = await run_engine(transport(fake.url), on_engine=seen.append)
+    reason = seen[0].stats.stop_reason
+    assert reason is not None
+    assert "--batch-size" in reason
+    assert "MAX_BATCH" in reason
+    # Refused before anything was sent: not final, a plain --resume sends them again.
+    assert {(e.delivery, kind_of(e), e.status) for e in envs.values()} == {
+        (R, ErrorKind.STOPPED, 413)
+    }
+    assert fake.delivered == {}
+    assert len(fake.batches) == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,3 +264,110 @@ def test_load_to_the_api_still_needs_credentials(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert "credentials" in done.stderr or "CLOUDFLARE_API_TOKEN" in done.stderr
+
+
+# --- the relay's dedupe covers the event, not the key alone (issue 23) -----------------------
+
+
+def write_lines(path: Path, lines: list[tuple[str, str, str, str]]) -> None:
+    """(id, instance, event type, tag) per line: explicit record keys."""
+    docs = (
+        {
+            "id": k,
+            "workflow": WORKFLOW,
+            "instance_id": i,
+            "event_type": t,
+            "body": {"id": i, "tag": g},
+        }
+        for k, i, t, g in lines
+    )
+    path.write_bytes(b"".join(orjson.dumps(d) + b"\n" for d in docs))
+
+
+def test_a_key_reused_for_another_event_is_rejected_and_sends_nothing(
+    wd: WranglerDev, tmp_path: Path
+) -> None:
+    plain, fresh = "reuse-plain", "reuse-fresh"
+    probes = ["reuse-type", "reuse-body", "reuse-same"]
+    wd.create([plain, fresh])
+    wd.create(probes, params={"probe": True})
+    relay = ["--target", "relay", "--base-url", wd.base_url, "events.jsonl"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    write_lines(
+        first / "events.jsonl",
+        [
+            ("k-inst", plain, "go", "first"),
+            ("k-type", "reuse-type", "go", "first"),
+            ("k-body", "reuse-body", "go", "first"),
+            ("k-same", "reuse-same", "go", "first"),
+        ],
+    )
+    done = send(relay, first, secret=SECRET)
+    assert done.returncode == 0, done.stderr
+    # The same keys for another instance, another type, another body; and one unchanged.
+    write_lines(
+        second / "events.jsonl",
+        [
+            ("k-inst", fresh, "go", "first"),
+            ("k-type", "reuse-type", "check", "first"),
+            ("k-body", "reuse-body", "go", "second"),
+            ("k-same", "reuse-same", "go", "first"),
+        ],
+    )
+    done = send(relay, second, secret=SECRET)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    by_key = {e["key"]: e for e in envelopes(second / "results.jsonl")}
+    assert by_key["k-same"]["delivery"] == "confirmed"
+    for key in ("k-inst", "k-type", "k-body"):
+        env = by_key[key]
+        assert (env["delivery"], env["status"]) == ("rejected", 409), env
+        assert "key_reused" in env["error"]["message"]
+        assert "different parameters" in env["error"]["message"]
+    # Nothing of the rejected ones arrived: the fresh instance still waits, and so does the
+    # probe that would have gone on at a "check".
+    time.sleep(2)
+    waiting = wd.statuses([fresh, "reuse-type"])
+    assert all(s["status"] != "complete" for s in waiting.values()), waiting
+    assert wd.rest_event(fresh, "go", {"id": fresh, "tag": "rest"})[0] == 200
+    assert_completed_with_payloads(wd, [fresh], "rest")
+    assert_completed_with_payloads(wd, [plain], "first")
+    # Each probe got its first "go" once: no second copy (not the same, not another body).
+    for i in probes:
+        assert wd.rest_event(i, "check", {})[0] == 200
+    found = wd.wait_complete(probes)
+    assert {i: found[i]["output"] for i in probes} == {
+        i: {"payload": {"id": i, "tag": "first"}, "duplicate": None} for i in probes
+    }
+
+
+def test_a_batch_size_over_the_relays_max_batch_stops_and_resume_finishes(
+    wd: WranglerDev, tmp_path: Path
+) -> None:
+    # The relay's MAX_BATCH is 100 (relay/wrangler.jsonc); --batch-size 150 cannot work.
+    ids = [f"big-{n}" for n in range(300)]
+    wd.create(ids)
+    write_events(tmp_path / "events.jsonl", ids, "big")
+    relay = ["--target", "relay", "--base-url", wd.base_url]
+    done = send([*relay, "--batch-size", "150", "events.jsonl"], tmp_path, secret=SECRET)
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "--batch-size" in done.stderr
+    assert "MAX_BATCH" in done.stderr
+    results = envelopes(tmp_path / "results.jsonl")
+    # A batch the relay refused sent nothing: stopped, for --resume. (A batch that left
+    # with fewer events than MAX_BATCH before the stop went through: confirmed.)
+    fates = {(e["delivery"], (e["error"] or {}).get("kind")) for e in results}
+    assert ("rejected", "stopped") in fates
+    assert fates <= {("rejected", "stopped"), ("confirmed", None)}
+    # Resumed with a batch size the relay takes, each is delivered once.
+    done = send(
+        [*relay, "--batch-size", "100", "--resume", "events.jsonl"], tmp_path, secret=SECRET
+    )
+    assert done.returncode == 0, done.stderr
+    final = {e["key"]: e for e in envelopes(tmp_path / "results.jsonl")}
+    assert len(final) == len(ids)
+    assert {e["delivery"] for e in final.values()} == {"confirmed"}
+    assert_completed_with_payloads(wd, ids, "big")

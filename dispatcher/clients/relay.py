@@ -15,8 +15,15 @@ How one answer becomes each event's outcome (the truth rule of docs/results.md, 
 - no complete answer (timeout, connection closed or reset, a cut body, an answer that is
   not HTTP/1.x, one over the caps): every event may have arrived (``unknown``, retried);
 - 1xx, 3xx, 4xx: the relay, or something in front of it, refused the whole batch before
-  any of it was sent (401 wrong secret, 400, 413, 429 with ``Retry-After``): an error
-  answer for every event; no redirect is followed;
+  any of it was sent (401 wrong secret, 400, 429 with ``Retry-After``): an error answer
+  for every event; no redirect is followed;
+- 413, the batch is too large: nothing of it was sent, so no event is rejected for it.
+  When the relay says it holds fewer events per batch (its ``MAX_BATCH``) than this batch,
+  ``--batch-size`` is above the relay's setting: the run stops with one line naming it, and
+  the batch's events are left for ``--resume``. Otherwise (too many bytes, for the relay or
+  a proxy in front of it) the batch is split in halves and each is posted again, down to
+  one event, which alone too large is rejected; later batches are no larger than the
+  halves that went through;
 - 5xx: the Worker may have failed halfway through the batch: in doubt for every event
   (``unknown``), retried, since the relay's dedupe makes a retry safe;
 - 2xx: each event's own entry of ``results``, matched by position *and* key. Only an
@@ -32,6 +39,7 @@ Every text that came from the relay or an exception is redacted of the secret.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Final
@@ -58,8 +66,15 @@ __all__ = ["RelayConfig", "RelayTransport", "outcome_of_result"]
 
 # The relay's body limit (relay/src/index.ts MAX_BODY_BYTES) with room for the framing.
 MAX_BATCH_BYTES: Final = 30 * 1024 * 1024
-# Per-event statuses for what the relay answered of that event alone.
-_CODE_STATUS: Final = {"not_found": 404, "invalid": 400, "failed": 503}
+# Per-event statuses for what the relay answered of that event alone: each code says that
+# nothing was delivered. key_reused: the key was used for another workflow, instance, type
+# or payload (Stripe answers an idempotency key reused so with an error, as this does).
+_CODE_STATUS: Final = {"not_found": 404, "invalid": 400, "failed": 503, "key_reused": 409}
+# The relay cannot tell whether the event an earlier relay delivered under this key (one
+# that kept no fingerprint) was this one: it may have arrived, and sending it again
+# answers the same, so it is in doubt and not retried.
+_UNVERIFIABLE: Final = "unverifiable"
+_TOO_LARGE: Final = 413
 _CF_INSTANCE_NOT_FOUND: Final = 10501
 # An answer holds one result per event (key up to 512 characters, a message): a few
 # hundred KiB for the largest batch. Anything much larger is not the relay's answer.
@@ -136,6 +151,8 @@ def outcome_of_result(
     code = result.get("code")
     text = " ".join(redact(str(result.get("message", ""))).split())
     message = short(f"relay: {redact(str(code))}: {text}")
+    if code == _UNVERIFIABLE:
+        return _in_doubt(status, message, latency_s)
     known = _CODE_STATUS.get(code) if isinstance(code, str) else None
     if known is not None:
         # The relay knows nothing was delivered: a real answer, final or retryable by status.
@@ -167,6 +184,7 @@ class RelayTransport:
 
     __slots__ = (
         "_batches",
+        "_cap",
         "_config",
         "_headers",
         "_pending",
@@ -199,6 +217,9 @@ class RelayTransport:
         self._pending_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._batches: set[asyncio.Task[None]] = set()
+        # Events per batch: batch_size, lowered for the rest of the run when a batch of
+        # more was refused as too large (413) and had to be split.
+        self._cap = config.batch_size
 
     def __repr__(self) -> str:
         return f"RelayTransport({self._config!r})"
@@ -261,7 +282,7 @@ class RelayTransport:
             self._flush()
         self._pending.append(_Pending(event, future))
         self._pending_bytes += size
-        if len(self._pending) >= self._config.batch_size:
+        if len(self._pending) >= self._cap:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self._config.linger, self._flush)
@@ -283,10 +304,11 @@ class RelayTransport:
 
     async def _post(self, batch: list[_Pending]) -> None:
         try:
-            outcomes = await self._exchange([p.event for p in batch])
+            await self._post_split(batch)
         except asyncio.CancelledError:
             # Cut off by aclose(): a cancelled future, unlike one holding an exception,
-            # logs nothing when no one reads it.
+            # logs nothing when no one reads it. (Events of a half already answered keep
+            # their answer: cancelling a done future does nothing.)
             for pending in batch:
                 pending.future.cancel()
             raise
@@ -296,11 +318,23 @@ class RelayTransport:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             raise
+
+    async def _post_split(self, batch: list[_Pending]) -> None:
+        outcomes = await self._exchange([p.event for p in batch])
+        if outcomes is None:
+            # Refused as too large, and nothing of it was sent: each half goes on its own,
+            # one after the other, and answers its own events as soon as it is answered.
+            half = (len(batch) + 1) // 2
+            self._cap = min(self._cap, half)
+            await self._post_split(batch[:half])
+            await self._post_split(batch[half:])
+            return
         for pending, outcome in zip(batch, outcomes, strict=True):
             if not pending.future.done():
                 pending.future.set_result(outcome)
 
-    async def _exchange(self, events: list[Event]) -> list[Outcome]:
+    async def _exchange(self, events: list[Event]) -> list[Outcome] | None:
+        """Each event's outcome of one ``POST /events``; ``None``: split it and try again."""
         body = b'{"events":[' + b",".join(self._encode(e) for e in events) + b"]}"
         session = self._session
         if session is None:
@@ -334,6 +368,9 @@ class RelayTransport:
         latency = time.perf_counter() - started
         if 200 <= status < 300:
             return self._per_event(events, raw, status, latency)
+        if status == _TOO_LARGE:
+            refused = outcome_from_response(status, raw, headers, latency, self._redact)
+            return self._too_large(events, refused, raw)
         if status >= 500:
             # The Worker may have failed halfway through the batch.
             answer = outcome_from_response(
@@ -378,9 +415,42 @@ class RelayTransport:
             for event, result in zip(events, results, strict=True)
         ]
 
+    def _too_large(self, events: list[Event], refused: Outcome, raw: bytes) -> list[Outcome] | None:
+        # A 413 is the relay's (or a proxy's) refusal of the whole request before anything
+        # was sent: no event of it is rejected for its size unless it is alone.
+        n = len(events)
+        max_batch = _max_batch(raw)
+        if max_batch is not None and n > max_batch:
+            # The relay says how many it takes: fewer than --batch-size, a setting of this
+            # run that every batch would break. Stop, and leave the events for --resume.
+            reason = (
+                f"the relay takes at most {max_batch} events per request (its MAX_BATCH) and "
+                f"--batch-size is {self._config.batch_size}: run again with --batch-size "
+                f"{max_batch} or less (or raise the relay's MAX_BATCH) and --resume"
+            )
+            return [dataclasses.replace(refused, stop_run=reason)] * n
+        if n > 1:
+            return None
+        said = f": {refused.message}" if refused.message else ""
+        message = short(f"relay refused this event alone as too large (HTTP 413{said})")
+        return [dataclasses.replace(refused, message=message)]
+
     def _failed(self, kind: ErrorKind, sent: bool, started: float, exc: BaseException) -> Outcome:
         redact = self._redact
         return failure(kind, sent, time.perf_counter() - started, describe(exc, redact), redact)
+
+
+def _max_batch(raw: bytes) -> int | None:
+    """The relay's ``MAX_BATCH`` from a 413's ``limits``, when the answer names it."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    limits = doc.get("limits") if isinstance(doc, dict) else None
+    value = limits.get("max_batch") if isinstance(limits, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return None
 
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:

@@ -498,7 +498,9 @@ class LoadRun:
                     elapsed_s=time.perf_counter() - t0,
                 )
                 stats.record(env)
-                if outcome.status in _AUTH_STATUSES and stats.confirmed == 0:
+                if outcome.stop_run is not None:
+                    self.stop(outcome.stop_run)  # a setting that cannot work (relay/README.md)
+                elif outcome.status in _AUTH_STATUSES and stats.confirmed == 0:
                     # Every request would get the same answer: measuring it is pointless.
                     self.stop(
                         f"credentials rejected (HTTP {outcome.status}: "

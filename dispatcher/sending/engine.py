@@ -415,6 +415,11 @@ class Engine:
                 history.add(outcome)
                 if self._pacer is not None:
                     self._pacer.observe(outcome, stats.in_flight)
+                if outcome.stop_run is not None:
+                    # Every record would get the same answer, and this one is not at fault:
+                    # stopped before its next attempt, for --resume once the setting is fixed.
+                    self.stop(outcome.stop_run)
+                    break
                 if outcome.status == 429:
                     rate_limited += 1
                     stats.rate_limited += 1

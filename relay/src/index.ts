@@ -15,10 +15,17 @@
  *   failed           the binding failed before anything could be delivered
  *   maybe_delivered  the binding failed after the event may have been delivered
  *   in_flight        another request is sending this key right now; ask again later
+ *   key_reused       the key was delivered (or is being sent) with another workflow,
+ *                    instance, type or payload; nothing was sent
+ *   unverifiable     the key was delivered by a relay that kept no fingerprint (before
+ *                    key_reused existed): whether it was this event cannot be told
  *
- * Dedupe: a key whose event was delivered is remembered for DEDUPE_TTL_SECONDS, and a
- * later batch holding it answers ok with "deduped": true without sending it again. The
- * delivered keys live in a Durable Object (SQLite storage), sharded by a hash of the key:
+ * Dedupe: a key whose event was delivered is remembered for DEDUPE_TTL_SECONDS with a
+ * fingerprint of what was sent (SHA-256 over workflow, instance, type and the canonical
+ * JSON of the payload), as Stripe's idempotency keys are. A later batch holding the key
+ * with the same fingerprint answers ok with "deduped": true without sending it again; with
+ * another fingerprint it answers key_reused, never ok. The delivered keys live in a
+ * Durable Object (SQLite storage), sharded by a hash of the key:
  * a Durable Object reads its own writes at once and runs one request at a time, so a
  * retried batch that arrives while the first one is still in flight sees the first one's
  * claim. KV would not do: it is eventually consistent (a write can take 60 s or more to
@@ -71,11 +78,16 @@ export type RelayEvent = {
   type: string;
   payload?: unknown;
   workflow?: string;
+  fp: string; // the event's fingerprint (fingerprint() below), set by the Worker
 };
 
 export type RelayResult =
   | { key: string; ok: true; deduped: boolean }
   | { key: string; ok: false; code: string; message: string };
+
+/** The limits a batch is refused by (413), in the answer, so a client can tell its own
+ * configuration apart from an event that is too large. */
+export type RelayLimits = { max_batch: number; max_body_bytes: number };
 
 // The Workflows API's own rules, checked before the binding sees an event.
 const ID_PATTERN = /^[a-zA-Z0-9_][a-zA-Z0-9-_]*$/;
@@ -106,9 +118,16 @@ function json(status: number, body: unknown): Response {
   });
 }
 
-function fail(status: number, code: number, message: string): Response {
-  return json(status, { success: false, errors: [{ code, message }], messages: [], result: null });
+function fail(status: number, code: number, message: string, extra: Record<string, unknown> = {}): Response {
+  return json(status, { success: false, errors: [{ code, message }], messages: [], result: null, ...extra });
 }
+
+const KEY_REUSED =
+  "idempotency key reused with different parameters: this key was already used for another " +
+  "workflow, instance, event type or payload; nothing was sent (use a new key for a new event)";
+const UNVERIFIABLE =
+  "this key was delivered by an earlier relay that kept no fingerprint of the event, so " +
+  "whether it was this event cannot be told; nothing was sent";
 
 const encoder = new TextEncoder();
 
@@ -154,7 +173,29 @@ function checkEvent(raw: unknown, env: Env): { event?: RelayEvent; error?: Relay
   if (item.payload !== undefined && encoder.encode(JSON.stringify(item.payload)).length > MAX_PAYLOAD_BYTES) {
     return bad(`payload is over ${MAX_PAYLOAD_BYTES} bytes`);
   }
-  return { event: { key, instance_id: id, type, payload: item.payload } };
+  const workflow = typeof item.workflow === "string" ? item.workflow : env.WORKFLOW_NAME;
+  return { event: { key, instance_id: id, type, payload: item.payload, workflow, fp: "" } };
+}
+
+/** JSON with every object's keys sorted (RFC 8785's order: UTF-16 code units), so the same
+ * value has one text whatever the order it was written in. JSON.stringify already writes
+ * numbers and strings as RFC 8785 does. */
+export function canonicalJson(value: unknown): string {
+  if (value === null || typeof value !== "object") return JSON.stringify(value);
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(",")}]`;
+  const obj = value as Record<string, unknown>;
+  const keys = Object.keys(obj).sort();
+  return `{${keys.map((k) => `${JSON.stringify(k)}:${canonicalJson(obj[k])}`).join(",")}}`;
+}
+
+/** What a key's dedupe entry stands for: SHA-256 (hex) of the workflow, the instance, the
+ * type and the payload (absent and null apart). Two sends with one key and one fingerprint
+ * are the same event; anything else is a reused key. */
+export async function fingerprint(event: RelayEvent): Promise<string> {
+  const payload = event.payload === undefined ? null : canonicalJson(event.payload);
+  const text = JSON.stringify([event.workflow ?? "", event.instance_id, event.type, payload]);
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", encoder.encode(text)));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 function shardOf(key: string, shards: number): number {
@@ -176,19 +217,26 @@ export async function handleEvents(request: Request, env: Env): Promise<Response
   if (!(await secretMatches(given, env.RELAY_SECRET))) {
     return fail(401, 10000, "authentication error: wrong or missing relay secret");
   }
+  const maxBatch = intVar(env.MAX_BATCH, DEFAULT_MAX_BATCH, 1, 1000);
+  // Every 413 says which limit and both values: a client splits a batch that is too large
+  // in bytes, and stops on one that holds more events than MAX_BATCH (its own setting).
+  const limits: RelayLimits = { max_batch: maxBatch, max_body_bytes: MAX_BODY_BYTES };
+  const tooLarge = (message: string) => fail(413, 10413, message, { limits });
   const length = Number(request.headers.get("Content-Length") ?? "0");
-  if (length > MAX_BODY_BYTES) return fail(413, 10413, `the batch is over ${MAX_BODY_BYTES} bytes`);
+  if (length > MAX_BODY_BYTES) return tooLarge(`the batch is over ${MAX_BODY_BYTES} bytes`);
   let doc: unknown;
   try {
-    doc = await request.json();
+    // Read whole, then measured: a chunked body has no Content-Length to check first.
+    const bytes = await request.arrayBuffer();
+    if (bytes.byteLength > MAX_BODY_BYTES) return tooLarge(`the batch is over ${MAX_BODY_BYTES} bytes`);
+    doc = JSON.parse(new TextDecoder().decode(bytes));
   } catch {
     return fail(400, 10400, "the body is not JSON");
   }
   const items = (doc as { events?: unknown })?.events;
   if (!Array.isArray(items)) return fail(400, 10400, 'expected {"events": [...]}');
-  const maxBatch = intVar(env.MAX_BATCH, DEFAULT_MAX_BATCH, 1, 1000);
   if (items.length > maxBatch) {
-    return fail(413, 10413, `a batch holds at most ${maxBatch} events, got ${items.length}`);
+    return tooLarge(`a batch holds at most ${maxBatch} events (MAX_BATCH), got ${items.length}`);
   }
 
   const results: RelayResult[] = new Array(items.length);
@@ -205,6 +253,13 @@ export async function handleEvents(request: Request, env: Env): Promise<Response
     if (!group) groups.set(shard, (group = []));
     group.push({ index, event: event! });
   });
+  // Fingerprints are taken here, not in the Durable Object: hashing is async, and the
+  // object takes its claims synchronously (see RelayDedupe.fetch).
+  await Promise.all(
+    [...groups.values()].flat().map(async (g) => {
+      g.event.fp = await fingerprint(g.event);
+    }),
+  );
 
   // One Durable Object call per shard that holds events of this batch; each one sends
   // its events itself, so that claiming, sending and recording a key happen in one place.
@@ -251,10 +306,18 @@ export class RelayDedupe {
     private readonly env: Env,
   ) {
     this.sql = state.storage.sql;
-    // state: 'claimed' while a request sends it, 'delivered' once the binding said yes.
+    // state: 'claimed' while a request sends it, 'delivered' once the binding said yes;
+    // fp: the fingerprint of the event sent under the key.
     this.sql.exec(
-      "CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, state TEXT NOT NULL, at INTEGER NOT NULL)",
+      "CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, state TEXT NOT NULL, at INTEGER NOT NULL, fp TEXT)",
     );
+    // A table made by a relay from before fingerprints has no fp column: add it. Its rows
+    // keep fp NULL, and a delivered one answers unverifiable (see fetch), never ok.
+    try {
+      this.sql.exec("ALTER TABLE keys ADD COLUMN fp TEXT");
+    } catch (err) {
+      if (!/duplicate column/i.test(describe(err))) throw err;
+    }
   }
 
   async fetch(request: Request): Promise<Response> {
@@ -264,21 +327,36 @@ export class RelayDedupe {
     const todo: number[] = [];
     // Claims are taken synchronously, before the first await: no other request can run
     // in this object in between, so two batches never both send one key.
+    const refuse = (i: number, code: string, message: string) => {
+      results[i] = { key: events[i].key, ok: false, code, message };
+    };
     events.forEach((event, i) => {
-      const row = this.sql.exec("SELECT state, at FROM keys WHERE key = ?", event.key).toArray()[0];
-      if (row?.state === "delivered") {
+      const row = this.sql.exec("SELECT state, at, fp FROM keys WHERE key = ?", event.key).toArray()[0];
+      const state = row?.state;
+      const live = state === "delivered" || (state === "claimed" && now - Number(row?.at) < CLAIM_EXPIRY_MS);
+      const fp = row?.fp ?? null;
+      const earlier = todo.find((j) => events[j].key === event.key);
+      if (live && fp === null) {
+        // Sent by a relay that kept no fingerprint: an ok would be a guess, and a new send
+        // a possible duplicate. In flight, it is still only in flight.
+        if (state === "delivered") refuse(i, "unverifiable", UNVERIFIABLE);
+        else refuse(i, "in_flight", "another request is sending this key now");
+      } else if (live && fp !== event.fp) {
+        refuse(i, "key_reused", KEY_REUSED);
+      } else if (state === "delivered") {
         results[i] = { key: event.key, ok: true, deduped: true };
-      } else if (row?.state === "claimed" && now - Number(row.at) < CLAIM_EXPIRY_MS) {
-        results[i] = {
-          key: event.key,
-          ok: false,
-          code: "in_flight",
-          message: "another request is sending this key now",
-        };
-      } else if (todo.some((j) => events[j].key === event.key)) {
-        results[i] = { key: event.key, ok: false, code: "invalid", message: "key repeated in the batch" };
+      } else if (live) {
+        refuse(i, "in_flight", "another request is sending this key now");
+      } else if (earlier !== undefined) {
+        if (events[earlier].fp !== event.fp) refuse(i, "key_reused", KEY_REUSED);
+        else refuse(i, "invalid", "key repeated in the batch");
       } else {
-        this.sql.exec("INSERT OR REPLACE INTO keys (key, state, at) VALUES (?, 'claimed', ?)", event.key, now);
+        this.sql.exec(
+          "INSERT OR REPLACE INTO keys (key, state, at, fp) VALUES (?, 'claimed', ?, ?)",
+          event.key,
+          now,
+          event.fp,
+        );
         todo.push(i);
       }
     });
