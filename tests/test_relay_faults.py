@@ -276,6 +276,18 @@ FAULTS: tuple[Fault, ...] = (
         reply(lambda ev: body([{"key": e["key"], "ok": False, "code": "new_code"} for e in ev])),
         every(U, CONNECTION, None),
     ),
+    Fault(
+        "key_reused_is_rejected_never_confirmed",
+        reply(lambda ev: body([{"key": e["key"], "ok": False, "code": "key_reused"} for e in ev])),
+        every(R, HTTP, 409),
+    ),
+    Fault(
+        "unverifiable_old_key_is_unknown_not_retried",
+        reply(
+            lambda ev: body([{"key": e["key"], "ok": False, "code": "unverifiable"} for e in ev])
+        ),
+        every(U, HTTP, 200),
+    ),
     Fault("timeout", hang, every(U, TIMEOUT, None)),
     Fault(
         "malformed_json",
@@ -641,3 +653,12 @@ async def test_a_413_naming_a_max_batch_below_batch_size_stops_the_run() -> None
     }
     assert fake.delivered == {}
     assert len(fake.batches) == 1
+
+
+@pytest.mark.parametrize("code", ["key_reused", "unverifiable"])
+async def test_key_reused_and_unverifiable_are_not_retried(code: str) -> None:
+    answer_ = reply(lambda ev: body([{"key": e["key"], "ok": False, "code": code} for e in ev]))
+    async with relay(answer_) as fake:
+        envs = await run_engine(transport(fake.url), attempts=3)
+    assert len(fake.batches) == 1
+    assert {e.delivery for e in envs.values()} == {R if code == "key_reused" else U}
