@@ -152,6 +152,12 @@ def _file_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def _only_broken_pipe(exc: BaseExceptionGroup[BaseException]) -> bool:
+    """A task group's error that is a closed stdout and nothing else."""
+    rest = exc.split(BrokenPipeError)[1]
+    return rest is None and exc.subgroup(BrokenPipeError) is not None
+
+
 def _stdout_gone() -> int:
     # Further writes (and the interpreter's last flush) must not raise again.
     try:
@@ -186,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (UserError, BaseExceptionGroup) as exc:
+        if isinstance(exc, BaseExceptionGroup) and _only_broken_pipe(exc):
+            return _stdout_gone()  # `--results - | head` inside a task group
         found = user_error(exc)
         if found is not None:
             print(f"{prog}: error: {found}", file=sys.stderr)
