@@ -1,0 +1,29 @@
+"""`dispatcher send --results - | head -1`: a closed stdout ends the run quietly, exit 141."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import anyio
+from crashkit import env_for, write_input
+
+from dispatcher.emulator import Emulator, EmulatorConfig
+
+
+async def test_send_into_a_closed_pipe_exits_141_without_a_traceback(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", [f"i{k}" for k in range(3000)])
+    send = [sys.executable, "-m", "dispatcher", "send", str(src), "--workflow", "wf"]
+    send += ["--results", "-", "--quiet", "--rate", "unlimited"]
+    shell = f"{shlex.join(send)} | head -1"
+    async with Emulator(EmulatorConfig(limit=None)) as emu:
+        done = await anyio.run_process(
+            ["bash", "-o", "pipefail", "-c", shell], env=env_for(emu), check=False
+        )
+    err = done.stderr.decode()
+    assert "Traceback" not in err
+    assert "ExceptionGroup" not in err
+    assert "BrokenPipe" not in err
+    assert len(done.stdout.decode().splitlines()) == 1
+    assert done.returncode == 141
