@@ -72,6 +72,10 @@ def test_a_range_edited_without_relocking_fails_with_one_line(tmp_path: Path) ->
     assert floor is not None
     pyproject.write_text(text.replace(floor.group(0), f'"orjson>={floor.group(1)},<4"'))
     done = _check_lock(project)
+    if "network was disabled" in done.stderr or "not found in the cache" in done.stderr:
+        # Offline, uv can only re-resolve from what its cache holds; a fresh cache (CI)
+        # holds the wheels of one platform, not the metadata a full re-resolve needs.
+        pytest.skip("the uv cache cannot re-resolve offline: " + done.stderr.splitlines()[-1])
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.splitlines() == [
