@@ -1,11 +1,11 @@
-"""Envelopes built by hand for tests of the results readers and writers."""
+"""Envelopes and events built by hand for tests."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Any
 
-from dispatcher.model import Delivery, Envelope
+from dispatcher.model import Delivery, Envelope, Event, Record
 
 
 def make_envelope(key: str, t0: datetime, **kw: Any) -> Envelope:
@@ -29,3 +29,19 @@ def make_envelope(key: str, t0: datetime, **kw: Any) -> Envelope:
     }
     base.update(kw)
     return Envelope(**base)
+
+
+def make_events(n: int) -> list[Record]:
+    """``n`` valid events ``k0..``, to instances ``i0..`` of workflow ``wf``, body ``{}``."""
+    return [
+        Event(
+            key=f"k{i}",
+            source="t",
+            line=i + 1,
+            workflow="wf",
+            instance_id=f"i{i}",
+            event_type="evt",
+            body=b"{}",
+        )
+        for i in range(n)
+    ]

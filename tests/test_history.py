@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import orjson
 import pytest
+from factories import make_events
 from hostile_server import (
     HTML,
     JSON,
@@ -25,7 +26,7 @@ from hostile_server import (
 )
 
 from dispatcher.emulator import Emulator, EmulatorConfig
-from dispatcher.model import Delivery, ErrorKind, Event, Record
+from dispatcher.model import Delivery, ErrorKind
 from dispatcher.results.envelopes import Seen
 from dispatcher.results.ledger import load_ledger
 from dispatcher.run import runner
@@ -51,21 +52,6 @@ def settings(url: str, results: Path, inputs: tuple[str, ...] = (), **kw: Any) -
     }
     base.update(kw)
     return SendSettings(**base)
-
-
-def records(n: int) -> list[Record]:
-    return [
-        Event(
-            key=f"k{i}",
-            source="t",
-            line=i + 1,
-            workflow="wf",
-            instance_id=f"i{i}",
-            event_type="evt",
-            body=b"{}",
-        )
-        for i in range(n)
-    ]
 
 
 def scripted(*steps: str) -> Case:
@@ -96,7 +82,7 @@ async def test_a_timeout_then_refused_connections_is_unknown(client: str, tmp_pa
     # The first POST arrived and timed out; the retries were refused. It may have arrived.
     async with serve(scripted("hang+close")) as server:
         s = settings(server.url, tmp_path / "r.jsonl", http_client=client, timeout=0.5)
-        got = [env async for env in runner.dispatch(records(1), s, policy=FAST)]
+        got = [env async for env in runner.dispatch(make_events(1), s, policy=FAST)]
     (env,) = got
     assert (env.ok, env.delivery, env.attempts) == (False, Delivery.UNKNOWN, 3)
     assert env.statuses == {"timeout": 1, "connect": 2}
@@ -107,7 +93,7 @@ async def test_a_timeout_then_refused_connections_is_unknown(client: str, tmp_pa
 async def test_statuses_count_every_attempt(tmp_path: Path) -> None:
     async with serve(scripted("503", "503", "200")) as server:
         s = settings(server.url, tmp_path / "r.jsonl")
-        (env,) = [env async for env in runner.dispatch(records(1), s, policy=FAST)]
+        (env,) = [env async for env in runner.dispatch(make_events(1), s, policy=FAST)]
     assert (env.ok, env.delivery, env.attempts) == (True, Delivery.CONFIRMED, 3)
     assert env.statuses == {"503": 2, "200": 1}
 
@@ -116,7 +102,7 @@ async def test_started_at_is_when_the_first_request_left(tmp_path: Path) -> None
     # Five records at 10/s: picked up together, sent ~100 ms apart; the gate is waited_ms.
     async with Emulator(EmulatorConfig(tokens=(SECRET,), limit=None)) as emu:
         s = settings(emu.base_url, tmp_path / "r.jsonl", rate=parse_rate("10/s"))
-        got = [env async for env in runner.dispatch(records(5), s)]
+        got = [env async for env in runner.dispatch(make_events(5), s)]
     starts = sorted(e.started_at for e in got if e.started_at is not None)
     assert len(starts) == 5
     got.sort(key=lambda e: e.waited_ms)
@@ -175,7 +161,7 @@ async def test_cancelling_dispatch_keeps_the_envelopes_of_records_between_retrie
     async with serve(scripted("503")) as server:
         s = settings(server.url, tmp_path / "r.jsonl")
         got = []
-        stream = runner.dispatch(records(4), s, policy=SLOW)
+        stream = runner.dispatch(make_events(4), s, policy=SLOW)
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
 
@@ -200,7 +186,7 @@ async def test_cancelling_dispatch_keeps_the_envelopes_of_records_between_retrie
 async def test_stopping_dispatch_gracefully_yields_stopped_envelopes(tmp_path: Path) -> None:
     async with serve(scripted("503")) as server:
         s = settings(server.url, tmp_path / "r.jsonl")
-        async with runner.dispatch(records(3), s, policy=SLOW) as stream:
+        async with runner.dispatch(make_events(3), s, policy=SLOW) as stream:
 
             async def stop_soon() -> None:
                 while stream.stats.attempts < 3:  # noqa: ASYNC110

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import anyio
 import pytest
+from factories import make_events
 from hostile_server import JSON, Case, answer, serve
 from test_hostile import CLIENTS, config
 
-from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Record
+from dispatcher.model import Delivery, Envelope, ErrorKind, Record
 from dispatcher.results.envelopes import Seen
 from dispatcher.sending.engine import Engine
 from dispatcher.sending.gate import RateGate
@@ -39,21 +40,6 @@ def storm(retry_after: str, status: str = "429 Too Many Requests") -> Case:
     return Case(f"storm_{retry_after}", act, Seen.ERROR, ErrorKind.HTTP)
 
 
-def events(n: int) -> list[Record]:
-    return [
-        Event(
-            key=f"k{i}",
-            source="t",
-            line=i + 1,
-            workflow="wf",
-            instance_id=f"i{i}",
-            event_type="evt",
-            body=b"{}",
-        )
-        for i in range(n)
-    ]
-
-
 async def storm_run(case: Case, client: str) -> tuple[int, list[Envelope], float]:
     """Requests the server got in RUN_S seconds, the envelopes, and the gate's pauses."""
     async with serve(case) as server:
@@ -68,7 +54,7 @@ async def storm_run(case: Case, client: str) -> tuple[int, list[Envelope], float
         )
 
         async def batches() -> AsyncIterator[list[Record]]:
-            yield events(200)
+            yield make_events(200)
 
         send, receive = anyio.create_memory_object_stream[Envelope](1000)
         got: list[Envelope] = []
