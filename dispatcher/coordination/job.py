@@ -30,20 +30,33 @@ hosts that envelope is written twice, identically.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar
 
 import orjson
+from redis.exceptions import ResponseError
 
 from dispatcher.coordination.connection import Link
 
-__all__ = ["HEARTBEAT_S", "Job", "JobKeys", "Shard", "heartbeat_timeout"]
+__all__ = [
+    "HEARTBEAT_S",
+    "Job",
+    "JobKeys",
+    "JobMismatch",
+    "JobStateLost",
+    "Shard",
+    "heartbeat_timeout",
+]
+
+_T = TypeVar("_T")
 
 GROUP: Final = "workers"
 HEARTBEAT_S: Final = 1.0
@@ -53,10 +66,19 @@ _EXPIRE_S: Final = 7 * 86400
 
 PENDING: Final = b"p:"  # a claim's value until its envelope is written: p:<tag>\n<envelope>
 
+# Every script that changes a job first checks its epoch (set once, when the job is
+# created): a Redis that restarted empty, was flushed or lost the job's keys has none, and
+# the call changes nothing. SETTLE also counts each worker's calls in ``gen:<tag>``: the
+# worker keeps the count too, so a Redis restored from an older snapshot (which forgets
+# some of its claims) answers with a count it has already seen.
+LOST: Final = -1
+
 SETTLE: Final = """
+if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[3] then return {-1} end
 local worker = ARGV[1]
 local prefix = 'p:' .. worker .. '\\n'
-local i = 3
+local gen = redis.call('HINCRBY', KEYS[2], 'gen:' .. worker, 1)
+local i = 4
 local n = tonumber(ARGV[i]); i = i + 1
 for j = 1, n do
   local v = redis.call('HGET', KEYS[1], ARGV[i])
@@ -69,7 +91,7 @@ for j = 1, n do
   acked = acked + redis.call('XACK', KEYS[3], ARGV[2], ARGV[i]); i = i + 1
 end
 if acked > 0 then redis.call('HINCRBY', KEYS[2], 'acked', acked) end
-local won, out = 0, {}
+local won, out = 0, {gen}
 while i < #ARGV do
   local r = redis.call('HSETNX', KEYS[1], ARGV[i], prefix .. ARGV[i + 1])
   won = won + r
@@ -86,9 +108,10 @@ return out
 """
 
 ADOPT: Final = """
+if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[2] then return {-1} end
 local mine = 'p:' .. ARGV[1] .. '\\n'
 local out = {}
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   local v = redis.call('HGET', KEYS[1], ARGV[i])
   local theirs = 'p:' .. ARGV[i + 1] .. '\\n'
   if v and string.sub(v, 1, #theirs) == theirs then
@@ -105,15 +128,65 @@ return out
 """
 
 PUBLISH: Final = """
+if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[2] then return -1 end
 if tonumber(redis.call('HGET', KEYS[2], 'published') or '0') ~= tonumber(ARGV[1]) then
   return 0
 end
 local fields = {}
-for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[1], '*', unpack(fields))
 redis.call('HSET', KEYS[2], 'published', tonumber(ARGV[1]) + 1)
 return 1
 """
+
+CREATE: Final = """
+local fp = redis.call('HGET', KEYS[2], 'fingerprint')
+if fp then
+  if fp ~= ARGV[1] then
+    local inputs = redis.call('HGET', KEYS[2], 'inputs') or ''
+    return {'other', inputs, redis.call('HGET', KEYS[2], 'created') or ''}
+  end
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {'lost', '', ''} end
+  local joined = redis.call('HINCRBY', KEYS[2], 'joined', 1)
+  return {'joined', redis.call('HGET', KEYS[2], 'epoch') or '', tostring(joined)}
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local inputs = redis.call('HGET', KEYS[2], 'inputs') or 'an older dispatcher'
+  return {'other', inputs, redis.call('HGET', KEYS[2], 'created') or ''}
+end
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
+  return {'lost', '', ''}  -- part of a job whose meta is gone
+end
+redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[6], '0', 'MKSTREAM')
+redis.call('HSET', KEYS[2], 'fingerprint', ARGV[1], 'epoch', ARGV[2], 'created', ARGV[3],
+  'account', ARGV[4], 'inputs', ARGV[5], 'joined', 1)
+return {'created', ARGV[2], '1'}
+"""
+
+SEAL: Final = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], 'shards', ARGV[2], 'records', ARGV[3])
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+return 1
+"""
+
+SEED: Final = """
+if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[1] then return -1 end
+local won = 0
+for i = 3, #ARGV do won = won + redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[2]) end
+if won > 0 then redis.call('HINCRBY', KEYS[2], 'final', won) end
+return won
+"""
+
+
+class JobStateLost(Exception):
+    """Redis no longer holds this job as this process knew it: it restarted empty, was
+    flushed, lost the job's keys, or was restored from an older snapshot. Nothing more may
+    be claimed or sent: the claims that would stop a second delivery may be gone."""
+
+
+class JobMismatch(Exception):
+    """The job's name is bound to another input or other options."""
 
 
 def heartbeat_timeout() -> float:
@@ -152,6 +225,14 @@ class Shard:
     reclaimed: bool
 
 
+def _created_for(inputs: str, created: str) -> str:
+    when = ""
+    with contextlib.suppress(ValueError):
+        stamp = datetime.fromtimestamp(float(created), UTC)
+        when = f", created {stamp:%Y-%m-%d %H:%M}Z"
+    return f"is bound to another input or other options ({inputs or 'unknown'}{when})"
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -180,27 +261,45 @@ class Job:
         self._settle = client.register_script(SETTLE)
         self._adopt = client.register_script(ADOPT)
         self._publish = client.register_script(PUBLISH)
+        self._create = client.register_script(CREATE)
+        self._seal = client.register_script(SEAL)
+        self._seed = client.register_script(SEED)
         self.planning = False
+        self.epoch = ""  # the job's, learnt when joining it (see create)
+        self.gen = 0  # this process's settle calls as Redis last counted them
 
-    async def create(self, account_id: str = "") -> bool:
-        """Create the job's Stream and group; ``False`` if another process already did."""
+    async def create(
+        self, account_id: str = "", *, fingerprint: str = "", inputs: str = ""
+    ) -> bool:
+        """Join the job, creating its Stream and group if it is new; ``False`` if another
+        process had created it.
 
-        async def op() -> bool:
-            client = self.link.client
-            try:
-                await client.xgroup_create(self.keys.shards, GROUP, id="0", mkstream=True)
-            except Exception as exc:  # redis.ResponseError: BUSYGROUP
-                if "BUSYGROUP" in str(exc):
-                    return False
-                raise
-            meta: dict[Any, Any] = {"created": str(time.time()), "account": account_id}
-            await client.hset(self.keys.meta, mapping=meta)
-            return True
+        The job's name is bound to ``fingerprint`` (its inputs and options) when it is
+        created: :class:`JobMismatch` if it was created for another, :class:`JobStateLost`
+        if only part of it is left in Redis."""
+        keys = [self.keys.shards, self.keys.meta, self.keys.final]
+        args: list[Any] = [
+            fingerprint,
+            uuid.uuid4().hex,
+            str(time.time()),
+            account_id,
+            inputs,
+            GROUP,
+        ]
+        got = await self.link.call(lambda: self._create(keys=keys, args=args))
+        status, detail, extra = (_text(v) for v in got)
+        if status == "other":
+            raise JobMismatch(_created_for(detail, extra))
+        if status == "lost":
+            raise JobStateLost(f"part of job {self.name}'s state is missing from Redis")
+        self.epoch = detail
+        self.tag = f"{int(extra):x}"
+        return status == "created"
 
-        created = await self.link.call(op)
-        joined = await self.link.call(lambda: self.link.client.hincrby(self.keys.meta, "joined", 1))
-        self.tag = f"{int(joined):x}"
-        return created
+    async def generation(self, tag: str) -> int:
+        """How many settle calls Redis counts for the worker ``tag`` of this job."""
+        value = await self.link.call(lambda: self.link.client.hget(self.keys.meta, f"gen:{tag}"))
+        return int(value or 0)
 
     async def become_planner(self) -> bool:
         """Take the job's planner lock: cutting the input into shards is one process's
@@ -224,24 +323,45 @@ class Job:
 
     async def publish(self, index: int, fields: Mapping[str, str]) -> None:
         """Shard number ``index``; added once only, whoever publishes it."""
-        flat: list[Any] = [index]
+        flat: list[Any] = [index, self.epoch]
         for key, value in fields.items():
             flat += [key, value]
         keys = [self.keys.shards, self.keys.meta]
-        await self.link.call(lambda: self._publish(keys=keys, args=flat))
+        if await self.link.call(lambda: self._publish(keys=keys, args=flat)) == LOST:
+            raise self._lost()
 
     async def seal(self, shards: int, records: int) -> None:
         """Every shard is in the Stream: from now on the job can be done."""
-        client = self.link.client
+        keys = [self.keys.meta, self.keys.shards, self.keys.final]
+        args: list[Any] = [self.epoch, shards, records, _EXPIRE_S]
+        if await self.link.call(lambda: self._seal(keys=keys, args=args)) == LOST:
+            raise self._lost()
 
-        async def op() -> None:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.hset(self.keys.meta, mapping={"shards": shards, "records": records})
-                for key in (self.keys.shards, self.keys.final, self.keys.meta):
-                    pipe.expire(key, _EXPIRE_S)
-                await pipe.execute()
+    async def seed(self, keys: Sequence[str]) -> int:
+        """Claim ``keys`` as final and written (their envelopes are in a results file
+        already): how many had no claim. For a job whose Redis state was lost."""
+        args: list[Any] = [self.epoch, self.tag, *keys]
+        won = await self.link.call(
+            lambda: self._seed(keys=[self.keys.final, self.keys.meta], args=args)
+        )
+        if won == LOST:
+            raise self._lost()
+        return int(won)
 
-        await self.link.call(op)
+    def _lost(self) -> JobStateLost:
+        return JobStateLost(
+            f"Redis no longer holds job {self.name}'s state (restarted empty, flushed or "
+            "restored from an older snapshot)"
+        )
+
+    async def _guarded(self, op: Callable[[], Awaitable[_T]]) -> _T:
+        """``op`` through the link; a Stream or group that vanished is a lost job."""
+        try:
+            return await self.link.call(op)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc) or "no such key" in str(exc):
+                raise self._lost() from None
+            raise
 
     async def take(self, block_ms: int = 500) -> Shard | None:
         """The next shard for this process: a new one, or one whose holder died."""
@@ -253,7 +373,7 @@ class Job:
                 GROUP, self.worker, {keys.shards: ">"}, count=1, block=block_ms
             )
 
-        got = await self.link.call(read)
+        got = await self._guarded(read)
         if got:
             # [[stream, [(id, fields)]]] (RESP2) or {stream: [[(id, fields)]]} (RESP3)
             entries: Any = got[0][1] if isinstance(got, list) else next(iter(got.values()))[0]  # type: ignore[attr-defined]
@@ -266,7 +386,7 @@ class Job:
                 keys.shards, GROUP, self.worker, int(self.timeout * 1000), "0-0", count=1
             )
 
-        claimed = await self.link.call(reclaim)
+        claimed = await self._guarded(reclaim)
         entries = claimed[1] if isinstance(claimed, list | tuple) else []
         for sid, fields in entries:
             if fields:  # a deleted entry comes back without fields
@@ -310,11 +430,16 @@ class Job:
         pending under this process's name is its own, won."""
         if not (written or acks or claims):
             return []
-        args: list[Any] = [self.tag, GROUP, len(written), *written, len(acks), *acks]
+        args: list[Any] = [self.tag, GROUP, self.epoch, len(written), *written, len(acks), *acks]
         for key, envelope in claims:
             args += [key, envelope]
         keys = [self.keys.final, self.keys.meta, self.keys.shards]
-        won = await self.link.call(lambda: self._settle(keys=keys, args=args))
+        got = await self.link.call(lambda: self._settle(keys=keys, args=args))
+        gen, won = int(got[0]), got[1:]
+        # A retried call (its answer lost) counts twice: more than one step is fine.
+        if gen == LOST or gen <= self.gen:
+            raise self._lost()
+        self.gen = gen
         for shard in acks:
             self.held.discard(shard)
         return [bool(w) for w in won]
@@ -324,10 +449,13 @@ class Job:
         this process must now write, by key (a claim that changed meanwhile is not taken)."""
         if not claims:
             return {}
-        args: list[Any] = [self.tag]
+        args: list[Any] = [self.tag, self.epoch]
         for key, worker in claims.items():
             args += [key, worker]
-        got = await self.link.call(lambda: self._adopt(keys=[self.keys.final], args=args))
+        keys = [self.keys.final, self.keys.meta]
+        got = await self.link.call(lambda: self._adopt(keys=keys, args=args))
+        if got and got[0] == LOST:
+            raise self._lost()
         return {key: env for key, env in zip(claims, got, strict=True) if env}
 
     async def done(self) -> bool:
@@ -366,7 +494,7 @@ class Job:
                 pipe.hset(self.keys.workers, self.worker, beat)
                 if self.planning:
                     pipe.delete(self.keys.planner)
-                await pipe.execute()
+                await pipe.execute(raise_on_error=False)
 
         await self.link.call(op)
         self.held.clear()
@@ -386,7 +514,7 @@ class Job:
             }
         )
 
-        async def op() -> None:
+        async def op() -> list[Any]:
             async with client.pipeline(transaction=False) as pipe:
                 if held:
                     pipe.xclaim(self.keys.shards, GROUP, self.worker, 0, held, justid=True)
@@ -394,6 +522,12 @@ class Job:
                 if self.planning:
                     pipe.pexpire(self.keys.planner, int(self.timeout * 1000))
                 pipe.expire(self.keys.workers, _EXPIRE_S)
-                await pipe.execute()
+                pipe.hget(self.keys.meta, "epoch")
+                return list(await pipe.execute(raise_on_error=False))
 
-        await self.link.call(op)
+        replies = await self.link.call(op)
+        failed = [r for r in replies if isinstance(r, Exception)]
+        if replies[-1] != self.epoch.encode() or any("NOGROUP" in str(r) for r in failed):
+            raise self._lost()
+        if failed:
+            raise failed[0]

@@ -120,6 +120,14 @@ class Journal:
             raise ResultsWriteError(self._results, exc) from exc
 
     @property
+    def path(self) -> str:
+        return self._path
+
+    def in_flight(self) -> list[str]:
+        """The keys of the records journaled whose envelope is not durable yet."""
+        return list(self._entries)
+
+    @property
     def pending(self) -> int:
         """Records journaled whose envelope is not durable yet."""
         return len(self._entries)

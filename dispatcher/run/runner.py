@@ -600,7 +600,9 @@ def prepare_results(settings: SendSettings, stats: RunStats) -> tuple[Sink, dict
         # the torn last line first, or the next envelope would be glued to it.
         repair_jsonl_tail(path)
     if not settings.resume:
-        remove_journals(path, stats.warnings)  # --overwrite (or no results): stale journals
+        if settings.job is None or settings.overwrite:
+            remove_journals(path, stats.warnings)  # --overwrite (or no results): stale journals
+        # A job's are settled in Redis once it has joined (dispatcher.run.shared).
         return open_sink(path, truncate=settings.overwrite), {}
     if not is_sqlite_path(path):
         repair_jsonl_tail(path)
@@ -633,7 +635,8 @@ async def open_results(
         except BaseException:
             await sink.aclose()
             raise
-        remove_journals(settings.results, stats.warnings)
+        if settings.job is None or settings.overwrite:
+            remove_journals(settings.results, stats.warnings)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -741,14 +744,34 @@ async def _run_locked(
     shard: tuple[int, int] | None,
     shard_acks: Callable[[Journal], Coroutine[Any, Any, None]] | None,
 ) -> RunStats:
+    coordination = contextlib.AsyncExitStack()
+    shared: Coordinated | None = None
     try:
+        if settings.redis_url is not None:
+            # Imported here: redis-py is an extra (cf-workflows-dispatcher[redis]), needed
+            # only with --redis.
+            try:
+                from dispatcher.run.shared import coordinated
+            except ImportError as exc:
+                raise ConfigError(
+                    "--redis", "needs redis-py: pip install 'cf-workflows-dispatcher[redis]'"
+                ) from exc
+            shared = await coordination.enter_async_context(
+                coordinated(settings, stats, read_options(settings))
+            )
+            if shared.job is not None and jpath is not None:
+                # One per run of a job's process: another process that finds this one
+                # dead reads what it had in flight there (see Coordinated._dead_in_doubt).
+                jpath = shared.journal_path(jpath)
         journal = (
             Journal(jpath, results=settings.results, limit=in_doubt_limit(settings, shard))
             if jpath is not None
             else None
         )
     except BaseException:
-        await out.aclose()
+        with anyio.CancelScope(shield=True):
+            await coordination.aclose()
+            await out.aclose()
         raise
     own_transport = transport is None
     tx: Transport = transport_for(settings) if transport is None else transport
@@ -757,21 +780,8 @@ async def _run_locked(
         if settings.rate == "auto"
         else None
     )
-    coordination = contextlib.AsyncExitStack()
-    shared: Coordinated | None = None
     gate: RateGate | SharedGate
-    if settings.redis_url is not None:
-        # Imported here: redis-py is an extra (cf-workflows-dispatcher[redis]), needed only
-        # with --redis.
-        try:
-            from dispatcher.run.shared import coordinated
-        except ImportError as exc:
-            raise ConfigError(
-                "--redis", "needs redis-py: pip install 'cf-workflows-dispatcher[redis]'"
-            ) from exc
-        shared = await coordination.enter_async_context(
-            coordinated(settings, stats, read_options(settings))
-        )
+    if shared is not None:
         gate, pacer = shared.gate, shared.pacer
     else:
         gate, pacer = gate_for(
@@ -798,6 +808,8 @@ async def _run_locked(
 
     # A shard's sink is a pipe to its parent: durable only once the parent says so.
     commit = GroupCommit(out, journal, durable_on_flush=shard is None, on_error=write_failed)
+    if shared is not None:
+        shared.stop_run = engine.stop
     if engine_hook is not None:
         engine_hook(engine)
     send, receive = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from typing import Final
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any, Final
 
 import anyio
 import anyio.abc
@@ -35,6 +37,8 @@ from dispatcher.coordination.job import (
     PENDING,
     TIMEOUT_ENV,
     Job,
+    JobMismatch,
+    JobStateLost,
     Shard,
     heartbeat_timeout,
 )
@@ -47,9 +51,16 @@ from dispatcher.inputs.records import (
     read_line_range,
 )
 from dispatcher.model import Delivery, Envelope, ErrorKind, Record
+from dispatcher.results import envelopes as make_envelope
 from dispatcher.results.errors import ResultsWriteError
-from dispatcher.results.journal import Journal
-from dispatcher.results.ledger import envelope_from_json
+from dispatcher.results.journal import (
+    Journal,
+    Started,
+    iter_paths,
+    read_crashed,
+    remove_settled,
+)
+from dispatcher.results.ledger import envelope_from_json, finished_times, load_ledger
 from dispatcher.results.sinks import JsonlSink, Sink, encode
 from dispatcher.run.settings import ConfigError, Rate, SendSettings
 from dispatcher.sending.gate import default_burst
@@ -145,6 +156,63 @@ class Coordinated:
         self._owed: tuple[list[str], list[str]] = ([], [])
         self.adopted = 0  # envelopes of dead workers' pending claims written here
         self.left = 0  # stopped records left unclaimed for another process
+        # Set by the runner: stops the engine (no new record starts; in flight ones finish).
+        self.stop_run: Callable[[str], None] | None = None
+        self.lost: str | None = None  # why Redis's state of the job cannot be trusted
+        self.in_doubt = 0  # `unknown` envelopes for records a dead process may have sent
+        self.reseeded = 0  # settled records claimed again after Redis lost the job
+        self.fingerprint = ""
+        self.prior: dict[str, Any] | None = None  # the job file an earlier run left here
+        self.recovering = ""  # why this run claims its results again (Redis lost them)
+        self._recovered = False
+        self._journal: Journal | None = None
+        self._ready = anyio.Event()  # set once earlier runs' records in doubt are claimed
+        self._peers: dict[str, str] = {}  # same-host workers' results files, by tag
+        self._sidecar = self._results_path + JOB_FILE
+
+    def journal_path(self, base: str) -> str:
+        """This run's journal: ``<results>.inflight.<n>``, n its number in the job."""
+        assert self.job is not None
+        return f"{base}.{int(self.job.tag, 16)}"
+
+    async def join(self) -> None:
+        """Join (or create) the job, bound to this input; find out whether Redis lost
+        what an earlier run of these results saw of it."""
+        job = self.job
+        assert job is not None
+        settings = self.settings
+        self.fingerprint, described = await anyio.to_thread.run_sync(job_fingerprint, settings)
+        try:
+            await job.create(
+                settings.account_id or settings.base_url,
+                fingerprint=self.fingerprint,
+                inputs=described,
+            )
+        except JobMismatch as exc:
+            raise ConfigError(
+                "--job", f"{job.name} {exc}: give this input its own --job name"
+            ) from None
+        except JobStateLost as exc:
+            raise ConfigError(
+                "--job", f"{exc}; the results files are the record: rerun under a new --job name"
+            ) from None
+        prior = None if settings.overwrite else _read_job_file(self._sidecar)
+        if (
+            prior is None
+            or prior.get("job") != job.name
+            or prior.get("fingerprint") != self.fingerprint
+        ):
+            return
+        self.prior = prior
+        if prior.get("lost"):
+            self.recovering = "an earlier run found that Redis had lost the job's state"
+        elif prior.get("epoch") != job.epoch:
+            self.recovering = "Redis holds a new job of that name (the old one was lost or expired)"
+        elif await job.generation(str(prior.get("tag"))) < int(prior.get("gen") or 0):
+            self.recovering = (
+                "Redis holds an older state of the job than this process saw "
+                "(restored from a snapshot)"
+            )
 
     def _state(self, state: str) -> None:
         self.stats.coordination = None if state == "connected" else state
@@ -192,17 +260,20 @@ class Coordinated:
         assert self.job is not None
         job = self.job
         plan = self._plan()
-        done = await job.published()  # a planner that died left off here
-        shards = records = 0
-        while True:
-            shard = await anyio.to_thread.run_sync(next, plan, None)
-            if shard is None:
-                break
-            if shards >= done:
-                await job.publish(shards, shard)
-            shards += 1
-            records += int(shard["records"])
-        await job.seal(shards, records)
+        try:
+            done = await job.published()  # a planner that died left off here
+            shards = records = 0
+            while True:
+                shard = await anyio.to_thread.run_sync(next, plan, None)
+                if shard is None:
+                    break
+                if shards >= done:
+                    await job.publish(shards, shard)
+                shards += 1
+                records += int(shard["records"])
+            await job.seal(shards, records)
+        except JobStateLost as exc:
+            self.lose(exc)
         job.planning = False
 
     def _read(self, shard: Shard) -> list[Record]:
@@ -235,7 +306,15 @@ class Coordinated:
         """Records of the shards this process takes, until every shard of the job is done."""
         job = self.job
         assert job is not None
-        while True:
+        await self._ready.wait()
+        try:
+            async for batch in self._shards(job):
+                yield batch
+        except JobStateLost as exc:
+            self.lose(exc)
+
+    async def _shards(self, job: Job) -> AsyncGenerator[list[Record], None]:
+        while self.lost is None:
             shard = await job.take()
             if shard is None:
                 if await job.done():
@@ -254,6 +333,10 @@ class Coordinated:
             if pending:
                 await self._recover(pending, taken_over=shard.reclaimed)
             todo = [r for r in records if r.key not in final]
+            if todo and shard.reclaimed:
+                # Its holder died: what its journal says it had in flight is in doubt.
+                settled = await self._claim_in_doubt(await self._dead_in_doubt(todo))
+                todo = [r for r in todo if r.key not in settled]
             if not todo:
                 await job.settle(acks=[shard.id])
                 continue
@@ -305,11 +388,135 @@ class Coordinated:
         self.adopted += sum(1 for key in envelopes if key not in on_file)
         await job.settle(written=list(envelopes))
 
+    async def _dead_in_doubt(self, todo: list[Record]) -> list[Envelope]:
+        """``unknown`` envelopes for the records of ``todo`` that a dead worker may have
+        sent: in its journal (same host), or in flight at its last heartbeat."""
+        job = self.job
+        assert job is not None
+        wanted = {r.key: r for r in todo}
+        now = time.time()
+        doubt: set[str] = set()
+        for beat in (await job.workers()).values():
+            if beat.get("tag") == job.tag:
+                continue
+            if not beat.get("gone") and now - float(beat.get("seen", 0)) <= job.timeout:
+                continue  # alive: what it has in flight is its own to settle
+            doubt.update(k for k in beat.get("inflight") or () if k in wanted)
+            journal, results = beat.get("journal"), beat.get("results")
+            same_host = beat.get("host") == job.host
+            if same_host and isinstance(journal, str) and isinstance(results, str):
+                found = await anyio.to_thread.run_sync(_journaled, [journal], results)
+                doubt.update(k for k in found if k in wanted)
+        stamp = datetime.now(UTC)
+        return [make_envelope.for_crashed(wanted[k], stamp) for k in doubt]
+
+    async def _claim_in_doubt(self, envs: list[Envelope]) -> set[str]:
+        """Claim and write ``unknown`` envelopes; the keys now final (ours or another's)."""
+        job = self.job
+        assert job is not None
+        if not envs:
+            return set()
+        lines = {env.key: encode(env) for env in envs}
+        won = await job.settle(claims=list(lines.items()))
+        mine = [key for key, w in zip(lines, won, strict=True) if w]
+        data = b"".join(lines[key] for key in mine)
+        if data:
+            self._write(data)
+            await self._sync(None)
+            await job.settle(written=mine)
+        self.in_doubt += len(mine)
+        self.stats.crashed_unknown += len(mine)
+        return set(lines)
+
+    async def _startup(self) -> None:
+        """Before this process takes a shard: claim again what the results files hold if
+        Redis lost the job, then settle what earlier runs of these results left in doubt."""
+        job = self.job
+        assert job is not None
+        if self.recovering:
+            await self._reseed()
+        own = self._journal.path if self._journal is not None else None
+        journals = [p for p in iter_paths(self.settings.results) if p != own]
+        if journals:
+            envs = await anyio.to_thread.run_sync(
+                _crashed_envelopes, journals, self.settings.results
+            )
+            await self._claim_in_doubt(envs)
+            for path in journals:
+                warning = remove_settled(path)
+                if warning is not None:
+                    self.stats.warnings.append(warning)
+        self._save()
+
+    async def _reseed(self) -> None:
+        job = self.job
+        assert job is not None
+        prior = self.prior or {}
+        paths = {self._results_path}
+        peers = prior.get("peers")
+        if isinstance(peers, dict):
+            paths |= {p for p in peers.values() if isinstance(p, str)}  # absolute
+        keys: list[str] = []
+        for path in sorted(paths):
+            keys += await anyio.to_thread.run_sync(_settled_keys, path)
+        for start in range(0, len(keys), 1000):
+            self.reseeded += await job.seed(keys[start : start + 1000])
+        self._recovered = True
+        self.stats.warnings.append(
+            f"job {job.name}: {self.recovering}; {len(keys):,} records settled in "
+            f"{len(paths)} results file(s) on this host were claimed again before sending"
+        )
+
+    def lose(self, exc: JobStateLost) -> None:
+        """Redis lost the job: stop sending; envelopes from now on go to the file alone."""
+        if self.lost is not None:
+            return
+        self.lost = str(exc)
+        self._save()
+        if self.stop_run is not None:
+            self.stop_run(
+                f"{exc}: stopped sending, every envelope is in the results; start the same "
+                "command again (on every host): it claims what the results hold first"
+            )
+
+    def _save(self) -> None:
+        """This process's view of the job, beside its results, for its next run."""
+        job = self.job
+        if job is None or not job.epoch:
+            return
+        state = {
+            "job": job.name,
+            "fingerprint": self.fingerprint,
+            "epoch": job.epoch,
+            "tag": job.tag,
+            "gen": job.gen,
+            # Still owed: the claims a recovery makes (a crash in the middle starts it again).
+            "lost": self.lost is not None or (bool(self.recovering) and not self._recovered),
+            "peers": {**((self.prior or {}).get("peers") or {}), **self._peers},
+        }
+        with contextlib.suppress(OSError):
+            tmp = self._sidecar + ".tmp"
+            with open(tmp, "wb") as file:
+                file.write(orjson.dumps(state))
+            os.replace(tmp, self._sidecar)
+
     async def _heartbeat(self) -> None:
         assert self.job is not None
-        while True:
-            await self.job.heartbeat(self._beat())
-            await anyio.sleep(HEARTBEAT_S)
+        beats = 0
+        try:
+            while True:
+                await self.job.heartbeat(self._beat())
+                if beats % 5 == 0:
+                    for beat in (await self.job.workers()).values():
+                        if beat.get("host") == self.job.host and isinstance(
+                            beat.get("results"), str
+                        ):
+                            self._peers[str(beat.get("tag"))] = beat["results"]
+                self._save()
+                beats += 1
+                await anyio.sleep(HEARTBEAT_S)
+        except JobStateLost as exc:
+            self.lose(exc)
 
     def _beat(self) -> dict[str, object]:
         stats = self.stats
@@ -320,6 +527,8 @@ class Coordinated:
             "in_flight": stats.in_flight,
             "elapsed": stats.elapsed(),
             "results": self._results_path,
+            "journal": None if self._journal is None else self._journal.path,
+            "inflight": [] if self._journal is None else self._journal.in_flight(),
             "trips": self.link.trips,
             "adopted": self.adopted,
             "left": self.left,
@@ -367,7 +576,13 @@ class Coordinated:
             else None
         )
         self._owed = ([], [])  # (written, finished shards): for the next call to say
+        self._journal = journal
         try:
+            try:
+                await self._startup()
+            except JobStateLost as exc:
+                self.lose(exc)
+            self._ready.set()
             ended = False
             while not ended:
                 batch: list[Envelope] = []
@@ -448,7 +663,25 @@ class Coordinated:
         lines: dict[str, bytes] = {}
         for env in final:
             lines.setdefault(env.key, encode(env))
-        won = dict(zip(lines, await job.settle(owed[0], owed[1], list(lines.items())), strict=True))
+        won: dict[str, bool] = dict.fromkeys(lines, True)
+        if self.lost is None:
+            try:
+                claimed = await job.settle(owed[0], owed[1], list(lines.items()))
+                won = dict(zip(lines, claimed, strict=True))
+            except JobStateLost as exc:
+                self.lose(exc)
+        if self.lost is not None:
+            # Redis's claims cannot be trusted: every envelope goes to this file, where
+            # the next run finds it (and claims it again) before it sends anything.
+            if lines and self._broken is None:
+                try:
+                    self._write(b"".join(lines.values()))
+                except ResultsWriteError as exc:
+                    self._failed(exc)
+            if journal is not None and self._broken is None:
+                for env in final:
+                    journal.written(env.key)
+            return [], []
         data = b"".join(line for key, line in lines.items() if won[key])
         if data and self._broken is None:
             try:
@@ -517,6 +750,86 @@ def _is_final(env: Envelope) -> bool:
     )
 
 
+JOB_FILE: Final = ".job"  # beside the results: this process's view of its job
+
+
+def job_fingerprint(settings: SendSettings) -> tuple[str, str]:
+    """What a job's name is bound to: a SHA-256 of every input's bytes and of the options
+    that make records of them; and a few words for a message (names and sizes)."""
+    digest = hashlib.sha256()
+    body = settings.body
+    options = {
+        "format": settings.format,
+        "workflow": settings.workflow,
+        "event_type": settings.event_type,
+        "body": None if body is None else hashlib.sha256(body).hexdigest(),
+        "validate_ids": settings.validate_ids,
+        "allow_extra_fields": settings.allow_extra_fields,
+        "target": settings.target,
+        "account": settings.account_id or settings.base_url,
+    }
+    digest.update(orjson.dumps(options, option=orjson.OPT_SORT_KEYS))
+    described: list[str] = []
+    for path in settings.inputs:
+        try:
+            with open(path, "rb") as file:
+                digest.update(hashlib.file_digest(file, "sha256").digest())
+                size = os.fstat(file.fileno()).st_size
+        except OSError as exc:
+            raise ConfigError("INPUT", f"{path}: cannot read: {exc.strerror or exc}") from None
+        described.append(f"{os.path.basename(path)}, {size:,} bytes")
+    return digest.hexdigest(), "; ".join(described)
+
+
+def _read_job_file(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as file:
+            state = orjson.loads(file.read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _settled_keys(path: str) -> list[str]:
+    """The keys a results file settles (what a rerun would not send again)."""
+    try:
+        ledger = load_ledger(path, on_torn=lambda torn: None)
+    except Exception:  # unreadable results: nothing can be claimed from them
+        return []
+    return [
+        key
+        for key, state in ledger.items()
+        if not (state.error_kind is ErrorKind.STOPPED and state.delivery is not Delivery.UNKNOWN)
+    ]
+
+
+def _journaled(journals: Iterable[str], results: str) -> set[str]:
+    """Keys the ``journals`` name that have no envelope in ``results`` written since."""
+    return {env.key for env in _crashed_envelopes(journals, results)}
+
+
+def _crashed_envelopes(journals: Iterable[str], results: str) -> list[Envelope]:
+    """``unknown`` envelopes for what crashed runs' journals name and ``results`` lacks."""
+    now = datetime.now(UTC)
+    out: dict[str, Envelope] = {}
+    for path in journals:
+        crashed = read_crashed(path)
+        if crashed is None:
+            continue
+        entries: list[Started] = list(crashed.records)
+        entries += [
+            Started(key=k, source=path, line=0, workflow=None, instance_id=None, event_type=None)
+            for k in crashed.torn_keys
+        ]
+        times = finished_times(results, {e.key for e in entries})
+        for entry in entries:
+            finished = times.get(entry.key)
+            if finished is not None and finished >= crashed.started:
+                continue
+            out.setdefault(entry.key, make_envelope.for_crashed(entry, now))
+    return list(out.values())
+
+
 def _keys_in(path: str) -> set[str]:
     """The record keys of every whole envelope line of a JSONL results file."""
     keys: set[str] = set()
@@ -562,7 +875,7 @@ async def coordinated(
                 async with anyio.create_task_group() as tg:
                     shared._tg = tg
                     if shared.job is not None:
-                        await shared.job.create(settings.account_id or settings.base_url)
+                        await shared.join()
                         if await shared.job.become_planner():
                             tg.start_soon(shared._publish_plan)
                         tg.start_soon(shared._heartbeat)
