@@ -153,14 +153,14 @@ async def test_a_killed_worker_s_shards_are_finished_by_the_others(
     per_key = Counter(e["key"] for e in envs)
     assert len(per_key) == total
     assert set(per_key.values()) == {1}, "a record got two final envelopes"
-    assert {e["delivery"] for e in envs} == {"confirmed"}
-    assert set(accepted) == {f"j{i}" for i in range(total)}
+    # What the victim had in flight (its journal says so) is in doubt, as a one-process
+    # resume would say: `unknown`, and never sent again by the process that took over.
+    unknown = {str(e["instance_id"]) for e in envs if e["delivery"] == "unknown"}
+    assert {e["delivery"] for e in envs} <= {"confirmed", "unknown"}
+    assert len(unknown) <= 4 + 16, unknown
+    assert set(accepted) | unknown == {f"j{i}" for i in range(total)}
     twice = [k for k, n in accepted.items() if n > 1]
-    # At most what the victim had in flight was delivered again: a record is in flight
-    # from its first request until its envelope is claimed, so that is its 4 requests
-    # (--concurrency 4) plus the answers waiting in its engine's output buffer (4 per
-    # worker) for their claim's round trip.
-    assert len(twice) <= 4 + 16, twice
+    assert twice == [], "delivered twice"
     meta = job_meta(redis_server)
     assert meta[b"acked"] == meta[b"shards"] == b"12"
     shown = await job_status(redis_server)

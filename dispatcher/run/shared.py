@@ -169,6 +169,7 @@ class Coordinated:
         self._ready = anyio.Event()  # set once earlier runs' records in doubt are claimed
         self._peers: dict[str, str] = {}  # same-host workers' results files, by tag
         self._sidecar = self._results_path + JOB_FILE
+        self._journal_file: str | None = None  # this run's journal (known once joined)
 
     def journal_path(self, base: str) -> str:
         """This run's journal: ``<results>.inflight.<n>``, n its number in the job."""
@@ -196,6 +197,8 @@ class Coordinated:
             raise ConfigError(
                 "--job", f"{exc}; the results files are the record: rerun under a new --job name"
             ) from None
+        if settings.results != "-":
+            self._journal_file = self.journal_path(self._results_path + ".inflight")
         prior = None if settings.overwrite else _read_job_file(self._sidecar)
         if (
             prior is None
@@ -527,7 +530,8 @@ class Coordinated:
             "in_flight": stats.in_flight,
             "elapsed": stats.elapsed(),
             "results": self._results_path,
-            "journal": None if self._journal is None else self._journal.path,
+            # Known from the first beat: a process may die before its engine starts.
+            "journal": self._journal_file,
             "inflight": [] if self._journal is None else self._journal.in_flight(),
             "trips": self.link.trips,
             "adopted": self.adopted,
@@ -876,6 +880,9 @@ async def coordinated(
                     shared._tg = tg
                     if shared.job is not None:
                         await shared.join()
+                        # Before any record is sent: a process that dies from then on is
+                        # known, with its journal, to whoever takes its shards over.
+                        await shared.job.heartbeat(shared._beat())
                         if await shared.job.become_planner():
                             tg.start_soon(shared._publish_plan)
                         tg.start_soon(shared._heartbeat)
