@@ -69,6 +69,21 @@ class RedisServer:
             process.terminate()  # SIGTERM: a clean shutdown, the AOF is complete
             process.wait(10)
 
+    def kill(self) -> None:
+        """kill -9: what the server had not yet written to its files is gone."""
+        process, self.process = self.process, None
+        if process is not None:
+            process.kill()
+            process.wait(10)
+
+    def wipe(self) -> None:
+        """Forget everything on disk (a server without persistence, or a new machine)."""
+        for child in self.folder.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
     def command(self, *args: str) -> bytes:
         """One command through redis-cli (the tests' own view of the data)."""
         return subprocess.run(

@@ -832,19 +832,32 @@ def read_line_range(
         stream.close()
 
 
+_SCAN_BYTES: Final = 1 << 20
+
+
 def line_offsets(path: str, every: int) -> Iterator[tuple[int, int, int]]:
-    """``(first_line, byte offset, line count)`` of consecutive ranges of ``every`` lines."""
+    """``(first_line, byte offset, line count)`` of consecutive ranges of ``every`` lines.
+
+    Read in pieces of at most :data:`_SCAN_BYTES`: a line without a newline for gigabytes
+    costs no more memory than a short one (its shard's reader then rejects it as too long).
+    """
     try:
         stream = open(path, "rb")  # noqa: SIM115 -- closed below
     except OSError as e:
         raise InputError(f"{path}: cannot open: {e.strerror or e}") from e
     with stream:
         line, start, offset, count = 1, 0, 0, 0
-        for raw in stream:
+        partial = False  # the last piece read ended inside a line
+        while piece := stream.readline(_SCAN_BYTES):
+            offset += len(piece)
+            if not piece.endswith(b"\n"):
+                partial = True
+                continue
+            partial = False
             count += 1
-            offset += len(raw)
             if count == every:
                 yield line, start, count
                 line, start, count = line + count, offset, 0
+        count += partial
         if count:
             yield line, start, count

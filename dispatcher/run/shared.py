@@ -167,7 +167,8 @@ class Coordinated:
         self._recovered = False
         self._journal: Journal | None = None
         self._ready = anyio.Event()  # set once earlier runs' records in doubt are claimed
-        self._peers: dict[str, str] = {}  # same-host workers' results files, by tag
+        self._peers: set[str] = set()  # results files of the job's workers on this host
+        self._seeded: set[str] = set()  # results files claimed again (after Redis lost all)
         self._sidecar = self._results_path + JOB_FILE
         self._journal_file: str | None = None  # this run's journal (known once joined)
 
@@ -318,6 +319,11 @@ class Coordinated:
 
     async def _shards(self, job: Job) -> AsyncGenerator[list[Record], None]:
         while self.lost is None:
+            if self.recovering:
+                # A process of the job that came back since: what its results hold too.
+                for path in await self._learn_peers():
+                    if path not in self._seeded:
+                        await self._seed_file(path)
             shard = await job.take()
             if shard is None:
                 if await job.done():
@@ -452,23 +458,49 @@ class Coordinated:
         self._save()
 
     async def _reseed(self) -> None:
+        """Claim what every results file of the job on this host settles: this run's, the
+        peers its earlier run knew, theirs in turn (their job files), and those of the
+        processes of the job in Redis now."""
         job = self.job
         assert job is not None
-        prior = self.prior or {}
-        paths = {self._results_path}
-        peers = prior.get("peers")
-        if isinstance(peers, dict):
-            paths |= {p for p in peers.values() if isinstance(p, str)}  # absolute
-        keys: list[str] = []
-        for path in sorted(paths):
-            keys += await anyio.to_thread.run_sync(_settled_keys, path)
-        for start in range(0, len(keys), 1000):
-            self.reseeded += await job.seed(keys[start : start + 1000])
+        todo = {self._results_path, *_peers_of(self.prior)}
+        await self._learn_peers()
+        todo |= self._peers
+        count = 0
+        while todo:
+            path = todo.pop()
+            if path in self._seeded:
+                continue
+            count += await self._seed_file(path)
+            todo |= _peers_of(_read_job_file(path + JOB_FILE)) - self._seeded
         self._recovered = True
         self.stats.warnings.append(
-            f"job {job.name}: {self.recovering}; {len(keys):,} records settled in "
-            f"{len(paths)} results file(s) on this host were claimed again before sending"
+            f"job {job.name}: {self.recovering}; {count:,} records settled in "
+            f"{len(self._seeded)} results file(s) on this host were claimed again before sending"
         )
+
+    async def _seed_file(self, path: str) -> int:
+        job = self.job
+        assert job is not None
+        self._seeded.add(path)
+        self._peers.add(path)
+        keys = await anyio.to_thread.run_sync(_settled_keys, path)
+        for start in range(0, len(keys), 1000):
+            self.reseeded += await job.seed(keys[start : start + 1000])
+        return len(keys)
+
+    async def _learn_peers(self) -> set[str]:
+        """The results files of this job's workers on this host (every heartbeat)."""
+        job = self.job
+        assert job is not None
+        found = {
+            beat["results"]
+            for beat in (await job.workers()).values()
+            if beat.get("host") == job.host and isinstance(beat.get("results"), str)
+        }
+        new = found - self._peers
+        self._peers |= found
+        return new
 
     def lose(self, exc: JobStateLost) -> None:
         """Redis lost the job: stop sending; envelopes from now on go to the file alone."""
@@ -495,7 +527,7 @@ class Coordinated:
             "gen": job.gen,
             # Still owed: the claims a recovery makes (a crash in the middle starts it again).
             "lost": self.lost is not None or (bool(self.recovering) and not self._recovered),
-            "peers": {**((self.prior or {}).get("peers") or {}), **self._peers},
+            "peers": sorted(_peers_of(self.prior) | self._peers),
         }
         with contextlib.suppress(OSError):
             tmp = self._sidecar + ".tmp"
@@ -505,18 +537,11 @@ class Coordinated:
 
     async def _heartbeat(self) -> None:
         assert self.job is not None
-        beats = 0
         try:
             while True:
                 await self.job.heartbeat(self._beat())
-                if beats % 5 == 0:
-                    for beat in (await self.job.workers()).values():
-                        if beat.get("host") == self.job.host and isinstance(
-                            beat.get("results"), str
-                        ):
-                            self._peers[str(beat.get("tag"))] = beat["results"]
+                await self._learn_peers()
                 self._save()
-                beats += 1
                 await anyio.sleep(HEARTBEAT_S)
         except JobStateLost as exc:
             self.lose(exc)
@@ -783,6 +808,11 @@ def job_fingerprint(settings: SendSettings) -> tuple[str, str]:
             raise ConfigError("INPUT", f"{path}: cannot read: {exc.strerror or exc}") from None
         described.append(f"{os.path.basename(path)}, {size:,} bytes")
     return digest.hexdigest(), "; ".join(described)
+
+
+def _peers_of(state: dict[str, Any] | None) -> set[str]:
+    peers = (state or {}).get("peers")
+    return {p for p in peers if isinstance(p, str)} if isinstance(peers, list) else set()
 
 
 def _read_job_file(path: str) -> dict[str, Any] | None:
