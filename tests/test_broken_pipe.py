@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import anyio
+import pytest
 from crashkit import env_for, write_input
 
 from dispatcher.emulator import Emulator, EmulatorConfig
@@ -27,3 +28,32 @@ async def test_send_into_a_closed_pipe_exits_141_without_a_traceback(tmp_path: P
     assert "BrokenPipe" not in err
     assert len(done.stdout.decode().splitlines()) == 1
     assert done.returncode == 141
+
+
+async def test_load_into_a_closed_pipe_exits_141_and_still_writes_the_plot(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("plotly", reason="the plot extra is not installed")
+    plot = tmp_path / "l.html"
+    load = [sys.executable, "-m", "dispatcher", "load", "--workflow", "wf"]
+    load += ["--event-type", "evt", "--instance-prefix", "i", "--instance-count", "5"]
+    load += ["--rate", "200/s", "--duration", "2s", "--results", "-", "--plot", str(plot)]
+    load += ["--quiet"]
+    shell = f"{shlex.join(load)} | head -1"
+    async with Emulator(EmulatorConfig(limit=None)) as emu:
+        done = await anyio.run_process(
+            ["bash", "-o", "pipefail", "-c", shell], env=env_for(emu), check=False
+        )
+    err = done.stderr.decode()
+    assert "Traceback" not in err
+    assert "ExceptionGroup" not in err
+    assert "BrokenPipe" not in err
+    assert len(done.stdout.decode().splitlines()) == 1
+    assert done.returncode == 141, err
+    # The load test ran to its planned end: the plot is of the whole run, not of the
+    # moment the reader left.
+    assert "arrivals   400:" in err
+    assert "stdout closed early" in err
+    text = plot.read_text()
+    assert "Plotly" in text
+    assert "p50 (2xx)" in text

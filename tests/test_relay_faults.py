@@ -442,7 +442,10 @@ async def test_no_answer_of_another_server_confirms_or_crashes(case: Case) -> No
 
 async def test_never_connected_is_not_sent() -> None:
     envs = await run_engine(transport(refused_url()))
-    assert {(e.delivery, kind_of(e)) for e in envs.values()} == {(N, ErrorKind.CONNECT)}
+    # Nothing ever listened there: the run stops (kind stopped, so --resume sends them).
+    assert {(e.delivery, kind_of(e)) for e in envs.values()} == {(N, ErrorKind.STOPPED)}
+    assert {e.statuses["connect"] for e in envs.values()} == {1}
+    assert all("nothing listens on 127.0.0.1:" in str(e.error) for e in envs.values())
 
 
 def switch(*answers: Answer) -> Answer:

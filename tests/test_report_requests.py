@@ -163,3 +163,48 @@ def test_the_demo_plot_counts_the_retried_faults(tmp_path: Path) -> None:
     from dispatcher.report.plot import _headline
 
     assert "40 records sent, 50 requests (10 retries)" in _headline(report, None, points)
+
+
+def test_the_plot_headline_latency_is_the_2xx_answers_429s_apart() -> None:
+    # Issue 22: a load run refused mostly with fast 429s showed a headline p50 of 0.3 ms.
+    pytest.importorskip("numpy", reason="the plot extra is not installed")
+    from dispatcher.report.plot import Points, _headline, _series
+
+    limited = EnvelopeError(kind=ErrorKind.RATE_LIMITED, code=971, message="slow down")
+    envs = [
+        with_statuses(f"ok{i}", {"200": 1}, latency_ms=100.0 + i, line=i + 1) for i in range(10)
+    ]
+    envs += [
+        with_statuses(
+            f"rl{i}",
+            {"429": 1},
+            ok=False,
+            status=429,
+            latency_ms=0.3,
+            delivery=Delivery.REJECTED,
+            error=limited,
+            line=100 + i,
+        )
+        for i in range(30)
+    ]
+    builder = ReportBuilder()
+    points = Points()
+    for e in envs:
+        builder.add(e)
+        points.add(e)
+    report = builder.build()
+    assert report.latency.p50_ms is not None
+    assert report.latency.p50_ms < 1  # all answers mixed: the 429s win
+    headline = _headline(report, None, points)
+    parts = headline.split("  ·  ")
+    p50 = next(p for p in parts if p.startswith("p50 (2xx) "))
+    assert 100 <= float(p50.removeprefix("p50 (2xx) ").removesuffix(" ms")) <= 110
+    assert "p50 (429 and other errors, 30) 0.3 ms" in parts
+    assert not any(p.startswith("p50 ") and "0.3 ms" in p and "429" not in p for p in parts)
+    # The p50 line over time is the confirmed requests' too.
+    import numpy as np
+
+    s = _series(points, None)
+    drawn = s.p50[~np.isnan(s.p50)]
+    assert len(drawn) > 0
+    assert (drawn >= 100).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from types import TracebackType
+from types import SimpleNamespace, TracebackType
 from typing import Final, Self
 
 import aiohttp
@@ -23,7 +23,9 @@ from dispatcher.clients.base import (
     UrlBuilder,
     describe,
     failure,
+    is_refused,
     outcome_from_response,
+    refused_outcome,
 )
 from dispatcher.clients.proxy import proxy_for
 from dispatcher.model import ErrorKind, Event, Outcome
@@ -50,7 +52,9 @@ class HttpTransport:
         "_empty_headers",
         "_headers",
         "_json_headers",
+        "_port",
         "_proxy",
+        "_reached",
         "_redact",
         "_session",
         "_timeout",
@@ -64,6 +68,10 @@ class HttpTransport:
         self._timeout = aiohttp.ClientTimeout(total=config.timeout, connect=config.connect_timeout)
         self._session = session
         self._redact = Redactor(config.auth_headers)
+        # Some connection of this run was accepted: a refusal after that is a restart to
+        # retry, not a target that was never there (see refused_outcome).
+        self._reached = False
+        self._port = URL(config.base_url).port or 0  # yarl fills in the scheme's default
         # HTTPS_PROXY / NO_PROXY, resolved once (clients/proxy.py); aiohttp tunnels https
         # through CONNECT. trust_env stays off: it would also read ~/.netrc credentials.
         route = proxy_for(config.base_url)
@@ -81,7 +89,18 @@ class HttpTransport:
     def __repr__(self) -> str:
         return f"HttpTransport({self._config!r})"
 
+    async def _connected(
+        self,
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceConnectionCreateEndParams,
+    ) -> None:
+        self._reached = True
+
     def _open(self) -> aiohttp.ClientSession:
+        # Told of each new connection (not of each request), before its request is written.
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(self._connected)
         connector = aiohttp.TCPConnector(
             limit=self._config.pool_size,
             # TLS verification stays on: the default context verifies certificates.
@@ -104,6 +123,7 @@ class HttpTransport:
             # for both clients, so that they read the same bytes the same way.
             skip_auto_headers=("Accept-Encoding",),
             auto_decompress=False,
+            trace_configs=[trace],
         )
 
     async def __aenter__(self) -> Self:
@@ -143,6 +163,7 @@ class HttpTransport:
                 allow_redirects=False,
                 proxy=self._proxy,
             ) as resp:
+                self._reached = True  # also for a session passed in, which has no trace
                 raw = await _read_capped(resp)
                 return outcome_from_response(
                     resp.status, raw, resp.headers, time.perf_counter() - started, redact
@@ -151,7 +172,15 @@ class HttpTransport:
             # Timed out while connecting: the request never left.
             return self._failure(ErrorKind.CONNECT, False, started, exc)
         except aiohttp.ClientConnectorError as exc:
-            return self._failure(ErrorKind.CONNECT, False, started, exc)
+            outcome = self._failure(ErrorKind.CONNECT, False, started, exc)
+            if (
+                not self._reached
+                and self._proxy is None
+                and not isinstance(exc, aiohttp.ClientProxyConnectionError)
+                and is_refused(exc.os_error)
+            ):
+                return refused_outcome(outcome, exc.host, exc.port or self._port)
+            return outcome
         except TimeoutError as exc:
             return self._failure(ErrorKind.TIMEOUT, True, started, exc)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:

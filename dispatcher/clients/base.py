@@ -9,6 +9,9 @@ know nothing of retries or rates: those are the policy's and the gate's.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import ipaddress
 import re
 import zlib
 from collections.abc import Mapping
@@ -264,6 +267,50 @@ def describe(exc: BaseException, redact: Redactor) -> str:
     if not name.startswith("_"):  # our own private kinds say it all in their text
         text = f"{name}: {text}" if text else name
     return short(text)
+
+
+def is_refused(exc: BaseException) -> bool:
+    """``exc`` says the host answered the connection attempt with a refusal (nothing listens).
+
+    asyncio reports a host whose every address refused as one ``OSError("Multiple
+    exceptions: ...")`` without an errno when the addresses' messages differ (``::1`` and
+    ``127.0.0.1``): that counts too when each of its parts is a refusal.
+    """
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    if not isinstance(exc, OSError) or exc.errno is not None:
+        return False
+    text = str(exc)
+    if not text.startswith("Multiple exceptions: "):
+        return False
+    parts = text.count("[Errno ")
+    return parts > 0 and text.count(f"[Errno {errno.ECONNREFUSED}]") == parts
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def nothing_listens(host: str, port: int) -> str:
+    """The stop reason for a target that refused every connection of the run.
+
+    On this machine the usual cause is a ``wrangler dev`` (or ``dispatcher emulate``) not
+    started yet, elsewhere a wrong ``--base-url``.
+    """
+    shown = f"[{host}]" if ":" in host else host
+    if _is_loopback(host):
+        return f"nothing listens on {shown}:{port}; is wrangler dev running?"
+    return f"nothing listens on {shown}:{port} (connection refused); check --base-url"
+
+
+def refused_outcome(outcome: Outcome, host: str, port: int) -> Outcome:
+    """``outcome`` (a refused connect) that also stops the run: nothing ever answered."""
+    return dataclasses.replace(outcome, stop_run=nothing_listens(host, port))
 
 
 def failure(

@@ -36,7 +36,9 @@ from dispatcher.clients.base import (
     UrlBuilder,
     describe,
     failure,
+    is_refused,
     outcome_from_response,
+    refused_outcome,
 )
 from dispatcher.clients.proxy import open_tunnel, proxy_for
 from dispatcher.model import ErrorKind, Event, Outcome
@@ -294,6 +296,7 @@ class FastTransport:
         "_port",
         "_pre",
         "_proxy",
+        "_reached",
         "_redact",
         "_slots",
         "_ssl",
@@ -340,6 +343,9 @@ class FastTransport:
         self._idle: list[_Conn] = []
         self._conns: set[_Conn] = set()
         self._slots = asyncio.Semaphore(config.pool_size)
+        # Some connection of this run was accepted: a refusal after that is a restart to
+        # retry, not a target that was never there (see refused_outcome).
+        self._reached = False
 
     def __repr__(self) -> str:
         # The config's repr redacts the auth headers; nothing else here holds them.
@@ -423,7 +429,11 @@ class FastTransport:
                     conn = await self._connect(started + timeout)
                 except (OSError, TimeoutError) as exc:
                     # Refused, DNS, TLS handshake (ssl.SSLError is an OSError), timed out.
-                    return self._failure(ErrorKind.CONNECT, False, started, exc)
+                    outcome = self._failure(ErrorKind.CONNECT, False, started, exc)
+                    if not self._reached and self._proxy is None and is_refused(exc):
+                        return refused_outcome(outcome, self._host, self._port)
+                    return outcome
+                self._reached = True
             loop = asyncio.get_running_loop()
             future: asyncio.Future[_Response] = loop.create_future()
             timer = loop.call_at(

@@ -46,6 +46,7 @@ from typing import Final
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from dispatcher.clients.base import (
     MAX_FIELD,
@@ -56,7 +57,9 @@ from dispatcher.clients.base import (
     Redactor,
     describe,
     failure,
+    is_refused,
     outcome_from_response,
+    refused_outcome,
     short,
 )
 from dispatcher.clients.proxy import proxy_for
@@ -190,6 +193,7 @@ class RelayTransport:
         "_pending",
         "_pending_bytes",
         "_proxy",
+        "_reached",
         "_redact",
         "_session",
         "_timer",
@@ -220,6 +224,9 @@ class RelayTransport:
         # Events per batch: batch_size, lowered for the rest of the run when a batch of
         # more was refused as too large (413) and had to be split.
         self._cap = config.batch_size
+        # Some batch of this run got through to the relay: a refusal after that is a
+        # restart to retry, not a relay that was never there (see refused_outcome).
+        self._reached = False
 
     def __repr__(self) -> str:
         return f"RelayTransport({self._config!r})"
@@ -355,16 +362,29 @@ class RelayTransport:
         # The transport boundary: every exception becomes an outcome, none escapes.
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
             # Could not connect: the batch never left.
-            return [self._failed(ErrorKind.CONNECT, False, started, exc)] * n
+            outcome = self._failed(ErrorKind.CONNECT, False, started, exc)
+            if (
+                isinstance(exc, aiohttp.ClientConnectorError)
+                and not isinstance(exc, aiohttp.ClientProxyConnectionError)
+                and not self._reached
+                and self._proxy is None
+                and is_refused(exc.os_error)
+            ):
+                outcome = refused_outcome(outcome, exc.host, exc.port or URL(self._url).port or 0)
+            return [outcome] * n
         except TimeoutError as exc:
+            self._reached = True
             return [self._failed(ErrorKind.TIMEOUT, True, started, exc)] * n
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             # Closed, reset or cut off after the batch was written.
+            self._reached = True
             return [self._failed(ErrorKind.CONNECTION, True, started, exc)] * n
         except Exception as exc:
             # An answer that is not HTTP/1.x aiohttp can frame, or over the caps: the batch
             # left, so any of it may have been sent.
+            self._reached = True
             return [self._failed(ErrorKind.PROTOCOL, True, started, exc)] * n
+        self._reached = True
         latency = time.perf_counter() - started
         if 200 <= status < 300:
             return self._per_event(events, raw, status, latency)

@@ -158,8 +158,9 @@ def _only_broken_pipe(exc: BaseExceptionGroup[BaseException]) -> bool:
     return rest is None and exc.subgroup(BrokenPipeError) is not None
 
 
-def _stdout_gone() -> int:
-    # Further writes (and the interpreter's last flush) must not raise again.
+def stdout_gone() -> int:
+    """Exit code 141 for a closed stdout, which further writes (and the interpreter's last
+    flush) must not trip over again."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -187,13 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         return code
     except BrokenPipeError:
-        return _stdout_gone()
+        return stdout_gone()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (UserError, BaseExceptionGroup) as exc:
         if isinstance(exc, BaseExceptionGroup) and _only_broken_pipe(exc):
-            return _stdout_gone()  # `--results - | head` inside a task group
+            return stdout_gone()  # `--results - | head` inside a task group
         found = user_error(exc)
         if found is not None:
             print(f"{prog}: error: {found}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """`dispatcher load`: an open-model load test of one workflow, judged by thresholds.
 
 Exit codes: 0 done and every ``--threshold`` held, 2 usage or config error, 3 stopped
-early (credentials rejected), 4 a threshold was breached, 130 interrupted.
+early (credentials rejected, nothing listens at the target), 4 a threshold was breached,
+130 interrupted, 141 stdout closed early (``--results - | head -1``; the ``--plot`` is
+written all the same).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Final, TextIO
 import anyio
 import orjson
 
+from dispatcher.commands.cli import stdout_gone
 from dispatcher.inputs.records import InputError, KeyDeriver, ReadOptions, read_batches
 from dispatcher.inputs.validation import MAX_BODY_BYTES, RuleViolation, check_path
 from dispatcher.model import Invalid
@@ -361,6 +364,8 @@ def _closing(result: LoadResult, settings: LoadSettings) -> str:
     ]
     if s.stop_reason is not None:
         lines.append(f"  stopped    {s.stop_reason}")
+    if s.stdout_closed:
+        lines.append("  results    stdout closed early (--results -): the rest only in this report")
     for t in settings.thresholds:
         breached = any(b.threshold is t for b in result.breaches)
         lines.append(
@@ -431,14 +436,20 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     # The report is what a load test is run for: stdout, unless envelopes already go there.
     out: TextIO = sys.stderr if settings.results == "-" else sys.stdout
-    if args.report_format == "json":
-        # One JSON document, so that `| jq` works: the report plus what only load knows.
-        doc = result.report.as_dict()
-        doc["load"] = _load_dict(result, settings)
-        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode(), file=out, flush=True)
-    else:
-        print(render(result.report, args.report_format), file=out)
-        print(_closing(result, settings), file=out, flush=True)
+    # A reader that went away (`| head -1`) ends the run with 141, as SIGPIPE would, but
+    # only once the plot asked for is written: it is the other thing the run was for.
+    gone = result.stats.stdout_closed
+    try:
+        if args.report_format == "json":
+            # One JSON document, so that `| jq` works: the report plus what only load knows.
+            doc = result.report.as_dict()
+            doc["load"] = _load_dict(result, settings)
+            print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode(), file=out, flush=True)
+        else:
+            print(render(result.report, args.report_format), file=out)
+            print(_closing(result, settings), file=out, flush=True)
+    except BrokenPipeError:
+        gone = True
     if args.plot is not None:
         from dispatcher.report.plot import write_plot
 
@@ -447,6 +458,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"load: plot written to {args.plot}", file=sys.stderr)
     for breach in result.breaches:
         print(f"dispatcher load: threshold breached: {breach.describe()}", file=sys.stderr)
+    if gone:
+        return stdout_gone()
     if result.stats.interrupted:
         return EXIT_INTERRUPTED
     if result.stats.stop_reason is not None:

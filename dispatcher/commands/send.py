@@ -2,7 +2,8 @@
 
 Exit codes: 0 every record confirmed (also when the inputs hold no record at all: a
 warning says so), 1 some failed, 2 usage, input, config or results-path mistake (another
-run holding the same --results included), 3 stopped early, 5 results could not be
+run holding the same --results included), 3 stopped early (a target where nothing listens
+included: one line says so), 5 results could not be
 written (full disk, read-only folder: the run stopped sending, --resume continues), 130
 interrupted.
 """
@@ -95,6 +96,14 @@ async def _show(stats: RunStats, *, mode: ProgressMode, inputs: tuple[str, ...])
     await show_progress(stats, mode, sys.stderr, inputs)
 
 
+def _never_reached(stats: RunStats) -> bool:
+    """The run stopped on a refused connection, and no record can have reached the target."""
+    if stats.unreachable is None or stats.interrupted or stats.write_error is not None:
+        return False
+    reached = (Delivery.CONFIRMED, Delivery.REJECTED, Delivery.UNKNOWN)
+    return stats.rate_limited == 0 and not any(stats.deliveries[d.value] for d in reached)
+
+
 def _nothing_read(stats: RunStats) -> bool:
     return stats.records == 0 and not stats.skipped and not stats.crashed_unknown
 
@@ -172,6 +181,17 @@ def run(args: argparse.Namespace) -> int:
         )
     for warning in stats.warnings:
         print(f"dispatcher send: warning: {warning}", file=sys.stderr)
+    if _never_reached(stats):
+        # Nothing listens at the target: a summary of zeros would bury the one fact that
+        # matters, so one line, even with --quiet.
+        then = finish_command(getattr(args, "_argv", None), settings, stats)
+        print(
+            f"dispatcher send: stopped: {stats.unreachable} No request reached it: "
+            f"{stats.records:,} records not sent" + (f"; to finish: {then}" if then else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        return exit_code(stats)
     stopped = stats.stop_reason is not None or stats.interrupted or stats.write_error is not None
     if not settings.quiet:
         finish = finish_command(getattr(args, "_argv", None), settings, stats)

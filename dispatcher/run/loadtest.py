@@ -29,7 +29,7 @@ import sys
 import time
 from array import array
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, TextIO
@@ -269,6 +269,7 @@ class LoadStats:
     finished: float | None = None
     stop_reason: str | None = None
     interrupted: bool = False
+    stdout_closed: bool = False  # --results - and the reader went away (`| head -1`)
     drop_times: array[float] = field(default_factory=lambda: array("d"))
     # (monotonic time answered, latency ms) of recent answers, for the live percentiles:
     # accepted (2xx) and rejected apart, as the thresholds judge them (a 429 comes back in
@@ -322,25 +323,49 @@ class LoadResult:
 
 
 class _TeeSink:
-    """Writes to the results sink and feeds the report and the plot on the way."""
+    """Writes to the results sink and feeds the report and the plot on the way.
 
-    __slots__ = ("_builder", "_points", "_sink")
+    With ``--results -`` the reader may go away (``| head -1``): ``on_gone`` is told once,
+    later envelopes go nowhere, and the report and the plot still get every one.
+    """
 
-    def __init__(self, sink: Sink, builder: ReportBuilder, points: Points) -> None:
+    __slots__ = ("_builder", "_gone", "_on_gone", "_points", "_sink")
+
+    def __init__(
+        self, sink: Sink, builder: ReportBuilder, points: Points, on_gone: Callable[[], None]
+    ) -> None:
         self._sink = sink
         self._builder = builder
         self._points = points
+        self._on_gone = on_gone
+        self._gone = False
 
     def write(self, env: Envelope) -> None:
-        self._sink.write(env)
+        if not self._gone:
+            self._sink.write(env)
         self._builder.add(env)
         self._points.add(env)
 
+    def _closed(self) -> None:
+        if not self._gone:
+            self._gone = True
+            self._on_gone()
+
     async def flush(self) -> None:
-        await self._sink.flush()
+        if self._gone:
+            return
+        try:
+            await self._sink.flush()
+        except BrokenPipeError:
+            self._closed()
 
     async def aclose(self) -> None:
-        await self._sink.aclose()
+        if self._gone:
+            return  # stdout: nothing to close, and a last flush would only fail again
+        try:
+            await self._sink.aclose()
+        except BrokenPipeError:
+            self._closed()
 
 
 class LoadRun:
@@ -372,6 +397,12 @@ class LoadRun:
         if self._arrivals_scope is not None:
             self._arrivals_scope.cancel()
 
+    def _stdout_closed(self) -> None:
+        # The run goes on to its planned end: its report and plot are what a load test is
+        # for, and they still get every envelope (unlike `send`, whose envelopes are the
+        # record of what was delivered, and which stops).
+        self.stats.stdout_closed = True
+
     async def run(self) -> LoadResult:
         settings = self.settings
         stats = self.stats
@@ -385,7 +416,7 @@ class LoadRun:
             if self._sink is not None
             else open_sink(settings.results, truncate=settings.overwrite)
         )
-        tee = _TeeSink(sink, builder, points)
+        tee = _TeeSink(sink, builder, points, self._stdout_closed)
         env_send, env_recv = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)
         # No buffer: send_nowait succeeds only if a worker is waiting, i.e. idle.
         work_send, work_recv = anyio.create_memory_object_stream[int](0)

@@ -108,6 +108,7 @@ def _stats_line(stats: RunStats) -> bytes:
                 "in_flight": stats.in_flight,
                 "skipped": dict(stats.skipped),
                 "stop_reason": stats.stop_reason,
+                "unreachable": stats.unreachable,
                 "interrupted": stats.interrupted,
             }
         },
@@ -318,6 +319,8 @@ class _Workers:
             # Signalled directly, not by this process (whose own stop, say after another
             # worker's 401, reaches the workers as a SIGINT too, and keeps its reason).
             stats.interrupted = True
+        if counters.get("unreachable") is not None and stats.unreachable is None:
+            stats.unreachable = counters["unreachable"]
         reason = counters["stop_reason"]
         if reason is not None and not counters["interrupted"]:
             # A worker stopped on its own (credentials rejected): stop the others too.

@@ -418,6 +418,8 @@ class Engine:
                 if outcome.stop_run is not None:
                     # Every record would get the same answer, and this one is not at fault:
                     # stopped before its next attempt, for --resume once the setting is fixed.
+                    if not outcome.sent and stats.unreachable is None:
+                        stats.unreachable = outcome.stop_run  # refused: nothing listens
                     self.stop(outcome.stop_run)
                     break
                 if outcome.status == 429:

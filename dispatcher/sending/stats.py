@@ -29,6 +29,9 @@ class RunStats:
     crashed_unreadable: int = 0  # journal lines of a crashed run torn before their key
     write_error: str | None = None  # the results could not be written: the run stopped
     stop_reason: str | None = None
+    # The run stopped because the target refused its connections before any was accepted
+    # (nothing listens there): the reason, also in stop_reason.
+    unreachable: str | None = None
     locked_out_s: float | None = None  # a 429 asked for a longer wait than allowed: stopped
     interrupted: bool = False
     coordination: str | None = None  # --redis: None while connected, else what is wrong
