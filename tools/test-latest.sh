@@ -4,6 +4,7 @@
 # It prints which packages differ from the lock. A failure is reported as a warning and exits
 # 0, so it can run on a schedule without turning main red; STRICT=1 makes it exit 1.
 set -uo pipefail
+export LC_ALL=C  # sort and join must agree on the order
 cd "$(dirname "$0")/.."
 UV=${UV:?} PYTHON=${PYTHON:-python3}
 LATEST=.venv-latest
@@ -17,7 +18,7 @@ mkdir -p .tools/latest
 "$UV" export --quiet --frozen --all-extras --no-hashes --no-emit-project --no-header \
   | grep '==' | sed 's/ *;.*//' | sort >.tools/latest/locked.txt
 grep '==' .tools/latest/requirements.txt | sed 's/ *;.*//' | sort >.tools/latest/newest.txt
-echo "test-latest: newer than uv.lock:"
+echo "test-latest: newest releases (for this Python) that differ from uv.lock:"
 join -t= -j1 <(sed 's/==/=/' .tools/latest/locked.txt) <(sed 's/==/=/' .tools/latest/newest.txt) \
   | awk -F= '$2 != $3 {printf "  %s %s -> %s\n", $1, $2, $3; n++} END {if (!n) print "  (none)"}'
 failed=()
