@@ -809,7 +809,7 @@ async def _run_locked(
     # A shard's sink is a pipe to its parent: durable only once the parent says so.
     commit = GroupCommit(out, journal, durable_on_flush=shard is None, on_error=write_failed)
     if shared is not None:
-        shared.stop_run = engine.stop
+        shared.attach(engine.stop)
     if engine_hook is not None:
         engine_hook(engine)
     send, receive = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)

@@ -508,10 +508,18 @@ class Coordinated:
             return
         self.lost = str(exc)
         self._save()
-        if self.stop_run is not None:
+        self._stop_for_loss()
+
+    def attach(self, stop: Callable[[str], None]) -> None:
+        """The engine's stop: called at once if Redis lost the job before it started."""
+        self.stop_run = stop
+        self._stop_for_loss()
+
+    def _stop_for_loss(self) -> None:
+        if self.lost is not None and self.stop_run is not None:
             self.stop_run(
-                f"{exc}: stopped sending, every envelope is in the results; start the same "
-                "command again (on every host): it claims what the results hold first"
+                f"{self.lost}: stopped sending, every envelope is in the results; start the "
+                "same command again (on every host): it claims what the results hold first"
             )
 
     def _save(self) -> None:
