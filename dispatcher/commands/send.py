@@ -95,7 +95,14 @@ async def _show(stats: RunStats, *, mode: ProgressMode, inputs: tuple[str, ...])
     await show_progress(stats, mode, sys.stderr, inputs)
 
 
-def _nothing_read(stats: RunStats) -> bool:
+def _nothing_read(stats: RunStats, settings: SendSettings) -> bool:
+    """Whether the inputs held no record at all. Not known for a run that stopped early
+    (it may have stopped before its first record) or took its records from a --job
+    (another process may have sent them all): those never say the input was empty."""
+    if settings.job is not None or stats.interrupted or stats.stop_reason is not None:
+        return False
+    if stats.write_error is not None:
+        return False
     return stats.records == 0 and not stats.skipped and not stats.crashed_unknown
 
 
@@ -143,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         if finish is not None and mistake is None:
             print(f"dispatcher send: crashed; to finish the job: {finish}", file=sys.stderr)
         raise
-    if _nothing_read(stats):
+    if _nothing_read(stats, settings):
         # Exit 0 all the same: nothing failed. A script can grep stderr for "no records".
         print(
             f"dispatcher send: warning: no records in {', '.join(settings.inputs)}; "
