@@ -64,8 +64,11 @@ from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.policy import RetryPolicy
 from dispatcher.sending.stats import RunStats
 
+OUTAGE_POLL_S: Final = 0.25  # how often the run looks at how long Redis has been away
+
 if TYPE_CHECKING:
     from dispatcher.coordination.budget import SharedGate
+    from dispatcher.coordination.connection import Link
     from dispatcher.run.shared import Coordinated
 
 _BATCH: Final = 1000
@@ -661,6 +664,55 @@ async def _sharded(
             yield kept
 
 
+async def check_redis(settings: SendSettings) -> None:
+    """Connect to ``--redis`` once, within a few seconds, before anything else happens:
+    a bad URL, a wrong password, a missing database or an unreachable host is one
+    :class:`ConfigError` (exit 2) naming ``--redis`` and the URL without its password.
+    A job's own settings are checked first: they need no server to be found wrong."""
+    url = settings.redis_url
+    assert url is not None
+    try:
+        from dispatcher.coordination.connection import probe, redact
+        from dispatcher.coordination.job import TIMEOUT_ENV, heartbeat_timeout
+        from dispatcher.run.shared import check_job_inputs, shard_lines
+    except ImportError as exc:
+        raise ConfigError(
+            "--redis", "needs redis-py: pip install 'cf-workflows-dispatcher[redis]'"
+        ) from exc
+    if settings.job is not None:
+        check_job_inputs(settings)
+        shard_lines()
+        try:
+            heartbeat_timeout()
+        except ValueError as exc:
+            raise ConfigError(TIMEOUT_ENV, str(exc)) from None
+    problem = await probe(url)
+    if problem is not None:
+        raise ConfigError("--redis", f"{redact(url)}: {problem}")
+
+
+async def watch_redis(engine: Engine, link: Link, stats: RunStats, limit: float) -> None:
+    """End the run once Redis has been unreachable for ``limit`` seconds, and give up
+    on it at once when the run stops (Ctrl-C, a stop rule) while it is away: nothing
+    then waits for Redis, what is final is written unclaimed, the rest is left."""
+    while True:
+        await anyio.sleep(OUTAGE_POLL_S)
+        if link.connected:
+            continue
+        away = link.unreachable_for()
+        if away >= limit and not engine.stopping:
+            reason = (
+                f"redis unreachable for {away:.0f} s (--redis-outage-timeout {limit:g}s): "
+                "nothing more was sent; records not final are left for the next run"
+            )
+            engine.stop(reason)
+            link.give_up(reason)
+        elif engine.stopping:
+            link.give_up("the run stopped while redis was unreachable")
+        if link.gone is not None:
+            return
+
+
 async def run(
     settings: SendSettings,
     *,
@@ -696,6 +748,8 @@ async def run(
             resume=settings.keeps_results,
             overwrite=settings.overwrite,
         )
+    if settings.redis_url is not None and shard is None:
+        await check_redis(settings)
     stats = RunStats()
     lock: ResultsLock | None = None
     if shard is not None:
@@ -814,10 +868,16 @@ async def _run_locked(
         async with anyio.create_task_group() as tg:
             if shard_acks is not None and journal is not None:
                 tg.start_soon(shard_acks, journal)
+            if shared is not None:
+                tg.start_soon(
+                    watch_redis, engine, shared.link, stats, settings.redis_outage_timeout
+                )
             async with anyio.create_task_group() as flow:
                 if shared is not None and shared.job is not None:
                     # A job claims each envelope in Redis and writes the claimed ones through.
-                    flow.start_soon(shared.drain, receive, out, journal, write_failed)
+                    flow.start_soon(
+                        _failing_fast, shared.drain(receive, out, journal, write_failed)
+                    )
                 else:
                     flow.start_soon(functools.partial(drain_to_sink, receive, out, commit=commit))
                 async with aclosing(batches):
@@ -825,6 +885,10 @@ async def _run_locked(
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
+            if shared is not None and not shared.link.connected and shared.link.gone is None:
+                # Stopped while Redis is away (the watch may not have looked yet): claims
+                # and the hand-back of shards would only wait for it.
+                shared.link.give_up("the run stopped while redis was unreachable")
             # After a hard stop: what the workers had finished but not yet handed over,
             # then what they were in the middle of.
             leftovers: list[Envelope] = []
@@ -837,8 +901,14 @@ async def _run_locked(
                 stats.record(env)
                 leftovers.append(env)
             if shared is not None and shared.job is not None:
-                # A job's envelopes are claimed before they are written, these too.
-                await shared.settle_leftovers(leftovers, out, journal)
+                # A job's envelopes are claimed before they are written, these too; those
+                # the drain held when the run gave up on Redis are written unclaimed.
+                leftovers = [*shared.cut, *leftovers]
+                shared.cut = []
+                try:
+                    await _failing_fast(shared.settle_leftovers(leftovers, out, journal))
+                except _redis_gone() as exc:
+                    stats.warnings.append(f"{exc}: {_unclaimed(leftovers, commit, stats)}")
             else:
                 for env in leftovers:
                     commit.write(env)
@@ -862,8 +932,51 @@ async def _run_locked(
                 await tx.aclose()
         # Outside the shield: it ends the coordination's own task group (it shields what
         # must finish, closing the Redis connection).
-        await coordination.aclose()
+        try:
+            await _failing_fast(coordination.aclose())
+        except _redis_gone():
+            pass  # the shards are not handed back: another process takes them on timeout
+        except BaseExceptionGroup as group:  # the same, out of a task group
+            if group.split(_redis_gone())[1] is not None:
+                raise
     return stats
+
+
+async def _failing_fast(call: Coroutine[Any, Any, None]) -> None:
+    """Await ``call`` with Redis calls raising ``RedisGone`` once the run gave up on it."""
+    if not importlib.util.find_spec("redis"):
+        await call
+        return
+    from dispatcher.coordination.connection import fail_fast
+
+    token = fail_fast.set(True)
+    try:
+        await call
+    finally:
+        fail_fast.reset(token)
+
+
+def _redis_gone() -> type[Exception]:
+    from dispatcher.coordination.connection import RedisGone
+
+    return RedisGone
+
+
+def _unclaimed(envs: list[Envelope], commit: GroupCommit, stats: RunStats) -> str:
+    """Write the final ones of ``envs`` without a claim (Redis is gone); say how many.
+    The others are not written (left for the next run), so not counted either."""
+    from dispatcher.run.shared import _is_final
+
+    final = [env for env in envs if _is_final(env)]
+    for env in envs:
+        if _is_final(env):
+            commit.write(env)
+        else:
+            stats.unrecord(env)
+    return (
+        f"{len(final)} final envelope(s) written without their claim in Redis, "
+        f"{len(envs) - len(final)} record(s) not final left for the next run"
+    )
 
 
 async def close_sink(out: Sink, commit: GroupCommit) -> None:

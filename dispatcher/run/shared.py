@@ -29,7 +29,7 @@ import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.coordination.budget import SharedGate
-from dispatcher.coordination.connection import Link
+from dispatcher.coordination.connection import Link, RedisGone
 from dispatcher.coordination.job import (
     HEARTBEAT_S,
     PENDING,
@@ -145,6 +145,7 @@ class Coordinated:
         self._owed: tuple[list[str], list[str]] = ([], [])
         self.adopted = 0  # envelopes of dead workers' pending claims written here
         self.left = 0  # stopped records left unclaimed for another process
+        self.cut: list[Envelope] = []  # not claimed: the run gave up on Redis (RedisGone)
 
     def _state(self, state: str) -> None:
         self.stats.coordination = None if state == "connected" else state
@@ -388,7 +389,11 @@ class Coordinated:
                     except anyio.EndOfStream:
                         ended = True
                         break
-                self._owed = await self._settle(batch, self._owed, journal)
+                try:
+                    self._owed = await self._settle(batch, self._owed, journal)
+                except RedisGone:  # the caller writes the final ones unclaimed
+                    self.cut += batch + [env async for env in receive]
+                    return
                 if self._owed[0]:
                     # Durable before the next claim: the journal then forgets them, and
                     # the engine, which holds new records while too many are in doubt
@@ -443,6 +448,8 @@ class Coordinated:
         # A record stopped before its last attempt, none of which may have arrived, is not
         # final: left unclaimed and unwritten, for another process or the next run.
         self.left += len(batch) - len(final)
+        for env in (env for env in batch if not _is_final(env)):
+            self.stats.unrecord(env)  # not written: the summary counts what is
         # One claim per key and call: a claim found to be ours counts as won (that is how
         # a retried call sees its own), so a key twice in one call would be written twice.
         lines: dict[str, bytes] = {}
