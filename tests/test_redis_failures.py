@@ -440,3 +440,29 @@ async def test_ctrl_c_of_a_job_does_not_say_the_input_was_empty(
                 proc.kill()
     assert "no records in" not in stderr
     assert "Traceback" not in stderr
+
+
+def test_a_bad_url_from_the_environment_names_the_flag_and_the_variable() -> None:
+    parser = argparse.ArgumentParser()
+    add_send_arguments(parser)
+    args = parser.parse_args(["in.jsonl", "--account-id", "acct1"])
+    url = f"redis://:{PASSWORD}@127.0.0.1:0/0"
+    with pytest.raises(ConfigError) as caught:
+        load_send_settings(args, {"CLOUDFLARE_API_TOKEN": TOKEN, "DISPATCHER_REDIS_URL": url})
+    assert str(caught.value).startswith("--redis (DISPATCHER_REDIS_URL): redis://:***@")
+    assert PASSWORD not in str(caught.value)
+
+
+def test_the_outage_timeout_is_a_duration_from_flag_env_or_default() -> None:
+    parser = argparse.ArgumentParser()
+    add_send_arguments(parser)
+    base = ["in.jsonl", "--account-id", "acct1"]
+    env = {"CLOUDFLARE_API_TOKEN": TOKEN}
+    assert load_send_settings(parser.parse_args(base), env).redis_outage_timeout == 60.0
+    flag = parser.parse_args([*base, "--redis-outage-timeout", "2m"])
+    assert load_send_settings(flag, env).redis_outage_timeout == 120.0
+    from_env = {**env, "DISPATCHER_REDIS_OUTAGE_TIMEOUT": "500ms"}
+    assert load_send_settings(parser.parse_args(base), from_env).redis_outage_timeout == 0.5
+    with pytest.raises(ConfigError) as caught:
+        load_send_settings(parser.parse_args([*base, "--redis-outage-timeout", "0"]), env)
+    assert caught.value.where == "--redis-outage-timeout"

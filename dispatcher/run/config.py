@@ -825,6 +825,9 @@ def load_send_settings(
             values[key.name] = key.convert(raw)
             where[key.name] = raw.where
 
+    if where["redis_url"] == "DISPATCHER_REDIS_URL":
+        # Say which flag it stands for: a bad URL from the environment is --redis's.
+        where["redis_url"] = "--redis (DISPATCHER_REDIS_URL)"
     if (body := _read_body(layers)) is not None:
         values["body"], where["body"] = body
 
