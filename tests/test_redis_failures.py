@@ -466,3 +466,52 @@ def test_the_outage_timeout_is_a_duration_from_flag_env_or_default() -> None:
     with pytest.raises(ConfigError) as caught:
         load_send_settings(parser.parse_args([*base, "--redis-outage-timeout", "0"]), env)
     assert caught.value.where == "--redis-outage-timeout"
+
+
+async def test_status_never_shows_the_password(locked_redis: RedisServer) -> None:
+    for url in (
+        f"redis://:{PASSWORD}@127.0.0.1:{locked_redis.port}/0",
+        f"redis://127.0.0.1:{locked_redis.port}/0?password={PASSWORD}",
+        f"redis://:wrong-{PASSWORD}@127.0.0.1:{locked_redis.port}/0",
+    ):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "dispatcher", "status", "--redis", url, "--job", "none"],
+            env=run_env(),
+            check=False,
+        )
+        shown = done.stdout.decode() + done.stderr.decode()
+        assert done.returncode in (2, 3), shown
+        assert len(shown.strip().splitlines()) == 1, shown
+        assert PASSWORD not in shown
+        assert "Traceback" not in shown
+
+
+def test_unrecord_takes_back_what_record_counted() -> None:
+    from dispatcher.model import Delivery, Envelope, EnvelopeError, ErrorKind
+    from dispatcher.sending.stats import RunStats
+
+    env = Envelope(
+        key="k",
+        source="in.jsonl",
+        line=1,
+        workflow="wf",
+        instance_id="i",
+        event_type="go",
+        delivery=Delivery.NOT_SENT,
+        ok=False,
+        status=503,
+        attempts=1,
+        error=EnvelopeError(kind=ErrorKind.STOPPED, code=None, message="stopped"),
+        started_at=None,
+        finished_at=None,
+        latency_ms=12.0,
+        elapsed_ms=12.0,
+    )
+    stats = RunStats()
+    stats.record(env)
+    stats.unrecord(env)
+    assert stats.records == 0
+    assert not stats.deliveries
+    assert not stats.statuses
+    assert not stats.errors
+    assert stats.latency_count == 0
