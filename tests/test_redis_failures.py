@@ -17,6 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -503,7 +504,7 @@ def test_unrecord_takes_back_what_record_counted() -> None:
         attempts=1,
         error=EnvelopeError(kind=ErrorKind.STOPPED, code=None, message="stopped"),
         started_at=None,
-        finished_at=None,
+        finished_at=datetime.now(UTC),
         latency_ms=12.0,
         elapsed_ms=12.0,
     )
