@@ -404,10 +404,18 @@ async def test_a_job_that_loses_redis_ends_soon_and_its_summary_matches_its_enve
         # Redis back: the same command finishes the job.
         locked_redis.start()
         locked_redis.command("config", "set", "requirepass", PASSWORD)
+        # What was written unclaimed is listed beside the results, and claimed first.
+        unclaimed = Path(f"{results}.unclaimed.jsonl")
+        listed = len(envelopes([unclaimed]))
+        assert ("without their claim" in stderr) == (listed > 0)
         again = await anyio.run_process(command, env=env, check=False)
         assert again.returncode == 0, again.stderr.decode()[-3000:]
-    keys = {e["key"] for e in envelopes([results]) if e["delivery"] == "confirmed"}
-    assert len(keys) == total
+        assert not await anyio.Path(unclaimed).exists()
+        twice = [key for key, times in emu.log.accepted.items() if len(times) > 1]
+    assert twice == []
+    per_key = Counter(e["key"] for e in envelopes([results]) if e["delivery"] == "confirmed")
+    assert len(per_key) == total
+    assert set(per_key.values()) == {1}
 
 
 async def test_ctrl_c_of_a_job_does_not_say_the_input_was_empty(

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import importlib.util
 import math
+import os
 import random
 import time
 import zlib
@@ -27,6 +28,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
+import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.clients.base import Transport
@@ -826,6 +828,8 @@ async def _run_locked(
         shared = await coordination.enter_async_context(
             coordinated(settings, stats, read_options(settings))
         )
+        if shared.job is not None:
+            await _claim_unclaimed(shared, settings.results, stats)
         gate, pacer = shared.gate, shared.pacer
     else:
         gate, pacer = gate_for(
@@ -908,7 +912,8 @@ async def _run_locked(
                 try:
                     await _failing_fast(shared.settle_leftovers(leftovers, out, journal))
                 except _redis_gone() as exc:
-                    stats.warnings.append(f"{exc}: {_unclaimed(leftovers, commit, stats)}")
+                    said = _unclaimed(leftovers, commit, stats, settings.results)
+                    stats.warnings.append(f"{exc}: {said}")
             else:
                 for env in leftovers:
                     commit.write(env)
@@ -962,9 +967,18 @@ def _redis_gone() -> type[Exception]:
     return RedisGone
 
 
-def _unclaimed(envs: list[Envelope], commit: GroupCommit, stats: RunStats) -> str:
+def unclaimed_path(results: str) -> str:
+    """Where a --job run that gave up on Redis lists the envelopes it wrote unclaimed."""
+    return f"{results}.unclaimed.jsonl"
+
+
+def _unclaimed(envs: list[Envelope], commit: GroupCommit, stats: RunStats, results: str) -> str:
     """Write the final ones of ``envs`` without a claim (Redis is gone); say how many.
-    The others are not written (left for the next run), so not counted either."""
+    The others are not written (left for the next run), so not counted either.
+
+    The final ones are also listed beside the results: the job's next run here claims
+    them first (:func:`_claim_unclaimed`), so that nobody sends those records again."""
+    from dispatcher.results.sinks import encode
     from dispatcher.run.shared import _is_final
 
     final = [env for env in envs if _is_final(env)]
@@ -973,10 +987,47 @@ def _unclaimed(envs: list[Envelope], commit: GroupCommit, stats: RunStats) -> st
             commit.write(env)
         else:
             stats.unrecord(env)
+    listed = ""
+    if final:
+        try:
+            with open(unclaimed_path(results), "ab") as side:
+                side.writelines(encode(env) for env in final)
+                side.flush()
+                os.fsync(side.fileno())
+        except OSError as exc:
+            listed = f" (could not list them in {unclaimed_path(results)}: {exc.strerror})"
     return (
-        f"{len(final)} final envelope(s) written without their claim in Redis, "
+        f"{len(final)} final envelope(s) written without their claim in Redis{listed}, "
         f"{len(envs) - len(final)} record(s) not final left for the next run"
     )
+
+
+async def _claim_unclaimed(shared: Coordinated, results: str, stats: RunStats) -> None:
+    """Claim, before sending, what an earlier run of this job wrote to these results
+    while Redis was away (:func:`_unclaimed`): written already, so marked written at once;
+    a key another process claimed meanwhile keeps that claim (this copy is a duplicate)."""
+    job = shared.job
+    assert job is not None
+    path = unclaimed_path(results)
+    try:
+        data = await anyio.Path(path).read_bytes()
+    except FileNotFoundError:
+        return
+    lines = [line for line in data.splitlines() if line.strip()]
+    claims: dict[str, bytes] = {}
+    for line in lines:
+        try:
+            key = orjson.loads(line).get("key")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue  # torn by a crash while it was listed: its record is sent again
+        if isinstance(key, str):
+            claims[key] = line + b"\n"
+    items = list(claims.items())
+    for start in range(0, len(items), 500):
+        batch = items[start : start + 500]
+        won = await job.settle(claims=batch)
+        await job.settle(written=[key for (key, _), w in zip(batch, won, strict=True) if w])
+    await anyio.Path(path).unlink()
 
 
 async def close_sink(out: Sink, commit: GroupCommit) -> None:
