@@ -524,3 +524,39 @@ def test_unrecord_takes_back_what_record_counted() -> None:
     assert not stats.statuses
     assert not stats.errors
     assert stats.latency_count == 0
+
+
+async def test_ctrl_c_while_redis_is_away_ends_at_once(
+    tmp_path: Path, locked_redis: RedisServer
+) -> None:
+    source = write_input(tmp_path / "in.jsonl", 300)
+    results = tmp_path / "out.jsonl"
+    url = f"redis://:{PASSWORD}@127.0.0.1:{locked_redis.port}/0"
+    async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
+        command = send_command(
+            source, results, emu.base_url, url, "--rate", "40/s", "--concurrency", "4"
+        )
+        proc = await anyio.open_process(command, env=run_env())
+        try:
+            await _wait_for(lambda: len(emu.log.requests) >= 40)
+            locked_redis.stop()
+            await anyio.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            interrupted = time.monotonic()
+            with anyio.fail_after(20):
+                code = await proc.wait()
+            took = time.monotonic() - interrupted
+            assert proc.stderr is not None
+            stderr = (await _read_all(proc.stderr)).decode()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+    assert code == 130, stderr[-3000:]
+    assert took < 2.0, took
+    assert "Traceback" not in stderr
+    assert "no records in" not in stderr
+    written = envelopes([results])
+    counts = summary_counts(stderr)
+    assert counts["records"] == len(written)
+    assert counts["confirmed"] == sum(e["delivery"] == "confirmed" for e in written)
+    assert PASSWORD not in stderr
