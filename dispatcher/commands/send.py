@@ -2,8 +2,9 @@
 
 Exit codes: 0 every record confirmed (also when the inputs hold no record at all: a
 warning says so), 1 some failed, 2 usage, input, config or results-path mistake (another
-run holding the same --results included), 3 stopped early (a target where nothing listens
-included: one line says so), 5 results could not be
+run holding the same --results included, a --redis that cannot be used at start), 3
+stopped early (a target where nothing listens included: one line says so; Redis
+unreachable for --redis-outage-timeout too), 5 results could not be
 written (full disk, read-only folder: the run stopped sending, --resume continues), 130
 interrupted.
 """
@@ -25,6 +26,7 @@ import orjson
 from dispatcher.commands.cli import user_error
 from dispatcher.commands.dryrun import add_dry_run_argument, dry_run
 from dispatcher.commands.progress import ProgressMode, format_summary, resolve_mode, show_progress
+from dispatcher.coordination.urls import REDIS_SCHEMES, redact
 from dispatcher.model import Delivery
 from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.ledger import load_ledger, read_envelopes
@@ -104,7 +106,14 @@ def _never_reached(stats: RunStats) -> bool:
     return stats.rate_limited == 0 and not any(stats.deliveries[d.value] for d in reached)
 
 
-def _nothing_read(stats: RunStats) -> bool:
+def _nothing_read(stats: RunStats, settings: SendSettings) -> bool:
+    """Whether the inputs held no record at all. Not known for a run that stopped early
+    (it may have stopped before its first record) or took its records from a --job
+    (another process may have sent them all): those never say the input was empty."""
+    if settings.job is not None or stats.interrupted or stats.stop_reason is not None:
+        return False
+    if stats.write_error is not None:
+        return False
     return stats.records == 0 and not stats.skipped and not stats.crashed_unknown
 
 
@@ -152,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         if finish is not None and mistake is None:
             print(f"dispatcher send: crashed; to finish the job: {finish}", file=sys.stderr)
         raise
-    if _nothing_read(stats):
+    if _nothing_read(stats, settings):
         # Exit 0 all the same: nothing failed. A script can grep stderr for "no records".
         print(
             f"dispatcher send: warning: no records in {', '.join(settings.inputs)}; "
@@ -235,9 +244,17 @@ def finish_command(
     if argv is None or settings.results == "-":
         return None
     tokens = [t for t in argv if t not in ("--overwrite", "--no-resume", "--dry-run")]
+    # A --redis URL may hold a password: the command is printed (and logged) without it.
+    shown = [_redact_token(t) for t in tokens]
+    hint = (
+        "   (put the Redis password back in place of ***, or set DISPATCHER_REDIS_URL)"
+        if shown != tokens
+        else ""
+    )
+    tokens = shown
     if settings.job is not None:
         # A job resumes by itself: the same command takes up what is left in Redis.
-        command = shlex.join(["dispatcher", *tokens])
+        command = shlex.join(["dispatcher", *tokens]) + hint
         return command + ("   (with the same input on stdin)" if "-" in settings.inputs else "")
     if "--resume" not in tokens:
         tokens.append("--resume")
@@ -247,10 +264,18 @@ def finish_command(
         and "--retry-failed" not in tokens
     ):
         tokens.append("--retry-failed")
-    command = shlex.join(["dispatcher", *tokens])
+    command = shlex.join(["dispatcher", *tokens]) + hint
     if "-" in settings.inputs:
         command += "   (with the same input on stdin)"
     return command
+
+
+def _redact_token(token: str) -> str:
+    """``token`` of a command line without a password it may hold (a --redis URL)."""
+    flag, eq, value = token.partition("=")
+    if eq and flag.startswith("--") and value.startswith(REDIS_SCHEMES):
+        return f"{flag}={redact(value)}"
+    return redact(token) if token.startswith(REDIS_SCHEMES) else token
 
 
 def unknown_list_path(results: str) -> str:

@@ -68,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     keys = JobKeys(name)
+    from dispatcher.coordination.urls import check_redis_url, scrub
+
+    problem = check_redis_url(url)
+    if problem is not None:
+        print(f"dispatcher status: error: --redis: {redact(url)}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         client: Any = redis.Redis.from_url(
             url, socket_timeout=3, socket_connect_timeout=3, decode_responses=True
@@ -86,12 +92,19 @@ def run(args: argparse.Namespace) -> int:
         account = str(meta.get("account", ""))
         budget = client.hgetall(BudgetKeys(account).budget) if account else {}
         server_now = client.time()
-    except RedisError as exc:
+    except (RedisError, OSError) as exc:
         print(
             f"dispatcher status: error: cannot reach {redact(url)}: {type(exc).__name__}",
             file=sys.stderr,
         )
         return EXIT_UNREACHABLE
+    except (ValueError, TypeError) as exc:  # an option of the URL redis-py cannot use
+        print(
+            f"dispatcher status: error: --redis: {redact(url)}: invalid URL: "
+            f"{scrub(str(exc), url)}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     final = _int(meta.get("final"))
     records = meta.get("records")
     shards = meta.get("shards")

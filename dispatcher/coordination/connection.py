@@ -7,20 +7,24 @@ which retries with jittered exponential backoff and says so in :attr:`Link.state
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["BACKOFF_CAP", "Link", "redact"]
+from dispatcher.coordination.urls import redact, scrub
+
+__all__ = ["BACKOFF_CAP", "PROBE_TIMEOUT", "Link", "RedisGone", "fail_fast", "probe", "redact"]
 
 _T = TypeVar("_T")
 
@@ -28,18 +32,65 @@ BACKOFF_FIRST: Final = 0.1  # seconds before the first reconnect attempt
 BACKOFF_CAP: Final = 2.0  # longest wait between attempts: Redis back means sending again soon
 SOCKET_TIMEOUT: Final = 2.0
 UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+PROBE_TIMEOUT: Final = 3.0  # the one check at start: connect, authenticate, select, PING
 
 
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and status output."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+# Set in the tasks that must not wait for Redis once the run gave up on it (the claims of
+# the envelopes, the hand-back of shards): their calls raise RedisGone. Elsewhere (the
+# heartbeat, the budget's publisher) a call then waits until its task is cancelled.
+fail_fast: Final = contextvars.ContextVar("dispatcher_redis_fail_fast", default=False)
+
+
+class RedisGone(Exception):  # not an error of the caller's: a state
+    """The run gave up on Redis (unreachable for longer than ``--redis-outage-timeout``,
+    or stopping while it was away): every call fails at once from then on."""
+
+
+def _reason(exc: BaseException, url: str) -> str:
+    """Why ``url`` cannot be used, in a few words, without its password."""
+    if isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+        return "authentication failed: wrong user name or password, or none given"
+    if isinstance(exc, ResponseError):
+        text = str(exc)
+        if "DB index is out of range" in text or "invalid DB index" in text:
+            return "the server has no such database (its 'databases' setting is lower)"
+        if "AUTH" in text:
+            return f"authentication failed: {text}"
+        return f"the server refused: {text}"
+    if isinstance(exc, TimeoutError | RedisTimeoutError):
+        return "no answer in time"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"cannot connect: {text}"
+
+
+async def probe(url: str, within: float = PROBE_TIMEOUT) -> str | None:
+    """Connect once (``AUTH``, ``SELECT``, ``PING``) within ``within`` seconds: ``None``
+    if Redis answers, else why not (one line, never the password)."""
+    try:
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=within,
+            socket_connect_timeout=within,
+            retry=Retry(NoBackoff(), 0),
+            driver_info=None,
+        )
+    except (ValueError, TypeError) as exc:
+        return scrub(f"invalid URL: {exc}", url)
+    try:
+        with anyio.fail_after(within):
+            await client.ping()
+    except TimeoutError:
+        return f"no answer within {within:g} s"
+    except (RedisError, OSError, ValueError, TypeError) as exc:
+        # ValueError, TypeError: an option of the URL's query redis-py cannot use.
+        if isinstance(exc, ValueError | TypeError):
+            return scrub(f"invalid URL: {exc}", url)
+        return scrub(_reason(exc, url), url)
+    finally:
+        shield = anyio.CancelScope(shield=True)
+        with shield, anyio.move_on_after(1), contextlib.suppress(RedisError, OSError):
+            await client.aclose()
+    return None
 
 
 def client_for(url: str) -> aioredis.Redis:
@@ -63,7 +114,18 @@ class Link:
     (one command, script or pipeline each, whether or not it got through).
     """
 
-    __slots__ = ("_on_state", "_rng", "_since", "client", "outages", "state", "trips", "url")
+    __slots__ = (
+        "_gave_up",
+        "_on_state",
+        "_rng",
+        "_since",
+        "client",
+        "gone",
+        "outages",
+        "state",
+        "trips",
+        "url",
+    )
 
     def __init__(
         self,
@@ -80,6 +142,8 @@ class Link:
         self.outages = 0
         self.trips = 0
         self._since: float | None = None
+        self.gone: str | None = None  # why the run gave up on Redis (see give_up)
+        self._gave_up = anyio.Event()
 
     @property
     def connected(self) -> bool:
@@ -90,9 +154,17 @@ class Link:
         return 0.0 if self._since is None else time.monotonic() - self._since
 
     async def call(self, op: Callable[[], Awaitable[_T]]) -> _T:
-        """Run ``op`` until it succeeds; while Redis is unreachable, wait and retry."""
+        """Run ``op`` until it succeeds; while Redis is unreachable, wait and retry.
+
+        Once the run has given up on Redis (:meth:`give_up`), raises :class:`RedisGone`
+        at once where :data:`fail_fast` is set (calls waiting to retry too), and waits to
+        be cancelled elsewhere."""
         delay = BACKOFF_FIRST
         while True:
+            if self.gone is not None:
+                if fail_fast.get():
+                    raise RedisGone(self.gone)
+                await anyio.sleep_forever()
             self.trips += 1
             try:
                 result = await op()
@@ -100,11 +172,18 @@ class Link:
                 self.down(exc)
                 # Full jitter: processes that lost Redis together do not come back together.
                 wait = delay * (0.5 + self._rng())
-                await anyio.sleep(wait)
+                with anyio.move_on_after(wait):
+                    await self._gave_up.wait()
                 delay = min(BACKOFF_CAP, delay * 2)
                 continue
             self.up()
             return result
+
+    def give_up(self, reason: str) -> None:
+        """Stop waiting for Redis: every call from now on raises :class:`RedisGone`."""
+        if self.gone is None:
+            self.gone = reason
+            self._gave_up.set()
 
     def down(self, exc: BaseException) -> None:
         """Redis went away (seen here or on another connection, such as pub/sub)."""

@@ -6,16 +6,18 @@ named by ``--config``, the defaults in :mod:`dispatcher.run.settings`.
 Environment variables (an empty value counts as unset, as CI systems export undefined
 secrets as empty strings):
 
-=========================  ====================================================
-``CLOUDFLARE_API_TOKEN``   API token (sent as ``Authorization: Bearer``)
-``CLOUDFLARE_EMAIL``       legacy scheme: account email, with the key below
-``CLOUDFLARE_API_KEY``     legacy scheme: global API key, with the email above
-``CLOUDFLARE_ACCOUNT_ID``  ``--account-id``
-``CLOUDFLARE_BASE_URL``    ``--base-url``
-``DISPATCHER_RATE``        ``--rate``
-``DISPATCHER_CONCURRENCY`` ``--concurrency``
-``DISPATCHER_HTTP_CLIENT`` ``--http-client``
-=========================  ====================================================
+===================================  ====================================================
+``CLOUDFLARE_API_TOKEN``             API token (sent as ``Authorization: Bearer``)
+``CLOUDFLARE_EMAIL``                 legacy scheme: account email, with the key below
+``CLOUDFLARE_API_KEY``               legacy scheme: global API key, with the email above
+``CLOUDFLARE_ACCOUNT_ID``            ``--account-id``
+``CLOUDFLARE_BASE_URL``              ``--base-url``
+``DISPATCHER_RATE``                  ``--rate``
+``DISPATCHER_CONCURRENCY``           ``--concurrency``
+``DISPATCHER_HTTP_CLIENT``           ``--http-client``
+``DISPATCHER_REDIS_URL``             ``--redis``
+``DISPATCHER_REDIS_OUTAGE_TIMEOUT``  ``--redis-outage-timeout``
+===================================  ====================================================
 
 With ``--target relay``, ``DISPATCHER_RELAY_SECRET`` holds the relay's shared secret
 (``--relay-secret-file`` beats it); there is no flag for the secret itself.
@@ -65,6 +67,7 @@ from dispatcher.run.settings import (
     DEFAULT_MAX_RETRY_WAIT,
     DEFAULT_PROGRESS,
     DEFAULT_RATE,
+    DEFAULT_REDIS_OUTAGE_TIMEOUT,
     DEFAULT_RESULTS,
     DEFAULT_TIMEOUT,
     HTTP_CLIENTS,
@@ -93,6 +96,8 @@ ENV_VARS: Final = (
     "DISPATCHER_RATE",
     "DISPATCHER_CONCURRENCY",
     "DISPATCHER_HTTP_CLIENT",
+    "DISPATCHER_REDIS_URL",
+    "DISPATCHER_REDIS_OUTAGE_TIMEOUT",
     RELAY_SECRET_ENV,
 )
 """Every environment variable `dispatcher send` reads."""
@@ -307,6 +312,15 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
         help="redis://host:port/db holding the account's rate budget, shared by every run "
         "that names the same account (env DISPATCHER_REDIS_URL); nothing is sent while it "
         "cannot be reached",
+    )
+    shared.add_argument(
+        "--redis-outage-timeout",
+        default=None,
+        metavar="DURATION",
+        help="how long to wait for an unreachable Redis (sending nothing new) before the run "
+        "ends with exit 3 and prints the command that finishes it "
+        "(env DISPATCHER_REDIS_OUTAGE_TIMEOUT; "
+        f"default: {_seconds_text(DEFAULT_REDIS_OUTAGE_TIMEOUT)})",
     )
     shared.add_argument(
         "--job",
@@ -536,6 +550,12 @@ _KEYS: Final = (
     _Key(name="error_window", flag="--error-window", convert=_to_int),
     _Key(name="processes", flag="--processes", convert=_to_int),
     _Key(name="redis_url", flag="--redis", convert=_to_str, env="DISPATCHER_REDIS_URL"),
+    _Key(
+        name="redis_outage_timeout",
+        flag="--redis-outage-timeout",
+        convert=_to_seconds,
+        env="DISPATCHER_REDIS_OUTAGE_TIMEOUT",
+    ),
     _Key(name="job", flag="--job", convert=_to_str, env="DISPATCHER_JOB"),
     _Key(
         name="http_client",
@@ -805,6 +825,9 @@ def load_send_settings(
             values[key.name] = key.convert(raw)
             where[key.name] = raw.where
 
+    if where["redis_url"] == "DISPATCHER_REDIS_URL":
+        # Say which flag it stands for: a bad URL from the environment is --redis's.
+        where["redis_url"] = "--redis (DISPATCHER_REDIS_URL)"
     if (body := _read_body(layers)) is not None:
         values["body"], where["body"] = body
 

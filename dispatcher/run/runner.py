@@ -11,6 +11,7 @@ import contextlib
 import functools
 import importlib.util
 import math
+import os
 import random
 import time
 import zlib
@@ -27,6 +28,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
+import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.clients.base import Transport
@@ -64,8 +66,11 @@ from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.policy import RetryPolicy
 from dispatcher.sending.stats import RunStats
 
+OUTAGE_POLL_S: Final = 0.25  # how often the run looks at how long Redis has been away
+
 if TYPE_CHECKING:
     from dispatcher.coordination.budget import SharedGate
+    from dispatcher.coordination.connection import Link
     from dispatcher.run.shared import Coordinated
 
 _BATCH: Final = 1000
@@ -664,6 +669,55 @@ async def _sharded(
             yield kept
 
 
+async def check_redis(settings: SendSettings) -> None:
+    """Connect to ``--redis`` once, within a few seconds, before anything else happens:
+    a bad URL, a wrong password, a missing database or an unreachable host is one
+    :class:`ConfigError` (exit 2) naming ``--redis`` and the URL without its password.
+    A job's own settings are checked first: they need no server to be found wrong."""
+    url = settings.redis_url
+    assert url is not None
+    try:
+        from dispatcher.coordination.connection import probe, redact
+        from dispatcher.coordination.job import TIMEOUT_ENV, heartbeat_timeout
+        from dispatcher.run.shared import check_job_inputs, shard_lines
+    except ImportError as exc:
+        raise ConfigError(
+            "--redis", "needs redis-py: pip install 'cf-workflows-dispatcher[redis]'"
+        ) from exc
+    if settings.job is not None:
+        check_job_inputs(settings)
+        shard_lines()
+        try:
+            heartbeat_timeout()
+        except ValueError as exc:
+            raise ConfigError(TIMEOUT_ENV, str(exc)) from None
+    problem = await probe(url)
+    if problem is not None:
+        raise ConfigError("--redis", f"{redact(url)}: {problem}")
+
+
+async def watch_redis(engine: Engine, link: Link, stats: RunStats, limit: float) -> None:
+    """End the run once Redis has been unreachable for ``limit`` seconds, and give up
+    on it at once when the run stops (Ctrl-C, a stop rule) while it is away: nothing
+    then waits for Redis, what is final is written unclaimed, the rest is left."""
+    while True:
+        await anyio.sleep(OUTAGE_POLL_S)
+        if link.connected:
+            continue
+        away = link.unreachable_for()
+        if away >= limit and not engine.stopping:
+            reason = (
+                f"redis unreachable for {away:.0f} s (--redis-outage-timeout {limit:g}s): "
+                "nothing more was sent; records not final are left for the next run"
+            )
+            engine.stop(reason)
+            link.give_up(reason)
+        elif engine.stopping:
+            link.give_up("the run stopped while redis was unreachable")
+        if link.gone is not None:
+            return
+
+
 async def run(
     settings: SendSettings,
     *,
@@ -699,6 +753,8 @@ async def run(
             resume=settings.keeps_results,
             overwrite=settings.overwrite,
         )
+    if settings.redis_url is not None and shard is None:
+        await check_redis(settings)
     stats = RunStats()
     lock: ResultsLock | None = None
     if shard is not None:
@@ -763,6 +819,8 @@ async def _run_locked(
                 # One per run of a job's process: another process that finds this one
                 # dead reads what it had in flight there (see Coordinated._dead_in_doubt).
                 jpath = shared.journal_path(jpath)
+            if shared.job is not None:
+                await _claim_unclaimed(shared, settings.results, stats)
         journal = (
             Journal(jpath, results=settings.results, limit=in_doubt_limit(settings, shard))
             if jpath is not None
@@ -826,10 +884,16 @@ async def _run_locked(
         async with anyio.create_task_group() as tg:
             if shard_acks is not None and journal is not None:
                 tg.start_soon(shard_acks, journal)
+            if shared is not None:
+                tg.start_soon(
+                    watch_redis, engine, shared.link, stats, settings.redis_outage_timeout
+                )
             async with anyio.create_task_group() as flow:
                 if shared is not None and shared.job is not None:
                     # A job claims each envelope in Redis and writes the claimed ones through.
-                    flow.start_soon(shared.drain, receive, out, journal, write_failed)
+                    flow.start_soon(
+                        _failing_fast, shared.drain(receive, out, journal, write_failed)
+                    )
                 else:
                     flow.start_soon(functools.partial(drain_to_sink, receive, out, commit=commit))
                 async with aclosing(batches):
@@ -837,6 +901,10 @@ async def _run_locked(
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
+            if shared is not None and not shared.link.connected and shared.link.gone is None:
+                # Stopped while Redis is away (the watch may not have looked yet): claims
+                # and the hand-back of shards would only wait for it.
+                shared.link.give_up("the run stopped while redis was unreachable")
             # After a hard stop: what the workers had finished but not yet handed over,
             # then what they were in the middle of.
             leftovers: list[Envelope] = []
@@ -849,8 +917,15 @@ async def _run_locked(
                 stats.record(env)
                 leftovers.append(env)
             if shared is not None and shared.job is not None:
-                # A job's envelopes are claimed before they are written, these too.
-                await shared.settle_leftovers(leftovers, out, journal)
+                # A job's envelopes are claimed before they are written, these too; those
+                # the drain held when the run gave up on Redis are written unclaimed.
+                leftovers = [*shared.cut, *leftovers]
+                shared.cut = []
+                try:
+                    await _failing_fast(shared.settle_leftovers(leftovers, out, journal))
+                except _redis_gone() as exc:
+                    said = _unclaimed(leftovers, commit, stats, settings.results)
+                    stats.warnings.append(f"{exc}: {said}")
             else:
                 for env in leftovers:
                     commit.write(env)
@@ -874,8 +949,103 @@ async def _run_locked(
                 await tx.aclose()
         # Outside the shield: it ends the coordination's own task group (it shields what
         # must finish, closing the Redis connection).
-        await coordination.aclose()
+        try:
+            await _failing_fast(coordination.aclose())
+        except _redis_gone():
+            pass  # the shards are not handed back: another process takes them on timeout
+        except BaseExceptionGroup as group:  # the same, out of a task group
+            if group.split(_redis_gone())[1] is not None:
+                raise
     return stats
+
+
+async def _failing_fast(call: Coroutine[Any, Any, None]) -> None:
+    """Await ``call`` with Redis calls raising ``RedisGone`` once the run gave up on it."""
+    if not importlib.util.find_spec("redis"):
+        await call
+        return
+    from dispatcher.coordination.connection import fail_fast
+
+    token = fail_fast.set(True)
+    try:
+        await call
+    finally:
+        fail_fast.reset(token)
+
+
+def _redis_gone() -> type[Exception]:
+    from dispatcher.coordination.connection import RedisGone
+
+    return RedisGone
+
+
+def unclaimed_path(results: str) -> str:
+    """Where a --job run that gave up on Redis lists the envelopes it wrote unclaimed."""
+    return f"{results}.unclaimed.jsonl"
+
+
+def _unclaimed(envs: list[Envelope], commit: GroupCommit, stats: RunStats, results: str) -> str:
+    """Write the final ones of ``envs`` without a claim (Redis is gone); say how many.
+    The others are not written (left for the next run), so not counted either.
+
+    The final ones are also listed beside the results: the job's next run here claims
+    them first (:func:`_claim_unclaimed`), so that nobody sends those records again."""
+    from dispatcher.results.sinks import encode
+    from dispatcher.run.shared import _is_final
+
+    final = [env for env in envs if _is_final(env)]
+    for env in envs:
+        if _is_final(env):
+            commit.write(env)
+        else:
+            stats.unrecord(env)
+    listed = ""
+    if final:
+        try:
+            with open(unclaimed_path(results), "ab") as side:
+                side.writelines(encode(env) for env in final)
+                side.flush()
+                os.fsync(side.fileno())
+        except OSError as exc:
+            listed = f" (could not list them in {unclaimed_path(results)}: {exc.strerror})"
+    return (
+        f"{len(final)} final envelope(s) written without their claim in Redis{listed}, "
+        f"{len(envs) - len(final)} record(s) not final left for the next run"
+    )
+
+
+async def _claim_unclaimed(shared: Coordinated, results: str, stats: RunStats) -> None:
+    """Claim, before sending, what an earlier run of this job wrote to these results
+    while Redis was away (:func:`_unclaimed`): written already, so marked written at once;
+    a key another process claimed meanwhile keeps that claim (this copy is a duplicate)."""
+    job = shared.job
+    assert job is not None
+    path = unclaimed_path(results)
+    try:
+        data = await anyio.Path(path).read_bytes()
+    except FileNotFoundError:
+        return
+    lines = [line for line in data.splitlines() if line.strip()]
+    claims: dict[str, bytes] = {}
+    for line in lines:
+        try:
+            key = orjson.loads(line).get("key")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue  # torn by a crash while it was listed: its record is sent again
+        if isinstance(key, str):
+            claims[key] = line + b"\n"
+    from dispatcher.coordination.job import JobStateLost
+
+    items = list(claims.items())
+    try:
+        for start in range(0, len(items), 500):
+            batch = items[start : start + 500]
+            won = await job.settle(claims=batch)
+            await job.settle(written=[key for (key, _), w in zip(batch, won, strict=True) if w])
+    except JobStateLost as exc:
+        shared.lose(exc)  # kept: the next run, after Redis is sorted out, claims them
+        return
+    await anyio.Path(path).unlink()
 
 
 async def close_sink(out: Sink, commit: GroupCommit) -> None:

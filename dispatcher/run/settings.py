@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from dispatcher.clients.targets import DEFAULT_RELAY_BATCH, MAX_RELAY_BATCH, TARGETS, Target
+from dispatcher.coordination.urls import check_redis_url, redact
 from dispatcher.inputs.validation import (
     MAX_BODY_BYTES,
     MAX_EVENT_TYPE_LEN,
@@ -39,6 +40,7 @@ __all__ = [
     "DEFAULT_MAX_RETRY_WAIT",
     "DEFAULT_PROGRESS",
     "DEFAULT_RATE",
+    "DEFAULT_REDIS_OUTAGE_TIMEOUT",
     "DEFAULT_RESULTS",
     "DEFAULT_TIMEOUT",
     "MAX_CONCURRENCY",
@@ -227,6 +229,8 @@ DEFAULT_RESULTS: Final = "results.jsonl"
 DEFAULT_PROGRESS: Final = "auto"
 DEFAULT_GRACE: Final = 30.0  # seconds requests in flight get to finish after Ctrl-C
 DEFAULT_ERROR_WINDOW: Final = 100  # records over which --max-error-rate is taken
+# How long a --redis run waits for Redis to come back before it ends (exit 3, resumable).
+DEFAULT_REDIS_OUTAGE_TIMEOUT: Final = 60.0
 MAX_PROCESSES: Final = 64
 HttpClient = Literal["fast", "aiohttp"]
 HTTP_CLIENTS: Final = ("fast", "aiohttp")
@@ -432,7 +436,10 @@ class SendSettings:
     error_window: int = DEFAULT_ERROR_WINDOW
     processes: int = 1  # worker processes sharing the input and the rate budget
     http_client: HttpClient = "fast"  # our lean HTTP/1.1 client, or aiohttp
-    redis_url: str | None = None  # --redis: the account's budget (and --job's work) in Redis
+    # --redis: the account's budget (and --job's work) in Redis. Out of the field-driven
+    # repr (it may hold a password): __repr__ shows it redacted.
+    redis_url: str | None = dataclasses.field(default=None, repr=False)
+    redis_outage_timeout: float = DEFAULT_REDIS_OUTAGE_TIMEOUT  # then the run ends, exit 3
     job: str | None = None  # --job: share this input's work with every process of that name
 
     def __post_init__(self) -> None:
@@ -497,6 +504,16 @@ class SendSettings:
         if self.resume and self.results == "-":
             raise ConfigError("resume", "needs a results file to resume from, not stdout")
 
+    def __repr__(self) -> str:
+        shown = [
+            f"{field.name}={getattr(self, field.name)!r}"
+            for field in dataclasses.fields(self)
+            if field.repr
+        ]
+        if self.redis_url is not None:
+            shown.append(f"redis_url={redact(str(self.redis_url))!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
     @property
     def keeps_results(self) -> bool:
         """Whether earlier results at ``results`` are carried on, not refused: with
@@ -531,11 +548,16 @@ class SendSettings:
                 )
 
     def _check_coordination(self) -> None:
-        if self.redis_url is not None and (
-            not isinstance(self.redis_url, str)
-            or not self.redis_url.startswith(("redis://", "rediss://", "unix://"))
-        ):
-            raise ConfigError("redis_url", "must be a redis://, rediss:// or unix:// URL")
+        if self.redis_url is not None:
+            if not isinstance(self.redis_url, str):
+                raise ConfigError("redis_url", "must be a redis://, rediss:// or unix:// URL")
+            problem = check_redis_url(self.redis_url)
+            if problem is not None:
+                raise ConfigError("redis_url", f"{redact(self.redis_url)}: {problem}")
+        seconds = _check_seconds(
+            "redis_outage_timeout", self.redis_outage_timeout, allow_zero=False
+        )
+        object.__setattr__(self, "redis_outage_timeout", seconds)
         if self.job is None:
             if self.redis_url is not None and self.processes > 1:
                 raise ConfigError(

@@ -31,7 +31,7 @@ import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.coordination.budget import SharedGate
-from dispatcher.coordination.connection import Link
+from dispatcher.coordination.connection import Link, RedisGone
 from dispatcher.coordination.job import (
     HEARTBEAT_S,
     PENDING,
@@ -171,6 +171,7 @@ class Coordinated:
         self._seeded: set[str] = set()  # results files claimed again (after Redis lost all)
         self._sidecar = self._results_path + JOB_FILE
         self._journal_file: str | None = None  # this run's journal (known once joined)
+        self.cut: list[Envelope] = []  # not claimed: the run gave up on Redis (RedisGone)
 
     def journal_path(self, base: str) -> str:
         """This run's journal: ``<results>.inflight.<n>``, n its number in the job."""
@@ -619,6 +620,9 @@ class Coordinated:
                 await self._startup()
             except JobStateLost as exc:
                 self.lose(exc)
+            except RedisGone:
+                self._ready.set()  # the run gave up on Redis before it sent anything
+                return
             self._ready.set()
             ended = False
             while not ended:
@@ -640,7 +644,11 @@ class Coordinated:
                     except anyio.EndOfStream:
                         ended = True
                         break
-                self._owed = await self._settle(batch, self._owed, journal)
+                try:
+                    self._owed = await self._settle(batch, self._owed, journal)
+                except RedisGone:  # the caller writes the final ones unclaimed
+                    self.cut += batch + [env async for env in receive]
+                    return
                 if self._owed[0]:
                     # Durable before the next claim: the journal then forgets them, and
                     # the engine, which holds new records while too many are in doubt
@@ -695,6 +703,8 @@ class Coordinated:
         # A record stopped before its last attempt, none of which may have arrived, is not
         # final: left unclaimed and unwritten, for another process or the next run.
         self.left += len(batch) - len(final)
+        for env in (env for env in batch if not _is_final(env)):
+            self.stats.unrecord(env)  # not written: the summary counts what is
         # One claim per key and call: a claim found to be ours counts as won (that is how
         # a retried call sees its own), so a key twice in one call would be written twice.
         lines: dict[str, bytes] = {}

@@ -56,6 +56,24 @@ class RunStats:
             self.latency_sum_ms += env.latency_ms
             self.latency_count += 1
 
+    def unrecord(self, env: Envelope) -> None:
+        """Take back :meth:`record` of ``env``: its envelope is not written after all (a
+        --job leaves a record that is not final to another process or the next run)."""
+        self.records -= 1
+        self.deliveries[env.delivery.value] -= 1
+        self.statuses["none" if env.status is None else str(env.status)] -= 1
+        if env.error is not None:
+            label = env.error.kind.value
+            if env.error.code is not None:
+                label = f"{label}/{env.error.code}"
+            self.errors[label] -= 1
+        for counter in (self.deliveries, self.statuses, self.errors):
+            for name in [name for name, n in counter.items() if n <= 0]:
+                del counter[name]
+        if env.latency_ms is not None:
+            self.latency_sum_ms -= env.latency_ms
+            self.latency_count -= 1
+
     @property
     def confirmed(self) -> int:
         return self.deliveries[Delivery.CONFIRMED.value]
