@@ -97,7 +97,12 @@ async def test_four_runs_share_one_account_budget(
     assert statuses.count(429) == 0
     assert statuses.count(200) == 4 * per_run
     times = [r.t for r in requests]
-    assert max_in_window(times, 1.0) <= 50
+    # The emulator stamps a request when its handler runs in this test's event loop,
+    # which a loaded machine holds up: requests of one second can be stamped up to a
+    # lag later, closer to the next second's. With a lag up to LAG, no window of
+    # 1 s - LAG may see more than 50 (52 were seen in 1 s under load, none refused).
+    lag = 0.1
+    assert max_in_window(times, 1.0 - lag) <= 50
     # The rate is taken while all four run (Python start-up on a busy machine staggers
     # them by up to a second): from the last run's first request to the first run's last.
     by_run: dict[str, list[float]] = {}

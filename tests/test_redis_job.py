@@ -251,6 +251,13 @@ async def test_a_worker_killed_between_its_claim_and_its_write_loses_no_envelope
                 )
                 if i == 0:
                     proxy.victim = procs[0].pid
+                    # The others start once the victim is dead: started together, a slow
+                    # start-up of the victim on a loaded machine let them finish the whole
+                    # job before it made a claim, and the proxy never fired.
+                    with anyio.fail_after(60):
+                        while not proxy.fired:
+                            assert procs[0].returncode is None, "the victim never claimed"
+                            await anyio.sleep(0.02)
             with anyio.fail_after(60):
                 codes = [await p.wait() for p in procs]
         finally:

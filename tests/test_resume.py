@@ -110,7 +110,7 @@ async def test_ctrl_c_drains_in_flight_then_resume_finishes(tmp_path: Path) -> N
         await wait_until_sending(out, proc)
         await anyio.sleep(1.0)
         proc.send_signal(signal.SIGINT)
-        with anyio.fail_after(10):
+        with anyio.fail_after(60):  # a guard against a hang: the drain is of 300 ms requests
             code = await proc.wait()
         assert code == 130
         first = final_by_key(out)
@@ -135,15 +135,19 @@ async def test_second_ctrl_c_stops_at_once_with_unknown_for_in_flight(tmp_path: 
     ids = [f"h{k}" for k in range(50)]
     src = write_input(tmp_path / "in.jsonl", ids)
     out = tmp_path / "out.jsonl"
-    cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults.parse([], latency="20s"))
+    # Answers come after 120 s, and neither the request timeout nor the first Ctrl-C's
+    # grace ends the wait for them sooner: a run that ends within the 60 s below did not
+    # wait (with answers after 20 s and an 8 s limit, a loaded machine could miss the 8 s).
+    cfg = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults.parse([], latency="120s"))
     async with Emulator(cfg) as emu:
-        proc = await start(cmd(src, out, "--rate", "unlimited", "--concurrency", "4"), env_for(emu))
+        args = cmd(src, out, "--rate", "unlimited", "--concurrency", "4")
+        proc = await start([*args, "--timeout", "300s", "--grace", "300s"], env_for(emu))
         await wait_until_sending(out, proc)
         await anyio.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         await anyio.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        with anyio.fail_after(8):
+        with anyio.fail_after(60):
             code = await proc.wait()
     assert code == 130
     envs = all_lines(out)

@@ -128,7 +128,12 @@ async def test_the_cli_at_rate_unlimited_sends_a_few_rounds_into_a_storm(tmp_pat
             *("--rate", "unlimited", "--concurrency", str(CONCURRENCY)),
         ]
         async with await anyio.open_process(args, env=env, stderr=subprocess.PIPE) as proc:
-            await anyio.sleep(RUN_S + 1.0)  # the interpreter's start-up, then the storm
+            # The interpreter's start-up, however long a loaded machine takes (a fixed 1 s
+            # for it left no storm at all when it took longer), then RUN_S of the storm.
+            with anyio.fail_after(60):
+                while not server.requests:  # noqa: ASYNC110 (the server has no event to wait on)
+                    await anyio.sleep(0.02)
+            await anyio.sleep(RUN_S)
             proc.send_signal(signal.SIGINT)
             assert proc.stderr is not None
             err = b"".join([chunk async for chunk in proc.stderr]).decode()
