@@ -84,7 +84,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         location / {{
-            limit_req zone=api burst=5{nodelay};
+            limit_req zone=api burst={burst}{nodelay};
             root {tmp};
             try_files /ok.json =404;
             error_page 405 =200 @ok;
@@ -135,9 +135,9 @@ def ensure_nginx() -> str:
 
 
 @contextlib.contextmanager
-def nginx(tmp: Path, rate: int, *, nodelay: bool) -> Iterator[tuple[int, Path]]:
+def nginx(tmp: Path, rate: int, *, nodelay: bool, burst: int = 5) -> Iterator[tuple[int, Path]]:
     """nginx limit_req at ``rate``/s on a free port; yields (port, access log path)."""
-    where = tmp / f"nginx-{rate}-{'nodelay' if nodelay else 'delay'}"
+    where = tmp / f"nginx-{rate}-{burst}-{'nodelay' if nodelay else 'delay'}"
     where.mkdir()
     (where / "ok.json").write_text("{}")
     # nginx's workers run as nobody when started by root: they must reach the file.
@@ -150,11 +150,14 @@ def nginx(tmp: Path, rate: int, *, nodelay: bool) -> Iterator[tuple[int, Path]]:
         NGINX_CONF.format(
             tmp=where,
             rate=rate,
+            burst=burst,
             port=port,
             nodelay=" nodelay" if nodelay else "",
             ok=OK_BODY,
             limited=LIMITED_BODY,
         )
+        .replace(" burst=0 nodelay", "")
+        .replace(" burst=0", "")  # nginx's default: none
     )
     proc = subprocess.Popen(
         [ensure_nginx(), "-p", str(where), "-c", str(conf), "-e", str(where / "e.log")],

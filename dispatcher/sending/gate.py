@@ -1,8 +1,9 @@
 """The run-wide rate gate: one per run, shared by every worker, passed by every attempt.
 
-Two things hold an attempt back: a leaky bucket (aiolimiter) that spaces requests at the
-configured rate, and a pause-until deadline that a 429 sets for the whole run, since
-Cloudflare locks out the account, not the request.
+Two things hold an attempt back: the pace, and a pause-until deadline that a 429 sets for
+the whole run, since Cloudflare locks out the account, not the request. The pace is a small
+leaky bucket (aiolimiter) by default, or, once :meth:`RateGate.set_strict` is on, a due-time
+schedule with zero tolerance: no two requests leave closer than 1/rate (see docs/rate.md).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +37,9 @@ __all__ = ["Gate", "GateCounts", "GateStats", "RateGate", "default_burst"]
 # the pace is strictly burst-free.
 _BURST_FREE_UP_TO: typing.Final = 5.0  # requests/s
 _SLACK_S: typing.Final = 0.006
+# Strict spacing sleeps to this much before a due time, then yields to the loop until the
+# precise timer reaches it: an epoll timeout ends up to 1 ms late, and a late slot is lost.
+SPIN_S: typing.Final = 0.001
 
 
 def default_burst(rate: float) -> int:
@@ -132,6 +137,11 @@ class RateGate:
     :func:`default_burst`. ``clock`` defaults to the running loop's ``time()``, which is
     also what the bucket and ``anyio.sleep`` use; an injected clock must read the same time
     base (it exists for checking pause bookkeeping without a loop).
+
+    ``strict`` starts with strict spacing on (see :meth:`set_strict`). Its schedule reads
+    ``timer`` (default :func:`time.perf_counter`: a loop's clock may count whole
+    milliseconds, as uvloop's does); each wait sleeps to ``spin`` s before the due time,
+    then yields to the loop until ``timer`` reaches it.
     """
 
     __slots__ = (
@@ -139,12 +149,17 @@ class RateGate:
         "_bucket_waiters",
         "_burst",
         "_clock",
+        "_last_sent",
         "_limiter",
         "_paused_s",
         "_paused_until",
         "_pauses",
         "_rate",
         "_resumed_after",
+        "_spin",
+        "_strict",
+        "_timer",
+        "_turn",
     )
 
     def __init__(
@@ -153,8 +168,13 @@ class RateGate:
         *,
         burst: int | None = None,
         clock: Callable[[], float] | None = None,
+        strict: bool = False,
+        timer: Callable[[], float] = time.perf_counter,
+        spin: float = SPIN_S,
     ) -> None:
         _check_rate(rate)
+        if not (math.isfinite(spin) and spin >= 0):
+            raise ValueError(f"spin must be a finite number of seconds >= 0, got {spin!r}")
         if burst is not None and (
             not isinstance(burst, int) or isinstance(burst, bool) or burst < 1
         ):
@@ -170,6 +190,12 @@ class RateGate:
         self._acquired = 0
         self._pauses = 0
         self._paused_s = 0.0
+        self._strict = strict
+        self._timer = timer
+        self._spin = spin
+        self._last_sent = -math.inf  # timer reading when the last strict slot was taken
+        # Strict slots go one at a time, in arrival order: only the head waiter sleeps.
+        self._turn = anyio.Lock()
         self.set_rate(rate)
 
     @property
@@ -179,8 +205,37 @@ class RateGate:
 
     @property
     def burst(self) -> int | None:
-        """The current bucket size, or ``None`` when unlimited."""
-        return None if self._limiter is None else int(self._limiter.max_rate)
+        """The current bucket size, or ``None`` when unlimited (1 under strict spacing)."""
+        if self._limiter is None:
+            return None
+        return 1 if self._strict else int(self._limiter.max_rate)
+
+    @property
+    def strict(self) -> bool:
+        """Whether requests are spaced strictly (no two closer than 1/rate)."""
+        return self._strict
+
+    def set_strict(self, strict: bool = True) -> None:
+        """Switch strict spacing on (or off) now.
+
+        Strict spacing schedules each request at a due time, one interval after the last
+        one actually left, with no tolerance: a limiter of any burst, ``limit_req`` with
+        ``burst=0`` included, admits every request at a rate at or under its own. A slot
+        taken late is lost, never made up with a burst, so the achieved rate is a little
+        under the set one by the wake-ups' lateness (which the spin keeps small). Turned on
+        with requests out under the bucket, the first strict one waits a whole interval.
+        """
+        if strict == self._strict:
+            return
+        self._strict = strict
+        if strict:
+            self._last_sent = self._timer()
+        self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        waiters, self._bucket_waiters = self._bucket_waiters, set()
+        for scope in waiters:
+            scope.cancel()
 
     @property
     def paused_until(self) -> float:
@@ -219,9 +274,7 @@ class RateGate:
             self._limiter = AsyncLimiter(burst, burst / rate)
             if old is not None:
                 _carry_level(old, self._limiter)
-        waiters, self._bucket_waiters = self._bucket_waiters, set()
-        for scope in waiters:
-            scope.cancel()
+        self._release_waiters()
 
     def pause_for(self, seconds: float) -> None:
         """Hold every acquire until ``seconds`` from now; never shortens a longer pause."""
@@ -245,7 +298,11 @@ class RateGate:
         if self._now() < self._paused_until:
             return False
         limiter = self._limiter
-        return limiter is None or (not self._bucket_waiters and limiter.has_capacity())
+        if limiter is None:
+            return True
+        if self._strict:
+            return not self._turn.locked() and self._timer() >= self._due()
+        return not self._bucket_waiters and limiter.has_capacity()
 
     async def acquire(self) -> None:
         """Wait until the run is not paused and the bucket has room, then take one slot."""
@@ -253,7 +310,10 @@ class RateGate:
             if await self._wait_out_pause():
                 self._resume_at_pace()
             limiter = self._limiter
-            if limiter is not None:
+            if limiter is not None and self._strict:
+                if not await self._take_turn():
+                    continue
+            elif limiter is not None:
                 if limiter.has_capacity():
                     # Room right now: aiolimiter's acquire returns without suspending.
                     await limiter.acquire()
@@ -301,6 +361,40 @@ class RateGate:
             self._bucket_waiters.add(scope)
             try:
                 await limiter.acquire()
+            finally:
+                self._bucket_waiters.discard(scope)
+        return not scope.cancelled_caught
+
+    def _due(self) -> float:
+        rate = self._rate
+        return -math.inf if rate is None else self._last_sent + 1.0 / rate
+
+    async def _take_turn(self) -> bool:
+        """Take the next strict slot; ``False`` if the pace or the mode changed meanwhile,
+        or a pause began: the caller starts over."""
+        async with self._turn:
+            if not self._strict or self._now() < self._paused_until:
+                return False
+            due = self._due()
+            if self._timer() < due and not await self._sleep_until(due):
+                return False
+            if self._now() < self._paused_until:
+                return False
+            # One interval from when this slot was actually taken, not from when it was
+            # due: lateness moves the schedule on rather than letting two out close.
+            self._last_sent = self._timer()
+            return True
+
+    async def _sleep_until(self, due: float) -> bool:
+        """Sleep until ``timer`` reaches ``due``; ``False`` if set_rate cut the sleep short."""
+        with anyio.CancelScope() as scope:
+            self._bucket_waiters.add(scope)
+            try:
+                # Not waiting for an event: for a deadline. The last stretch yields to the
+                # loop pass by pass instead of relying on a timeout the selector rounds up
+                # to whole milliseconds.
+                while (left := due - self._timer()) > 0:  # noqa: ASYNC110
+                    await anyio.sleep(left - self._spin if left > self._spin else 0)
             finally:
                 self._bucket_waiters.discard(scope)
         return not scope.cancelled_caught

@@ -39,6 +39,13 @@ provoked. The :class:`Pacer` watches every answer and sets the gate's rate:
    limiter that queues answers late but without a gap): the search waits out the
    pause and climbs on. A ceiling remembered from an earlier run starts the search there.
    As soon as the server sends its policy, the rate jumps to the policy ceiling.
+5. **Strict spacing.** Auto asks the gate for strict spacing from the start (no two requests
+   closer than 1/rate: see :meth:`~dispatcher.sending.gate.RateGate.set_strict`), so a
+   limiter without a burst (``limit_req`` with ``burst=0``) accepts every request under its
+   rate and the search has one unknown, the rate. A told ``--rate`` keeps the gate's small
+   bucket until its first 429 without a policy; then it turns strict and searches as auto
+   does from there, the told rate its ceiling (the user's number is a ceiling, not a promise
+   the server agreed to).
 
 All time comes from an injected clock, so this is tested without sleeping.
 """
@@ -48,7 +55,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 from dispatcher.model import Outcome
 
@@ -97,6 +104,14 @@ class Steered(Protocol):
     def pause_for(self, seconds: float) -> None: ...
 
 
+@runtime_checkable
+class Spaced(Protocol):
+    """A gate that can space requests strictly (:class:`~dispatcher.sending.gate.RateGate`);
+    one that cannot (a gate shared in Redis, whose GCRA spaces them already) is left be."""
+
+    def set_strict(self, strict: bool = True) -> None: ...
+
+
 def _close(rate: float | None, current: float | None) -> bool:
     if rate is None or current is None:
         return rate is current
@@ -123,6 +138,7 @@ class Pacer:
     __slots__ = (
         "_answers",
         "_auto",
+        "_cap",
         "_ceiling_rate",
         "_climb",
         "_clock",
@@ -141,6 +157,7 @@ class Pacer:
         "_policy_rate",
         "_quiet_until",
         "_refined",
+        "_search",
         "_sends",
         "_share",
         "_slow_start",
@@ -174,6 +191,10 @@ class Pacer:
         self._share = share
         self._gate = gate
         self._auto = auto
+        # Whether answers steer the rate: from the start under auto, from its first 429
+        # for a told rate, which is then the ceiling (``_cap``) the search stays under.
+        self._search = auto
+        self._cap = None if auto else requested
         self._clock = clock
         self._policy_rate: float | None = None
         self._stretch_until = 0.0
@@ -210,7 +231,13 @@ class Pacer:
             # The earlier run held it clean: a 429 right at the start (the first requests
             # of new connections reach the server together) costs 3%, not 15% for 30 s.
             self._held_since = now - PROVEN
+        if auto:
+            self._space_strictly()
         self._apply(self._target, force=True)
+
+    def _space_strictly(self) -> None:
+        if isinstance(self._gate, Spaced):
+            self._gate.set_strict(True)
 
     @property
     def target(self) -> float | None:
@@ -234,9 +261,10 @@ class Pacer:
         return max(rate, self._target or 0.0) / self._share
 
     def _ceiling(self, rate: float | None) -> float | None:
-        if self._policy_rate is None:
-            return rate
-        return self._policy_rate if rate is None else min(rate, self._policy_rate)
+        for cap in (self._policy_rate, self._cap if self._search else None):
+            if cap is not None:
+                rate = cap if rate is None else min(rate, cap)
+        return rate
 
     def _apply(self, rate: float | None, *, force: bool = False) -> None:
         if not force and _close(rate, self._gate.rate):
@@ -256,7 +284,14 @@ class Pacer:
                 if self._auto:
                     self._slow_start = False
                     self._target = policy
-        searching = self._auto and self._policy_rate is None
+        if (
+            outcome.status == 429
+            and not self._search
+            and self._cap is not None
+            and self._policy_rate is None
+        ):
+            self._told_refused()
+        searching = self._search and self._policy_rate is None
         if searching and outcome.sent:
             self._latencies.append((now, outcome.latency_s))
         if outcome.status == 429:
@@ -271,6 +306,9 @@ class Pacer:
                     self._refine(sent)  # sent before the decrease, answered late: news
             self._answers += 1
             self._tick(now)
+        elif outcome.ok and self._cap is not None and self._policy_rate is None:
+            # A told rate keeps its sends, for the estimate should a 429 ever come back.
+            self._sends.append((now - outcome.latency_s, True))
         stretched: float | None = None
         if info is not None and info.remaining is not None and info.reset is not None:
             self._track_window(now, info.remaining, info.window, in_flight)
@@ -320,6 +358,15 @@ class Pacer:
             if left < reset:
                 return max(0.0, left)  # at most until the latest the window can end
         return reset
+
+    def _told_refused(self) -> None:
+        """A told rate drew a 429, and no policy says the budget: the server's limiter is at
+        or under the told rate, and shows no burst to spare. Space strictly from now on, and
+        let this 429 start an episode as under auto: the rate steps below the told one, to
+        just under the limit the sends so far tell."""
+        self._search = True
+        self._slow_start = False
+        self._space_strictly()
 
     def _fit(self, end: float) -> tuple[float, float, int] | None:
         """The limit's bounds from the sends so far: ``end`` is a send answered 2xx, and
@@ -535,5 +582,7 @@ class Pacer:
                 self._top = self._ceiling_rate = None
         else:
             target *= 1 + PROBE * min(elapsed / INTERVAL, 4.0)
+        if self._cap is not None:
+            target = min(target, self._cap)  # a told rate is a ceiling
         self._moved = target != self._target
         self._target = target
