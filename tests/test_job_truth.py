@@ -143,6 +143,9 @@ async def test_redis_losing_the_job_stops_the_run_and_a_rerun_sends_nothing_twic
                 codes.extend(await run_all(commands, logs, env=env))
 
             tg.start_soon(first_run)
+            # All three joined (a loaded machine starts Python slowly): each has sent.
+            for out in outs:
+                await wait_for_envelopes([out], 30, deadline=60)
             await wait_for_envelopes(outs, 150)
             if how == "restored from an older snapshot":
                 redis_server.command("save")

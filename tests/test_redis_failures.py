@@ -25,6 +25,7 @@ import anyio.abc
 import orjson
 import pytest
 from redis_server import RedisServer, free_port, needs_redis
+from test_redis_job import envelopes
 
 from dispatcher.commands.send import finish_command
 from dispatcher.coordination.urls import check_redis_url, redact
@@ -61,15 +62,6 @@ def send_command(
         *("--account-id", "acct1", "--base-url", base_url),
         *("--redis", redis_url, "--results", str(results), "--progress", "lines"),
         *extra,
-    ]
-
-
-def envelopes(paths: list[Path]) -> list[dict[str, object]]:
-    return [
-        orjson.loads(line)
-        for path in paths
-        if path.exists()
-        for line in path.read_bytes().splitlines()
     ]
 
 
@@ -234,7 +226,9 @@ async def test_a_redis_url_that_cannot_be_used_is_one_line_and_exit_2(
     code, shown, took = await _send_once(url, tmp_path)
     line = _one_line_naming_redis(code, shown, url)
     assert says in line
-    assert took < 8.0  # interpreter start-up plus at most the 3 s check
+    # Start-up plus at most the 3 s check (generous for a loaded machine; before, it
+    # waited forever or ended in a traceback).
+    assert took < 20.0
 
 
 async def test_a_host_that_never_answers_is_one_line_within_the_connect_timeout(
@@ -256,8 +250,8 @@ async def test_a_host_that_never_answers_is_one_line_within_the_connect_timeout(
             code, shown, took = await _send_once(url, tmp_path)
             tg.cancel_scope.cancel()
     line = _one_line_naming_redis(code, shown, url)
-    assert "no answer within 3 s" in line
-    assert took < 8.0
+    assert "no answer within 3 s" in line  # the probe's own timeout ended it
+    assert took < 60, "it waited for the silent host"  # a hang guard, not a timing
 
 
 async def test_status_with_a_bad_url_is_one_line(tmp_path: Path) -> None:
@@ -312,7 +306,7 @@ async def test_an_outage_longer_than_the_timeout_ends_the_run_resumably(
                 proc.kill()
         sent_before = len(emu.log.requests)
         assert code == 3, stderr[-3000:]
-        assert 2.0 <= took < 6.0, took
+        assert 2.0 <= took < 15.0, took  # the 2 s timeout, not forever (as before)
         assert "Traceback" not in stderr
         assert "--redis-outage-timeout 2s" in stderr
         written = envelopes([results])
@@ -388,10 +382,10 @@ async def test_a_job_that_loses_redis_ends_soon_and_its_summary_matches_its_enve
         assert "no records in" not in stderr
         if how == "ctrl-c":
             assert code == 130, stderr[-3000:]
-            assert took < 3.0, took
+            assert took < 10.0, took  # not the 30 s grace plus 3 s it took before
         else:
             assert code == 3, stderr[-3000:]
-            assert took < 5.0, took
+            assert took < 15.0, took  # the 2 s timeout, not forever (as before)
         written = envelopes([results])
         counts = summary_counts(stderr)
         assert counts["records"] == len(written), stderr[-3000:]
@@ -552,7 +546,7 @@ async def test_ctrl_c_while_redis_is_away_ends_at_once(
             if proc.returncode is None:
                 proc.kill()
     assert code == 130, stderr[-3000:]
-    assert took < 2.0, took
+    assert took < 10.0, took  # at once, not the 33 s it took before
     assert "Traceback" not in stderr
     assert "no records in" not in stderr
     written = envelopes([results])

@@ -678,19 +678,12 @@ async def check_redis(settings: SendSettings) -> None:
     assert url is not None
     try:
         from dispatcher.coordination.connection import probe, redact
-        from dispatcher.coordination.job import TIMEOUT_ENV, heartbeat_timeout
-        from dispatcher.run.shared import check_job_inputs, shard_lines
+        from dispatcher.run.shared import check_job_settings
     except ImportError as exc:
         raise ConfigError(
             "--redis", "needs redis-py: pip install 'cf-workflows-dispatcher[redis]'"
         ) from exc
-    if settings.job is not None:
-        check_job_inputs(settings)
-        shard_lines()
-        try:
-            heartbeat_timeout()
-        except ValueError as exc:
-            raise ConfigError(TIMEOUT_ENV, str(exc)) from None
+    check_job_settings(settings)
     problem = await probe(url)
     if problem is not None:
         raise ConfigError("--redis", f"{redact(url)}: {problem}")

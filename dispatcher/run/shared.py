@@ -87,6 +87,18 @@ def shard_lines() -> int:
     return int(raw)
 
 
+def check_job_settings(settings: SendSettings) -> None:
+    """A --job's inputs and environment settings, before anything is sent (exit 2)."""
+    if settings.job is None:
+        return
+    check_job_inputs(settings)
+    shard_lines()
+    try:
+        heartbeat_timeout()
+    except ValueError as exc:
+        raise ConfigError(TIMEOUT_ENV, str(exc)) from None
+
+
 def check_job_inputs(settings: SendSettings) -> None:
     for path in settings.inputs:
         if path == "-":
@@ -913,13 +925,7 @@ async def coordinated(
     settings: SendSettings, stats: RunStats, options: ReadOptions
 ) -> AsyncIterator[Coordinated]:
     """The run's coordination, live for the ``async with`` block."""
-    if settings.job is not None:
-        check_job_inputs(settings)
-        shard_lines()
-        try:
-            heartbeat_timeout()
-        except ValueError as exc:
-            raise ConfigError(TIMEOUT_ENV, str(exc)) from None
+    check_job_settings(settings)
     shared = Coordinated(settings, stats, options)
     try:
         async with shared.gate.running():
