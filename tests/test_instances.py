@@ -154,3 +154,19 @@ async def test_error_share_is_reproducible(clock: Clock) -> None:
         clock.t += 2
         _, doc = await call(s, "GET", url(emu), params={"status": "errored", "per_page": "100"})
         assert 5 < len(doc["result"]) < 35
+
+
+def test_emulate_flags_turn_the_instance_mode_on() -> None:
+    from dispatcher.commands.cli import build_parser
+    from dispatcher.emulator.cli import build_config
+
+    parser = build_parser("emulate").commands["emulate"]
+    assert build_config(parser.parse_args([])).instances is None  # event-only by default
+    args = parser.parse_args(
+        ["--instances", "approval", "--wait-timeout", "5m", "--steps", "1s,500ms",
+         "--error-share", "5%"]
+    )  # fmt: skip
+    model = build_config(args).instances
+    assert model == InstanceModel(
+        event_type="approval", timeout=300.0, steps=(1.0, 0.5), error_share=0.05
+    )
