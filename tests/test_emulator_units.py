@@ -33,6 +33,7 @@ def test_public_api_is_exactly_what_is_exported() -> None:
         "EmulatorLog",
         "FaultKind",
         "Faults",
+        "InstanceModel",
         "Limit",
         "RequestEntry",
         "parse_duration",

@@ -31,6 +31,7 @@ EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "send": ("dispatcher.commands.send", "send events from JSONL, CSV or id-list files"),
+    "create": ("dispatcher.commands.create", "create Workflow instances in bulk, once each"),
     "demo": ("dispatcher.commands.demo", "run the whole job against the embedded emulator"),
     "emulate": ("dispatcher.emulator.cli", "serve the Cloudflare Workflows API emulator"),
     "report": (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dispatcher.emulator.config import EmulatorConfig, Limit
 from dispatcher.emulator.faults import FaultKind, Faults, parse_fault, parse_latency
+from dispatcher.emulator.instances import InstanceModel
 from dispatcher.emulator.log import EmulatorLog, RequestEntry
 from dispatcher.emulator.server import Emulator
 from dispatcher.emulator.units import parse_duration
@@ -20,6 +21,7 @@ __all__ = [
     "EmulatorLog",
     "FaultKind",
     "Faults",
+    "InstanceModel",
     "Limit",
     "RequestEntry",
     "parse_duration",

@@ -20,6 +20,7 @@ from dispatcher.emulator.config import (
     Limit,
 )
 from dispatcher.emulator.faults import Faults, parse_fault, parse_latency
+from dispatcher.emulator.instances import InstanceModel
 from dispatcher.emulator.server import Emulator
 from dispatcher.emulator.units import format_seconds, parse_duration
 
@@ -94,6 +95,21 @@ def _known_instances(text: str) -> frozenset[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {text!r}: {exc}") from None
     return frozenset(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+
+
+def _durations(text: str) -> tuple[float, ...]:
+    return tuple(parse_duration(part) for part in text.split(",") if part.strip())
+
+
+def _share(text: str) -> float:
+    spec = text.strip()
+    try:
+        value = float(spec[:-1]) / 100 if spec.endswith("%") else float(spec)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a share (5% or 0.05)") from None
+    if not 0 <= value <= 1:
+        raise ValueError(f"{text!r} is not between 0 and 100%")
+    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -171,6 +187,41 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="faults hit only the first K attempts of each event",
     )
     add(
+        "--instances",
+        default=None,
+        metavar="EVENT_TYPE",
+        help="model instances (create, list, get); each waits for EVENT_TYPE (default: off, "
+        "event-only mode)",
+    )
+    add(
+        "--wait-timeout",
+        type=_flag_type(parse_duration),
+        default=3600.0,
+        metavar="DURATION",
+        help="the model's waitForEvent timeout (default: 1h)",
+    )
+    add(
+        "--wait-after",
+        type=_flag_type(parse_duration),
+        default=0.0,
+        metavar="DURATION",
+        help="how long after creation an instance starts to wait (default: 0s)",
+    )
+    add(
+        "--steps",
+        type=_flag_type(_durations),
+        default=(),
+        metavar="D,D,...",
+        help="durations of the steps after the wait, e.g. 1s,500ms",
+    )
+    add(
+        "--error-share",
+        type=_flag_type(_share),
+        default=0.0,
+        metavar="P",
+        help="share of instances that error in their last step, e.g. 5%% (default: 0)",
+    )
+    add(
         "--seed",
         type=_flag_type(_integer),
         default=0,
@@ -196,6 +247,15 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         port=args.port,
         keep_requests=False,  # nobody can read the list from the shell; keep memory flat
         strict_ids=not args.lenient_ids,
+        instances=None
+        if args.instances is None
+        else InstanceModel(
+            event_type=args.instances,
+            timeout=args.wait_timeout,
+            wait_after=args.wait_after,
+            steps=args.steps,
+            error_share=args.error_share,
+        ),
     )
 
 
@@ -223,6 +283,13 @@ def describe(config: EmulatorConfig, emulator: Emulator) -> list[str]:
         f"  limit:     {limits}",
         f"  faults:    {config.faults.describe()} (seed {config.seed})",
         f"  instances: {'any' if known is None else f'{len(known)} known'}",
+        "  model:     "
+        + (
+            "off (event-only)"
+            if config.instances is None
+            else f"wait for {config.instances.event_type!r}, then "
+            f"{len(config.instances.steps)} step(s)"
+        ),
         "Ctrl-C to stop.",
     ]
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from dispatcher.emulator.faults import Faults
+from dispatcher.emulator.instances import InstanceModel
 from dispatcher.emulator.units import format_seconds, parse_duration
 
 #: Cloudflare's global API limit: 1200 requests per 5 minutes per user.
@@ -65,6 +66,8 @@ class EmulatorConfig:
     ``keep_requests=False`` stops keeping one :class:`RequestEntry` per request, so a long
     shell run keeps flat memory (counts and accepted keys are still kept).
     ``strict_ids=False`` lets cron-style system instance ids through (length still checked).
+    ``instances`` (opt-in) models instances: create, list, get, and events kept per
+    instance; unknown instance ids then answer 404 code 10400. ``None``: event-only mode.
     """
 
     tokens: tuple[str, ...] = ()
@@ -78,8 +81,11 @@ class EmulatorConfig:
     port: int = 0
     keep_requests: bool = True
     strict_ids: bool = True
+    instances: InstanceModel | None = None
 
     def __post_init__(self) -> None:
+        if self.instances is not None and not isinstance(self.instances, InstanceModel):
+            raise ValueError(f"instances must be an InstanceModel or None, got {self.instances!r}")
         _check_strings("tokens", self.tokens)
         if not isinstance(self.legacy_keys, tuple) or not all(
             isinstance(pair, tuple)

@@ -22,6 +22,7 @@ from dispatcher.emulator.auth import Authenticator
 from dispatcher.emulator.config import EmulatorConfig
 from dispatcher.emulator.envelope import ApiError
 from dispatcher.emulator.faults import EventKey, FaultKind, FaultPlan
+from dispatcher.emulator.instances import Answer, InstanceStore
 from dispatcher.emulator.log import EmulatorLog, RequestEntry
 from dispatcher.emulator.ratelimit import FixedWindowLimiter
 from dispatcher.emulator.units import format_seconds
@@ -71,6 +72,26 @@ def parse_event_path(path: str) -> Route | None:
         raise BadSegment("a path segment is not valid percent-encoded UTF-8") from exc
 
 
+def parse_instances_path(path: str) -> tuple[str, str, str | None] | None:
+    """(workflow, "list"|"batch"|"one", instance_id) for an instances URL, else None."""
+    if not path.startswith(_ACCOUNTS):
+        return None
+    parts = path[len(_ACCOUNTS) :].split("/")
+    if len(parts) < 4 or parts[1] != "workflows" or parts[3] != "instances" or not parts[2]:
+        return None
+    try:
+        workflow = unquote(parts[2], errors="strict")
+        if len(parts) == 4:
+            return workflow, "list", None
+        if len(parts) == 5 and parts[4] == "batch":
+            return workflow, "batch", None
+        if len(parts) == 5 and parts[4]:
+            return workflow, "one", unquote(parts[4], errors="strict")
+    except UnicodeDecodeError:
+        return None
+    return None
+
+
 class EventService:
     """Holds the emulator's state (budgets, fault plan, log) and answers requests."""
 
@@ -98,6 +119,13 @@ class EventService:
             FaultPlan(faults, config.seed) if faults.any_failure or faults.any_latency else None
         )
         self._timestamps = envelope.Timestamps()
+        self.instances = (
+            InstanceStore(
+                config.instances, config.seed, clock, log.creations, strict_ids=config.strict_ids
+            )
+            if config.instances is not None
+            else None
+        )
 
     # -- the hot path -------------------------------------------------------------------
 
@@ -129,6 +157,10 @@ class EventService:
                 return self._error(envelope.RATE_LIMITED, headers, now, names)
 
         if route is None and bad_segment is None:
+            if self.instances is not None:
+                target = parse_instances_path(path)
+                if target is not None:
+                    return await self._instances(request, target, auth_error, headers, now)
             return self._error(envelope.NO_ROUTE, headers, now, names)
         if request.method != "POST":
             headers["Allow"] = "POST"
@@ -146,6 +178,9 @@ class EventService:
             bad = envelope.api_error(400, envelope.BAD_PATH_CODE, exc.message)
             return self._error(bad, headers, now, names)
         if self._known is not None and instance_id not in self._known:
+            return self._error(envelope.INSTANCE_NOT_FOUND, headers, now, names)
+        store = self.instances
+        if store is not None and store.instance(workflow, instance_id) is None:
             return self._error(envelope.INSTANCE_NOT_FOUND, headers, now, names)
 
         body_sha: str | None = None
@@ -177,6 +212,8 @@ class EventService:
                 return self._fault(request, fault, headers, now, event)
 
         log = self._log
+        if store is not None:
+            store.receive_event(workflow, instance_id, event_type, self._clock())
         log.accept(event, self._clock() if self._plan is not None else now)
         log.record(RequestEntry(now, 200, workflow, instance_id, event_type, body_sha))
         return web.Response(
@@ -184,6 +221,61 @@ class EventService:
             status=200,
             headers=headers,
         )
+
+    async def _instances(
+        self,
+        request: web.Request,
+        target: tuple[str, str, str | None],
+        auth_error: ApiError | None,
+        headers: dict[str, str],
+        now: float,
+    ) -> web.Response:
+        store = self.instances
+        assert store is not None
+        workflow, kind, instance_id = target
+        names: Names = (workflow, instance_id, None)
+        allowed = {"list": "GET, POST", "batch": "POST", "one": "GET"}[kind]
+        if request.method not in allowed.split(", "):
+            headers["Allow"] = allowed
+            return self._error(envelope.METHOD_NOT_ALLOWED, headers, now, names)
+        if auth_error is not None:
+            return self._error(auth_error, headers, now, names)
+        try:
+            check_path(workflow, instance_id or "x", "x", strict_ids=self._strict_ids)
+        except RuleViolation as exc:
+            bad = envelope.api_error(400, envelope.BAD_PATH_CODE, exc.message)
+            return self._error(bad, headers, now, names)
+        query = dict(request.query)
+        if request.method == "GET":
+            answer = (
+                store.list(workflow, query)
+                if instance_id is None
+                else store.get(workflow, instance_id, query)
+            )
+        else:
+            raw = await request.read() if request.body_exists else b""
+            try:
+                body = orjson.loads(raw) if raw else None
+            except orjson.JSONDecodeError:
+                return self._error(envelope.MALFORMED_JSON, headers, now, names)
+            if self._plan is not None:
+                # Faults hit creations too: a lost answer is what resume must survive.
+                fault, latency = self._plan.decide((workflow, kind, sha256(raw).hexdigest(), None))
+                if latency > 0:
+                    await asyncio.sleep(latency)
+                if fault is not None and fault is not FaultKind.DROP:
+                    return self._fault(request, fault, headers, now, (workflow, "", "", None))
+                if fault is FaultKind.DROP:
+                    answer = store.create(workflow, body, single=kind == "list")
+                    return self._fault(request, fault, headers, now, (workflow, "", "", None))
+            answer = store.create(workflow, body, single=kind == "list")
+        return self._answer(answer, headers, now, names)
+
+    def _answer(
+        self, answer: Answer, headers: dict[str, str], now: float, names: Names
+    ) -> web.Response:
+        self._log.record(RequestEntry(now, answer.status, *names, None, answer.code))
+        return web.Response(body=answer.body, status=answer.status, headers=headers)
 
     # -- answers ------------------------------------------------------------------------
 

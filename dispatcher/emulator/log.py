@@ -37,7 +37,15 @@ class EmulatorLog:
     ``keep_requests=False``.
     """
 
-    __slots__ = ("accepted", "faults", "keep_requests", "requests", "started", "status_counts")
+    __slots__ = (
+        "accepted",
+        "creations",
+        "faults",
+        "keep_requests",
+        "requests",
+        "started",
+        "status_counts",
+    )
 
     def __init__(self, *, keep_requests: bool = True) -> None:
         self.keep_requests = keep_requests
@@ -45,6 +53,8 @@ class EmulatorLog:
         self.requests: list[RequestEntry] = []
         self.status_counts: collections.Counter[int | str] = collections.Counter()
         self.faults: collections.Counter[str] = collections.Counter()
+        # (workflow, instance_id) -> instances created with that id (instance mode)
+        self.creations: dict[tuple[str, str], int] = {}
         self.started = time.monotonic()
 
     def record(self, entry: RequestEntry) -> None:
@@ -78,6 +88,7 @@ class EmulatorLog:
         self.requests.clear()
         self.status_counts.clear()
         self.faults.clear()
+        self.creations.clear()
         self.started = time.monotonic()
 
     def snapshot(self) -> dict[str, Any]:
@@ -94,6 +105,11 @@ class EmulatorLog:
                 "duplicate_deliveries": total - len(self.accepted),
             },
             "faults": dict(sorted(self.faults.items())),
+            "created": {
+                "total": sum(self.creations.values()),
+                "unique": len(self.creations),
+                "duplicate_ids": sum(1 for n in self.creations.values() if n > 1),
+            },
             "rate_limited": self.status_counts.get(429, 0),
             "dropped": self.status_counts.get(DROPPED, 0),
             "uptime_s": round(time.monotonic() - self.started, 3),

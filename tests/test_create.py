@@ -1,0 +1,141 @@
+"""`dispatcher create` against the emulator in instance mode: batches, resume, kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from dispatcher.emulator import Emulator, EmulatorConfig, Faults, InstanceModel
+
+MODEL = InstanceModel(event_type="approval")
+
+
+def command(emu: Emulator, results: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "dispatcher", "create", "--workflow", "wf",
+        "--account-id", "acc", "--base-url", emu.base_url, "--results", str(results),
+        "--rate", "1000/s", *extra,
+    ]  # fmt: skip
+
+
+async def run(cmd: list[str]) -> tuple[int, str]:
+    env = dict(os.environ, CLOUDFLARE_API_TOKEN="tok")
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+def outcomes(results: Path) -> dict[str, str]:
+    final: dict[str, str] = {}
+    for line in results.read_bytes().splitlines():
+        obj = orjson.loads(line)
+        if obj["outcome"] != "pending":
+            final[obj["instance_id"]] = obj["outcome"]
+    return final
+
+
+@pytest.mark.parametrize("emulator", [EmulatorConfig(limit=None, instances=MODEL)], indirect=True)
+async def test_jsonl_input_and_existing_ids(emulator: Emulator, tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        "".join(f'{{"instance_id": "o-{n}", "params": {{"n": {n}}}}}\n' for n in range(150))
+        + '{"params": {"no_id": true}}\n'
+    )
+    results = tmp_path / "r.jsonl"
+    code, err = await run(command(emulator, results, str(src)))
+    assert code == 0, err
+    got = outcomes(results)
+    assert len(got) == 151
+    assert set(got.values()) == {"created"}
+    assert "in-151" in got  # an id made from the stem and the line number
+    # A second file naming some of the same ids: those are `exists`, the rest created.
+    again = tmp_path / "again.jsonl"
+    again.write_text('{"instance_id": "o-3"}\n{"instance_id": "fresh"}\n')
+    results2 = tmp_path / "r2.jsonl"
+    code, err = await run(command(emulator, results2, str(again)))
+    assert code == 0, err
+    assert outcomes(results2) == {"o-3": "exists", "fresh": "created"}
+    assert max(emulator.log.creations.values()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--count", "0"], "--count"),
+        (["--count", "3", "--params", "{nope"], "--params"),
+        (["--count", "3", "--id-prefix", "a/b"], "--id-prefix"),
+        (["--count", "3", "--creation-rate", "fast"], "--creation-rate"),
+    ],
+)
+@pytest.mark.parametrize("emulator", [EmulatorConfig(limit=None, instances=MODEL)], indirect=True)
+async def test_bad_flags_exit_2_in_one_line(
+    emulator: Emulator, tmp_path: Path, args: list[str], needle: str
+) -> None:
+    code, err = await run(command(emulator, tmp_path / "r.jsonl", *args))
+    assert code == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("emulator", [EmulatorConfig(limit=None, instances=MODEL)], indirect=True)
+async def test_bad_input_line_names_file_and_line(emulator: Emulator, tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"instance_id": "ok"}\n[1, 2]\n')
+    code, err = await run(command(emulator, tmp_path / "r.jsonl", str(src)))
+    assert code == 2
+    assert f"{src}:2" in err
+    assert "Traceback" not in err
+    assert emulator.log.creations == {}
+
+
+DROPS = EmulatorConfig(limit=None, instances=MODEL, faults=Faults(drop=0.3), seed=7)
+
+
+@pytest.mark.parametrize("emulator", [DROPS], indirect=True)
+async def test_lost_answers_are_read_back_not_created_again(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    results = tmp_path / "r.jsonl"
+    code, err = await run(command(emulator, results, "--count", "300", "--id-prefix", "d-"))
+    assert code == 0, err
+    assert emulator.log.faults["drop"] > 0
+    assert set(outcomes(results).values()) == {"created"}
+    assert len(emulator.log.creations) == 300
+    assert max(emulator.log.creations.values()) == 1
+
+
+@pytest.mark.parametrize("emulator", [EmulatorConfig(limit=None, instances=MODEL)], indirect=True)
+async def test_kill_9_mid_run_then_resume_makes_no_duplicate_and_loses_none(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    results = tmp_path / "r.jsonl"
+    cmd = command(emulator, results, "--count", "500", "--id-prefix", "k-")
+    env = dict(os.environ, CLOUDFLARE_API_TOKEN="tok")
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, "--creation-rate", "200/s", env=env, stderr=asyncio.subprocess.DEVNULL
+    )
+    while sum(emulator.log.creations.values()) < 200:
+        await asyncio.sleep(0.01)
+        assert proc.returncode is None
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    assert 0 < len(emulator.log.creations) < 500
+    code, err = await run([*cmd, "--resume"])
+    assert code == 0, err
+    created = emulator.log.creations
+    assert len(created) == 500  # none lost
+    assert max(created.values()) == 1  # none twice
+    assert set(outcomes(results).values()) == {"created"}
+    code, err = await run([*cmd, "--resume"])  # a rerun of a finished run creates nothing
+    assert code == 0, err
+    assert sum(emulator.log.creations.values()) == 500
