@@ -289,21 +289,8 @@ async def test_an_outage_longer_than_the_timeout_ends_the_run_resumably(
         command = send_command(
             source, results, emu.base_url, url, "--rate", "40/s", "--concurrency", "4"
         )
-        proc = await anyio.open_process(command, env=run_env(DISPATCHER_REDIS_OUTAGE_TIMEOUT="2s"))
-        try:
-            await _wait_for(lambda: len(emu.log.requests) >= 60)
-            locked_redis.stop()
-            stopped = time.monotonic()
-            with anyio.fail_after(20):
-                code = await proc.wait()
-            took = time.monotonic() - stopped
-            assert proc.stderr is not None
-            assert proc.stdout is not None
-            stderr = (await _read_all(proc.stderr)).decode()
-            stdout = (await _read_all(proc.stdout)).decode()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
+        env = run_env(DISPATCHER_REDIS_OUTAGE_TIMEOUT="2s")
+        code, took, stdout, stderr = await _stop_redis_under(command, env, emu, locked_redis)
         sent_before = len(emu.log.requests)
         assert code == 3, stderr[-3000:]
         assert 2.0 <= took < 15.0, took  # the 2 s timeout, not forever (as before)
@@ -349,6 +336,37 @@ def job_command(
     ]
 
 
+async def _stop_redis_under(
+    command: list[str],
+    env: dict[str, str],
+    emu: Emulator,
+    redis: RedisServer,
+    *,
+    interrupt: bool = False,
+) -> tuple[int, float, str, str]:
+    """Run ``command``; once 60 requests arrived, stop Redis (and after 0.5 s send
+    SIGINT if ``interrupt``). Exit code, seconds from then to the exit, stdout, stderr."""
+    proc = await anyio.open_process(command, env=env)
+    try:
+        await _wait_for(lambda: len(emu.log.requests) >= 60)
+        redis.stop()
+        if interrupt:
+            await anyio.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        with anyio.fail_after(20):
+            code = await proc.wait()
+        took = time.monotonic() - stopped
+        assert proc.stderr is not None
+        assert proc.stdout is not None
+        stderr = (await _read_all(proc.stderr)).decode()
+        stdout = (await _read_all(proc.stdout)).decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    return code, took, stdout, stderr
+
+
 @pytest.mark.parametrize("how", ["timeout", "ctrl-c"])
 async def test_a_job_that_loses_redis_ends_soon_and_its_summary_matches_its_envelopes(
     tmp_path: Path, locked_redis: RedisServer, how: str
@@ -360,24 +378,9 @@ async def test_a_job_that_loses_redis_ends_soon_and_its_summary_matches_its_enve
     env = run_env(DISPATCHER_JOB_SHARD_LINES="50", DISPATCHER_REDIS_OUTAGE_TIMEOUT="2")
     async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
         command = job_command(source, results, emu.base_url, url)
-        proc = await anyio.open_process(command, env=env)
-        try:
-            await _wait_for(lambda: len(emu.log.requests) >= 60)
-            locked_redis.stop()
-            await anyio.sleep(0.5)
-            if how == "ctrl-c":
-                proc.send_signal(signal.SIGINT)
-            stopped = time.monotonic()
-            with anyio.fail_after(20):
-                code = await proc.wait()
-            took = time.monotonic() - stopped
-            assert proc.stderr is not None
-            assert proc.stdout is not None
-            stderr = (await _read_all(proc.stderr)).decode()
-            stdout = (await _read_all(proc.stdout)).decode()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
+        code, took, stdout, stderr = await _stop_redis_under(
+            command, env, emu, locked_redis, interrupt=how == "ctrl-c"
+        )
         assert "Traceback" not in stderr
         assert "no records in" not in stderr
         if how == "ctrl-c":

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import itertools
 
-import anyio
 import pytest
-from test_gate import REALISTIC, FakeTimeLoop, limit_req_refusals, run
+from test_gate import REALISTIC, FakeTimeLoop, limit_req_refusals, paced_times, run
 from test_pacing import Clock, answer
 
 from dispatcher.sending.gate import RateGate
@@ -18,30 +17,16 @@ def strict_gate(rate: float, loop: FakeTimeLoop) -> RateGate:
     return RateGate(rate, strict=True, timer=loop.time, spin=0.0)
 
 
-async def send_times(gate: RateGate, loop: FakeTimeLoop, *, workers: int, n: int) -> list[float]:
-    times: list[float] = []
-
-    async def worker() -> None:
-        while len(times) < n:
-            await gate.acquire()
-            times.append(loop.time())
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(workers):
-            tg.start_soon(worker)
-    return times[:n]
-
-
 @pytest.mark.parametrize("rate", [5.0, 20.0, 200.0, 500.0])
 @pytest.mark.parametrize("timers", [{}, REALISTIC, {"granularity": 0.001, "lateness": 0.003}])
 def test_no_two_sends_closer_than_one_interval(rate: float, timers: dict[str, float]) -> None:
     async def main(loop: FakeTimeLoop) -> list[float]:
         gate = strict_gate(rate, loop)
-        times = await send_times(gate, loop, workers=64, n=300)
+        times = await paced_times(gate, loop, workers=64, n=300)
         gate.pause_for(1.0)  # a 429: the run resumes after it, still strictly spaced
-        times += await send_times(gate, loop, workers=64, n=100)
+        times += await paced_times(gate, loop, workers=64, n=100)
         gate.set_rate(rate / 2)
-        return times + await send_times(gate, loop, workers=64, n=50)
+        return times + await paced_times(gate, loop, workers=64, n=50)
 
     times = run(main, **timers)
     gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -55,7 +40,7 @@ def test_a_late_wake_up_is_not_made_up_with_a_burst() -> None:
     # Every wake-up 3 ms late at 200/s (5 ms apart): each slot is lost for good, so the pace
     # falls to one per 8 ms, and never two within 5 ms to catch up.
     async def main(loop: FakeTimeLoop) -> list[float]:
-        return await send_times(strict_gate(200, loop), loop, workers=16, n=200)
+        return await paced_times(strict_gate(200, loop), loop, workers=16, n=200)
 
     times = run(main, lateness=0.003)
     gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -67,7 +52,7 @@ def test_the_bucket_would_have_made_it_up() -> None:
     # The baseline the test above is about: the small bucket spends its slack on lateness.
     async def main(loop: FakeTimeLoop) -> list[float]:
         gate = RateGate(200)
-        return await send_times(gate, loop, workers=16, n=200)
+        return await paced_times(gate, loop, workers=16, n=200)
 
     times = run(main, lateness=0.003)
     assert min(b - a for a, b in itertools.pairwise(times)) < 0.005
