@@ -22,10 +22,9 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-import orjson
 import pytest
 from redis_server import RedisServer, free_port, needs_redis
-from test_redis_job import envelopes
+from test_redis_job import envelopes, write_input
 
 from dispatcher.commands.send import finish_command
 from dispatcher.coordination.urls import check_redis_url, redact
@@ -37,15 +36,6 @@ pytestmark = needs_redis
 
 TOKEN = "redis-failure-token"
 PASSWORD = "Sw0rdfish-s3cret"
-
-
-def write_input(path: Path, count: int) -> Path:
-    lines = (
-        orjson.dumps({"workflow": "wf", "instance_id": f"f{i}", "event_type": "go"})
-        for i in range(count)
-    )
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return path
 
 
 def run_env(**extra: str) -> dict[str, str]:
@@ -343,12 +333,13 @@ async def _stop_redis_under(
     redis: RedisServer,
     *,
     interrupt: bool = False,
+    after: int = 60,
 ) -> tuple[int, float, str, str]:
-    """Run ``command``; once 60 requests arrived, stop Redis (and after 0.5 s send
+    """Run ``command``; once ``after`` requests arrived, stop Redis (and after 0.5 s send
     SIGINT if ``interrupt``). Exit code, seconds from then to the exit, stdout, stderr."""
     proc = await anyio.open_process(command, env=env)
     try:
-        await _wait_for(lambda: len(emu.log.requests) >= 60)
+        await _wait_for(lambda: len(emu.log.requests) >= after)
         redis.stop()
         if interrupt:
             await anyio.sleep(0.5)
@@ -533,21 +524,9 @@ async def test_ctrl_c_while_redis_is_away_ends_at_once(
         command = send_command(
             source, results, emu.base_url, url, "--rate", "40/s", "--concurrency", "4"
         )
-        proc = await anyio.open_process(command, env=run_env())
-        try:
-            await _wait_for(lambda: len(emu.log.requests) >= 40)
-            locked_redis.stop()
-            await anyio.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
-            interrupted = time.monotonic()
-            with anyio.fail_after(20):
-                code = await proc.wait()
-            took = time.monotonic() - interrupted
-            assert proc.stderr is not None
-            stderr = (await _read_all(proc.stderr)).decode()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
+        code, took, _, stderr = await _stop_redis_under(
+            command, run_env(), emu, locked_redis, interrupt=True, after=40
+        )
     assert code == 130, stderr[-3000:]
     assert took < 10.0, took  # at once, not the 33 s it took before
     assert "Traceback" not in stderr
