@@ -22,7 +22,7 @@ from dispatcher.emulator.config import (
 from dispatcher.emulator.faults import Faults, parse_fault, parse_latency
 from dispatcher.emulator.instances import InstanceModel
 from dispatcher.emulator.server import Emulator
-from dispatcher.emulator.units import format_seconds, parse_duration
+from dispatcher.emulator.units import format_seconds, parse_duration, parse_share
 
 PROG: Final = "dispatcher emulate"
 
@@ -99,17 +99,6 @@ def _known_instances(text: str) -> frozenset[str]:
 
 def _durations(text: str) -> tuple[float, ...]:
     return tuple(parse_duration(part) for part in text.split(",") if part.strip())
-
-
-def _share(text: str) -> float:
-    spec = text.strip()
-    try:
-        value = float(spec[:-1]) / 100 if spec.endswith("%") else float(spec)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a share (5% or 0.05)") from None
-    if not 0 <= value <= 1:
-        raise ValueError(f"{text!r} is not between 0 and 100%")
-    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -216,7 +205,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--error-share",
-        type=_flag_type(_share),
+        type=_flag_type(parse_share),
         default=0.0,
         metavar="P",
         help="share of instances that error in their last step, e.g. 5%% (default: 0)",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Final
 
-from dispatcher.emulator.units import format_seconds, parse_duration
+from dispatcher.emulator.units import format_seconds, parse_duration, parse_share
 
 EventKey = tuple[str, str, str, str | None]  # workflow, instance_id, event_type, body sha256
 
@@ -151,14 +151,10 @@ def parse_fault(text: str) -> tuple[FaultKind, float]:
         ) from None
     if not sep:
         raise ValueError(f"{text!r}: give a probability, like {kind}=5% or {kind}=0.05")
-    value = value.strip()
     try:
-        p = float(value[:-1]) / 100 if value.endswith("%") else float(value)
-    except ValueError:
-        raise ValueError(f"{text!r}: {value!r} is not a probability (5%, 0.05)") from None
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{text!r}: probability must be within 0..100%")
-    return kind, p
+        return kind, parse_share(value, "probability")
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
 
 
 def parse_latency(text: str) -> tuple[float, float]:

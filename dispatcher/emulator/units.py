@@ -18,6 +18,18 @@ def parse_duration(text: str) -> float:
     return float(match[1]) * _UNITS[match[2]]
 
 
+def parse_share(text: str, what: str = "share") -> float:
+    """``5%`` or ``0.05`` -> 0.05, within 0..1; ``ValueError`` says it is not a ``what``."""
+    spec = text.strip()
+    try:
+        value = float(spec[:-1]) / 100 if spec.endswith("%") else float(spec)
+    except ValueError:
+        raise ValueError(f"{spec!r} is not a {what} (5% or 0.05)") from None
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise ValueError(f"{spec!r} is not within 0..100%")
+    return value
+
+
 def format_seconds(seconds: float) -> str:
     """Whole seconds print as integers (``300``), others with up to 3 decimals (``0.5``)."""
     if seconds == int(seconds):
