@@ -289,6 +289,14 @@ class Crashed:
     torn_keys: list[str] = field(default_factory=list)  # torn lines whose key survived
     unidentified: int = 0  # torn lines whose key did not
 
+    def entries(self, journal: str) -> list[Started]:
+        """Every record it names; one on a torn line is known by its key alone."""
+        torn = [
+            Started(key=k, source=journal, line=0, workflow=None, instance_id=None, event_type=None)
+            for k in self.torn_keys
+        ]
+        return [*self.records, *torn]
+
 
 def _line(event: Event) -> bytes:
     # Held until the envelope is durable: an exact-size copy, not orjson's 4 KiB buffer.

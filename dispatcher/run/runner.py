@@ -41,7 +41,6 @@ from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.journal import (
     BACKLOG,
     Journal,
-    Started,
     iter_paths,
     read_crashed,
     remove_settled,
@@ -535,13 +534,6 @@ async def _resumed(
             yield kept
 
 
-def _torn(key: str, journal: str) -> Started:
-    # A journal line cut off after its key: the record is known by its key alone.
-    return Started(
-        key=key, source=journal, line=0, workflow=None, instance_id=None, event_type=None
-    )
-
-
 def settle_crashed_run(
     settings: SendSettings, sink: Sink, ledger: dict[str, KeyState]
 ) -> tuple[int, int]:
@@ -561,7 +553,7 @@ def settle_crashed_run(
         if crashed is None:
             continue
         unidentified += crashed.unidentified
-        entries = [*crashed.records, *(_torn(key, journal) for key in crashed.torn_keys)]
+        entries = crashed.entries(journal)
         wanted = {rec.key for rec in entries if rec.key in ledger}
         # Its own envelope, finished after it started, is that run's word on the record.
         times = finished_times(settings.results, wanted)

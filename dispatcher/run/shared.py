@@ -55,7 +55,6 @@ from dispatcher.results import envelopes as make_envelope
 from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.journal import (
     Journal,
-    Started,
     iter_paths,
     read_crashed,
     remove_settled,
@@ -880,11 +879,7 @@ def _crashed_envelopes(journals: Iterable[str], results: str) -> list[Envelope]:
         crashed = read_crashed(path)
         if crashed is None:
             continue
-        entries: list[Started] = list(crashed.records)
-        entries += [
-            Started(key=k, source=path, line=0, workflow=None, instance_id=None, event_type=None)
-            for k in crashed.torn_keys
-        ]
+        entries = crashed.entries(path)
         times = finished_times(results, {e.key for e in entries})
         for entry in entries:
             finished = times.get(entry.key)
