@@ -172,6 +172,65 @@ async def test_a_killed_worker_s_shards_are_finished_by_the_others(
     assert "account acct1" in text
 
 
+async def test_a_record_sent_just_before_a_kill_on_another_host_is_not_sent_again(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The victim runs on "another host" (nobody can read its journal) and dies a moment
+    after its first requests left, before any heartbeat could list them. Its requests
+    still reach the API (0.3 s each, and the server goes on without its client). The
+    processes that take its shard over must not send those records again: they were
+    announced to Redis before they left, so they end `unknown`."""
+    total = 400
+    source = write_input(tmp_path / "in.jsonl", total)
+    outs = [tmp_path / f"out{i}.jsonl" for i in range(3)]
+    config = EmulatorConfig(tokens=(TOKEN,), limit=None, faults=Faults(latency=(0.3, 0.3)))
+    async with Emulator(config) as emu:
+        victim = await anyio.open_process(
+            job_command(source, outs[0], emu.base_url, redis_server.url, "100/s"),
+            env=job_env(DISPATCHER_JOB_TIMEOUT="3", DISPATCHER_JOB_HOST="host-b"),
+        )
+        procs = [victim]
+        try:
+            with anyio.fail_after(20):
+                while emu.log.total_accepted() == 0:  # noqa: ASYNC110 (another process)
+                    await anyio.sleep(0.002)
+            victim.send_signal(signal.SIGKILL)
+            await victim.wait()
+            in_flight_then = emu.log.total_accepted()
+            env = job_env(DISPATCHER_JOB_TIMEOUT="3")
+            procs += [
+                await anyio.open_process(
+                    job_command(source, outs[i], emu.base_url, redis_server.url, "200/s"),
+                    env=env,
+                )
+                for i in (1, 2)
+            ]
+            with anyio.move_on_after(60):
+                codes = [await p.wait() for p in procs[1:]]
+            if any(p.returncode is None for p in procs):
+                status = await job_status(redis_server)
+                pytest.fail("the job did not finish:\n" + status.stdout.decode())
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+        accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
+    assert codes == [0, 0]
+    assert in_flight_then >= 1
+    envs = envelopes(outs)
+    per_key = Counter(e["key"] for e in envs)
+    assert len(per_key) == total
+    assert set(per_key.values()) == {1}
+    assert {e["delivery"] for e in envs} <= {"confirmed", "unknown"}
+    unknown = {str(e["instance_id"]) for e in envs if e["delivery"] == "unknown"}
+    # The victim's other requests were in flight when it died: announced, never listed
+    # in a heartbeat, delivered all the same.
+    assert unknown, "nothing the victim had in flight was held in doubt"
+    assert unknown <= set(accepted)
+    assert set(accepted) | unknown == {f"j{i}" for i in range(total)}
+    assert [k for k, n in accepted.items() if n > 1] == [], "delivered twice"
+
+
 class KillAtClaimAnswer:
     """A TCP proxy in front of Redis that kill -9s its client the moment the answer to
     the client's first envelope claim comes back: the claim is made in Redis, and the

@@ -62,6 +62,9 @@ GROUP: Final = "workers"
 HEARTBEAT_S: Final = 1.0
 DEFAULT_TIMEOUT_S: Final = 30.0
 TIMEOUT_ENV: Final = "DISPATCHER_JOB_TIMEOUT"
+# The name this process gives its host in a job: workers of one host read each other's
+# results files and journals. For hosts that share a hostname (containers).
+HOST_ENV: Final = "DISPATCHER_JOB_HOST"
 _EXPIRE_S: Final = 7 * 86400
 
 PENDING: Final = b"p:"  # a claim's value until its envelope is written: p:<tag>\n<envelope>
@@ -76,6 +79,7 @@ LOST: Final = -1
 SETTLE: Final = """
 if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[3] then return {-1} end
 local worker = ARGV[1]
+local started = KEYS[4]
 local prefix = 'p:' .. worker .. '\\n'
 local gen = redis.call('HINCRBY', KEYS[2], 'gen:' .. worker, 1)
 local i = 4
@@ -91,6 +95,12 @@ for j = 1, n do
   acked = acked + redis.call('XACK', KEYS[3], ARGV[2], ARGV[i]); i = i + 1
 end
 if acked > 0 then redis.call('HINCRBY', KEYS[2], 'acked', acked) end
+-- Records this worker announced that ended unsent (stopped before any attempt arrived).
+n = tonumber(ARGV[i]); i = i + 1
+for j = 1, n do
+  if redis.call('HGET', started, ARGV[i]) == worker then redis.call('HDEL', started, ARGV[i]) end
+  i = i + 1
+end
 local won, out = 0, {gen}
 while i < #ARGV do
   local r = redis.call('HSETNX', KEYS[1], ARGV[i], prefix .. ARGV[i + 1])
@@ -101,10 +111,22 @@ while i < #ARGV do
     if string.sub(v, 1, #prefix) == prefix then r = 1 end
   end
   out[#out + 1] = r
+  -- Final now (ours or another's): no longer in doubt if its sender dies.
+  redis.call('HDEL', started, ARGV[i])
   i = i + 2
 end
 if won > 0 then redis.call('HINCRBY', KEYS[2], 'final', won) end
 return out
+"""
+
+# The write-ahead of a record's first request, from any host: ``started`` maps its key to
+# the worker about to send it, until the record is final (SETTLE). Whoever takes over the
+# shard of a worker that died treats the records it had announced as in doubt.
+ANNOUNCE: Final = """
+if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[1] then return -1 end
+for i = 4, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], ARGV[2]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
 ADOPT: Final = """
@@ -207,7 +229,7 @@ def heartbeat_timeout() -> float:
 class JobKeys:
     """The Redis names of one job, hash-tagged so a Cluster keeps them in one slot."""
 
-    __slots__ = ("final", "meta", "planner", "shards", "workers")
+    __slots__ = ("final", "meta", "planner", "shards", "started", "workers")
 
     def __init__(self, name: str) -> None:
         tag = f"dispatcher:{{job:{name}}}"
@@ -216,6 +238,7 @@ class JobKeys:
         self.meta = f"{tag}:meta"
         self.workers = f"{tag}:workers"
         self.planner = f"{tag}:planner"
+        self.started = f"{tag}:started"
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +272,7 @@ class Job:
         self.name = name
         self.keys = JobKeys(name)
         self.timeout = timeout if timeout is not None else heartbeat_timeout()
-        self.host = socket.gethostname()
+        self.host = os.environ.get(HOST_ENV, "").strip() or socket.gethostname()
         self.worker = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         # What this process's claims carry: a number the job hands out (see create), a
         # few bytes per record key instead of the worker's name (a 1M job holds 1M).
@@ -264,6 +287,7 @@ class Job:
         self._create = client.register_script(CREATE)
         self._seal = client.register_script(SEAL)
         self._seed = client.register_script(SEED)
+        self._announce = client.register_script(ANNOUNCE)
         self.planning = False
         self.epoch = ""  # the job's, learnt when joining it (see create)
         self.gen = 0  # this process's settle calls as Redis last counted them
@@ -416,24 +440,46 @@ class Job:
         raw = await self.link.call(lambda: self.link.client.hgetall(self.keys.workers))
         return {_text(k): orjson.loads(v) for k, v in raw.items()}
 
+    async def announce(self, keys: Sequence[str]) -> None:
+        """Say, before their first request leaves, that this process sends ``keys``
+        (one round trip): if it dies, whoever takes its shards over, on any host, gives
+        them ``unknown`` instead of sending them again. :class:`JobStateLost` if Redis
+        lost the job (then nothing may be sent)."""
+        args: list[Any] = [self.epoch, self.tag, _EXPIRE_S, *keys]
+        got = await self.link.call(
+            lambda: self._announce(keys=[self.keys.started, self.keys.meta], args=args)
+        )
+        if got == LOST:
+            raise self._lost()
+
+    async def announced(self, keys: Sequence[str]) -> dict[str, str]:
+        """Which of ``keys`` a worker announced and has not settled: key -> its tag."""
+        if not keys:
+            return {}
+        values = await self.link.call(lambda: self.link.client.hmget(self.keys.started, list(keys)))
+        return {k: _text(v) for k, v in zip(keys, values, strict=True) if v is not None}
+
     async def settle(
         self,
         written: Sequence[str] = (),
         acks: Sequence[str] = (),
         claims: Sequence[tuple[str, bytes]] = (),
+        unsent: Sequence[str] = (),
     ) -> list[bool]:
         """One round trip: mark this process's pending claims on ``written`` as written,
-        acknowledge the shards ``acks``, then claim each ``(key, envelope)``; for each
-        claim, whether this process won it (``False``: another envelope is final).
+        acknowledge the shards ``acks``, forget the announcements of ``unsent`` (records
+        it stopped before anything may have arrived), then claim each ``(key, envelope)``;
+        for each claim, whether this process won it (``False``: another envelope is final).
 
         Safe to repeat (``Link.call`` retries a call whose answer was lost): a claim found
         pending under this process's name is its own, won."""
-        if not (written or acks or claims):
+        if not (written or acks or claims or unsent):
             return []
         args: list[Any] = [self.tag, GROUP, self.epoch, len(written), *written, len(acks), *acks]
+        args += [len(unsent), *unsent]
         for key, envelope in claims:
             args += [key, envelope]
-        keys = [self.keys.final, self.keys.meta, self.keys.shards]
+        keys = [self.keys.final, self.keys.meta, self.keys.shards, self.keys.started]
         got = await self.link.call(lambda: self._settle(keys=keys, args=args))
         gen, won = int(got[0]), got[1:]
         # A retried call (its answer lost) counts twice: more than one step is fine.

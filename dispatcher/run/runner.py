@@ -841,6 +841,7 @@ async def _run_locked(
         mark_started=None if journal is None else _marker(journal, engine_stats=stats),
         auth_hint=spec_of(settings.target).auth_hint,
         backlog=journal,
+        announce=shared.announce if shared is not None and shared.job is not None else None,
     )
 
     def write_failed(exc: ResultsWriteError) -> None:

@@ -31,6 +31,7 @@ import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.coordination.budget import SharedGate
+from dispatcher.coordination.coalesce import Coalescer, FlushCancelled
 from dispatcher.coordination.connection import Link, RedisGone
 from dispatcher.coordination.job import (
     HEARTBEAT_S,
@@ -50,7 +51,7 @@ from dispatcher.inputs.records import (
     read_batches,
     read_line_range,
 )
-from dispatcher.model import Delivery, Envelope, ErrorKind, Record
+from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Record
 from dispatcher.results import envelopes as make_envelope
 from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.journal import (
@@ -183,6 +184,11 @@ class Coordinated:
         self._sidecar = self._results_path + JOB_FILE
         self._journal_file: str | None = None  # this run's journal (known once joined)
         self.cut: list[Envelope] = []  # not claimed: the run gave up on Redis (RedisGone)
+        # The write-ahead: keys announced to Redis before their first request, until their
+        # envelope reaches the claims (see announce); what is left when the run ends was
+        # never sent, and its announcement is withdrawn.
+        self._ahead: set[str] = set()
+        self._announcer: Coalescer[str] = Coalescer(self._flush_announced)
 
     def journal_path(self, base: str) -> str:
         """This run's journal: ``<results>.inflight.<n>``, n its number in the job."""
@@ -416,7 +422,10 @@ class Coordinated:
         assert job is not None
         wanted = {r.key: r for r in todo}
         now = time.time()
-        doubt: set[str] = set()
+        # Announced before their first request left (any host): in doubt, whoever it was
+        # (a worker that stalled past the timeout and came back may send it yet).
+        announced = await job.announced(list(wanted))
+        doubt: set[str] = {k for k, tag in announced.items() if tag != job.tag}
         for beat in (await job.workers()).values():
             if beat.get("tag") == job.tag:
                 continue
@@ -583,6 +592,34 @@ class Coordinated:
             "left": self.left,
         }
 
+    # --- the write-ahead -----------------------------------------------------------
+
+    async def announce(self, event: Event) -> str | None:
+        """The engine's hook before a record's first request: announce its key to Redis,
+        with every other key announced meanwhile (one round trip per flush). A process
+        that takes the shard over after this one died gives the record ``unknown``,
+        whichever host it is on. ``None`` to send it, else why the run stops."""
+        if self.job is None:
+            return None
+        if self.lost is not None:
+            return self.lost
+        # Tracked from here: a flush cut off (a stop) may still have reached Redis.
+        self._ahead.add(event.key)
+        try:
+            await self._announcer.add(event.key)
+        except JobStateLost as exc:
+            self.lose(exc)
+            return str(exc)
+        except RedisGone as exc:
+            return f"gave up on Redis: {exc}"
+        except FlushCancelled:
+            return "stopped while announcing the record to Redis"
+        return None
+
+    async def _flush_announced(self, keys: list[str]) -> None:
+        assert self.job is not None
+        await self.job.announce(keys)
+
     # --- the envelopes -------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
@@ -659,6 +696,7 @@ class Coordinated:
                     self._owed = await self._settle(batch, self._owed, journal)
                 except RedisGone:  # the caller writes the final ones unclaimed
                     self.cut += batch + [env async for env in receive]
+                    self._enveloped(self.cut)
                     return
                 if self._owed[0]:
                     # Durable before the next claim: the journal then forgets them, and
@@ -697,6 +735,7 @@ class Coordinated:
                 self._owed = ([], [])
                 await self._settle([], owed, journal)
             if not claimed:
+                self._enveloped(envs)
                 self._write(b"".join(encode(env) for env in envs if _is_final(env)))
             await self._sync(journal)
         finally:
@@ -711,6 +750,7 @@ class Coordinated:
         job = self.job
         assert job is not None
         final = [env for env in batch if _is_final(env)]
+        unsent = self._enveloped(batch)
         # A record stopped before its last attempt, none of which may have arrived, is not
         # final: left unclaimed and unwritten, for another process or the next run.
         self.left += len(batch) - len(final)
@@ -724,7 +764,7 @@ class Coordinated:
         won: dict[str, bool] = dict.fromkeys(lines, True)
         if self.lost is None:
             try:
-                claimed = await job.settle(owed[0], owed[1], list(lines.items()))
+                claimed = await job.settle(owed[0], owed[1], list(lines.items()), unsent)
                 won = dict(zip(lines, claimed, strict=True))
             except JobStateLost as exc:
                 self.lose(exc)
@@ -762,6 +802,17 @@ class Coordinated:
                 acks.append(done)
         return written, acks
 
+    def _enveloped(self, envs: Iterable[Envelope]) -> list[str]:
+        """These records have their envelopes: out of the write-ahead's care. Returns the
+        announced ones that ended unsent (their announcements can go)."""
+        unsent: list[str] = []
+        for env in envs:
+            if env.key in self._ahead:
+                self._ahead.discard(env.key)
+                if not _is_final(env):
+                    unsent.append(env.key)
+        return unsent
+
     def _failed(self, exc: ResultsWriteError) -> None:
         if self._broken is None:
             self._broken = exc
@@ -795,6 +846,11 @@ class Coordinated:
         if self.job is None:
             return
         with anyio.move_on_after(_LEAVE_S):
+            if self._ahead and self.lost is None and self.link.gone is None:
+                # Announced, then stopped before the request left: never sent.
+                with contextlib.suppress(JobStateLost):
+                    await self.job.settle(unsent=sorted(self._ahead))
+                self._ahead.clear()
             await self.job.leave(self._beat())
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeVar
@@ -149,6 +149,7 @@ class Engine:
         pacer: Pacer | None = None,
         auth_hint: str = "check the credentials",
         backlog: Backlog | None = None,
+        announce: Callable[[Event], Awaitable[str | None]] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -168,6 +169,9 @@ class Engine:
         self._watch = FailureWatch(self._rules)
         # Told of each record just before its first request leaves (the crash journal).
         self._mark_started = mark_started
+        # Awaited before a record's first request, after the gate (a job's write-ahead to
+        # Redis): None to go on, else why the run must stop (the record is not sent).
+        self._announce = announce
         self._active: dict[int, _Active] = {}
         self._pacer = pacer
         self._auth_hint = auth_hint  # what to check when the first answers are 401/403
@@ -344,6 +348,22 @@ class Engine:
                     history.waited_s += self._clock() - t0
         return not scope.cancelled_caught and not self._stopping
 
+    async def _announced(self, event: Event) -> bool:
+        """Announce ``event`` before its first request; False if the run stopped or must."""
+        assert self._announce is not None
+        with anyio.CancelScope() as scope:
+            self._wait_scopes.add(scope)
+            try:
+                reason = await self._announce(event)
+            finally:
+                self._wait_scopes.discard(scope)
+        if scope.cancelled_caught or self._stopping:
+            return False
+        if reason is not None:
+            self.stop(reason)
+            return False
+        return True
+
     async def _admit(self) -> bool:
         """Hold a record's first request while the backlog is full; False if stopped.
 
@@ -388,6 +408,9 @@ class Engine:
             while True:
                 if not await self._wait(None, history):
                     break
+                announcing = history.attempts == 0 and self._announce is not None
+                if announcing and not await self._announced(event):
+                    break  # never attempted: no envelope, left for a later run
                 history.leaving(_now(), clock())
                 if history.attempts == 0:
                     self._active[slot] = active
