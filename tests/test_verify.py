@@ -48,15 +48,17 @@ async def create(emu: Emulator, ids: list[str]) -> None:
         assert resp.status == 200, await resp.text()
 
 
-async def send(emu: Emulator, tmp: Path, name: str, ids: list[str], event_type: str) -> Path:
+async def send(
+    emu: Emulator, tmp: Path, name: str, ids: list[str], event_type: str, *, code: int = 0
+) -> Path:
     id_file = tmp / f"{name}.txt"
     id_file.write_text("".join(f"{i}\n" for i in ids))
     results = tmp / f"{name}.jsonl"
-    code, _, err = await cli(
+    exit_code, _, err = await cli(
         emu, "send", str(id_file), "--workflow", "wf", "--event-type", event_type,
         "--rate", "unlimited", "--results", str(results),
     )  # fmt: skip
-    assert code == 0, err
+    assert exit_code == code, err
     return results
 
 
@@ -219,3 +221,21 @@ async def test_missing_or_broken_results_file_exit_2(emulator: Emulator, tmp_pat
     assert f"{broken}:1" in err
     assert "Traceback" not in err
     assert TOKEN not in err
+
+
+@pytest.mark.parametrize("emulator", [EmulatorConfig(limit=None, instances=WAITS)], indirect=True)
+async def test_report_shows_a_verify_section(emulator: Emulator, tmp_path: Path) -> None:
+    await create(emulator, ["r-1", "r-2"])
+    results = await send(emulator, tmp_path, "rep", ["r-1", "r-2", "r-ghost"], "approval", code=1)
+    code, out, err = await cli(emulator, *verify_args(results))
+    assert code == 0, out + err  # every confirmed record was consumed; r-ghost was not sent
+    verified = tmp_path / "rep.verify.jsonl"
+    code, out, err = await cli(emulator, "report", str(results), str(verified))
+    assert code == 0, err
+    section = out[out.index("Verify (") :]
+    rows = [line.split() for line in section.splitlines()]
+    assert ["consumed", "2"] in rows
+    assert ["not_verified", "1"] in rows  # r-ghost: the send was rejected (404)
+    code, out, err = await cli(emulator, "report", str(results), str(verified), "--format", "json")
+    assert code == 0, err
+    assert orjson.loads(out)["verify"]["counts"]["consumed"] == 2
