@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from dispatcher.commands.verify import InstanceReader, verify_results
-from dispatcher.emulator import Emulator, EmulatorConfig, InstanceModel
+from dispatcher.emulator import Emulator, EmulatorConfig, InstanceModel, Limit
 from dispatcher.results.ledger import read_envelopes
 from dispatcher.sending.gate import RateGate
 
@@ -239,3 +239,32 @@ async def test_report_shows_a_verify_section(emulator: Emulator, tmp_path: Path)
     code, out, err = await cli(emulator, "report", str(results), str(verified), "--format", "json")
     assert code == 0, err
     assert orjson.loads(out)["verify"]["counts"]["consumed"] == 2
+
+
+LIMITED = EmulatorConfig(limit=Limit(quota=3, window=1.0), lockout=1.0, instances=WAITS)
+
+
+@pytest.mark.parametrize("emulator", [LIMITED], indirect=True)
+async def test_429_pauses_every_read_for_retry_after_then_finishes(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    await create(emulator, ["lim-1", "lim-2", "lim-3", "lim-4"])
+    envelopes = []
+    for n in range(1, 5):  # one send per instance, a lockout's length apart, under the quota
+        if n > 1:
+            await asyncio.sleep(1.1)
+        results = await send(emulator, tmp_path, f"lim{n}", [f"lim-{n}"], "approval")
+        envelopes += list(read_envelopes(str(results)))
+    await asyncio.sleep(1.1)
+    emulator.log.status_counts.clear()
+    written: list[bytes] = []
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        reader = InstanceReader(
+            session, RateGate(None), target="api", base_url=emulator.base_url, account_id="acc"
+        )
+        summary = await verify_results(envelopes, reader, written.append)
+    assert emulator.log.status_counts[429] >= 1  # four reads at once, three allowed
+    assert summary.counts == {"consumed": 4}
+    assert reader.gate.stats.pauses >= 1
+    assert summary.requests == 4 + emulator.log.status_counts[429]
