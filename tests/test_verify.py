@@ -104,6 +104,7 @@ async def test_wrong_event_type_is_no_waiter_exit_1(emulator: Emulator, tmp_path
     assert len(got) == 5
     assert {g["class"] for g in got} <= {"no_waiter", "waiting"}
     assert all("'aproval'" in g["reason"] for g in got)
+    assert all("it waits for 'approval'" in g["reason"] for g in got)
     assert "no_waiter" in out
 
 

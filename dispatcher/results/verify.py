@@ -143,10 +143,24 @@ def classify(result: Mapping[str, Any], event_type: str, sent_at: datetime) -> V
         )
     else:
         reason = f"no waitForEvent step waits for {event_type!r}"
+    others = sorted(
+        {
+            str(s["event_type"])
+            for s in steps
+            if isinstance(s, dict)
+            and s.get("type") == "waitForEvent"
+            and s.get("event_type", event_type) != event_type
+            and s.get("finished") is not True
+        }
+    )
     alive = status not in {"paused", "waitingForPause"} and status is not None
+    if alive:
+        reason += f" (yet: the instance is {status})"
+    if others:  # most often a typo in --event-type: say what it does wait for
+        reason += f"; it waits for {', '.join(repr(o) for o in others)}"
     return Verdict(
         cls=VerifyClass.NO_WAITER,
-        reason=reason + (f" (yet: the instance is {status})" if alive else ""),
+        reason=reason,
         status=status,
         pending=alive,
     )
