@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from dispatcher.commands.verify import InstanceReader, verify_results
 from dispatcher.emulator import Emulator, EmulatorConfig, InstanceModel, Limit
 from dispatcher.results.ledger import read_envelopes
+from dispatcher.results.verify import classify
 from dispatcher.sending.gate import RateGate
 
 TOKEN = "verify-secret-token"
@@ -269,3 +271,57 @@ async def test_429_pauses_every_read_for_retry_after_then_finishes(
     assert summary.counts == {"consumed": 4}
     assert reader.gate.stats.pauses >= 1
     assert summary.requests == 4 + emulator.log.status_counts[429]
+
+
+SENT = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def wait_step(end: str | None, **extra: Any) -> dict[str, Any]:
+    step = {"type": "waitForEvent", "name": "w", "start": "2026-12-01T11:00:00.000Z",
+            "end": end, "finished": end is not None}  # fmt: skip
+    return step | extra
+
+
+@pytest.mark.parametrize(
+    ("result", "cls", "needle"),
+    [
+        # The public SDK's step has no event_type: matched by timing, and said so.
+        ({"status": "running", "steps": [wait_step("2026-12-01T12:00:01Z")]}, "consumed", ""),
+        # A wait that timed out got no event, though it ended after the send.
+        (
+            {
+                "status": "errored",
+                "end": "2026-12-01T12:00:05Z",
+                "steps": [wait_step("2026-12-01T12:00:05Z", error={"name": "Timeout"})],
+            },
+            "ended",
+            "after our send",
+        ),
+        # The one wait of this type finished long before the send.
+        (
+            {"status": "running", "steps": [wait_step("2026-12-01T11:00:00Z", event_type="e")]},
+            "no_waiter",
+            "before our send",
+        ),
+        ({"status": "running"}, "unknown", "steps"),
+    ],
+)
+def test_classify_edges(result: dict[str, Any], cls: str, needle: str) -> None:
+    verdict = classify(result, "e", SENT)
+    assert verdict.cls == cls
+    assert needle in verdict.reason
+    if cls == "consumed":
+        assert verdict.typed is False
+
+
+def test_wrangler_dev_reads_the_local_explorer() -> None:
+    reader = InstanceReader(
+        None,  # type: ignore[arg-type]  # url() needs no session
+        RateGate(None),
+        target="wrangler-dev",
+        base_url="http://127.0.0.1:8787/",
+        account_id=None,
+    )
+    assert reader.url("wf", "a b") == (
+        "http://127.0.0.1:8787/cdn-cgi/local/explorer/api/workflows/wf/instances/a%20b"
+    )

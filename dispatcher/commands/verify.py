@@ -108,7 +108,8 @@ class InstanceReader:
                 self.gate.pause_for(min(retry_after or 60.0, MAX_RETRY_AFTER_S))
                 continue
             if status == 0 or status >= 500:
-                await asyncio.sleep(0.5 * 2**attempt)
+                if attempt + 1 < TRIES:
+                    await asyncio.sleep(0.5 * 2**attempt)
                 continue
             return status, doc
         return status, doc
