@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import orjson
@@ -83,6 +83,8 @@ def _when(text: object) -> datetime | None:
 def classify(result: Mapping[str, Any], event_type: str, sent_at: datetime) -> Verdict:
     """The class of an event of ``event_type`` sent at ``sent_at``, from the instance's
     GET ``result`` (the envelope's ``result`` object, with ``steps``)."""
+    if sent_at.tzinfo is None:  # results written by hand or an old tool: UTC, as ours
+        sent_at = sent_at.replace(tzinfo=UTC)
     status = result.get("status")
     status = status if isinstance(status, str) else None
     steps = result.get("steps")
