@@ -32,6 +32,10 @@ EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE
 COMMANDS: dict[str, tuple[str, str]] = {
     "send": ("dispatcher.commands.send", "send events from JSONL, CSV or id-list files"),
     "create": ("dispatcher.commands.create", "create Workflow instances in bulk, once each"),
+    "verify": (
+        "dispatcher.commands.verify",
+        "read the instances of confirmed events: consumed, waiting, no_waiter, ended",
+    ),
     "demo": ("dispatcher.commands.demo", "run the whole job against the embedded emulator"),
     "emulate": ("dispatcher.emulator.cli", "serve the Cloudflare Workflows API emulator"),
     "report": (

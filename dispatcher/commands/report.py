@@ -39,7 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "results",
         nargs="+",
         metavar="RESULTS",
-        help="results file of send or load: JSONL, or SQLite (.sqlite, .sqlite3, .db)",
+        help="results file of send or load: JSONL, or SQLite (.sqlite, .sqlite3, .db); "
+        "a `dispatcher verify` output adds a verify section",
     )
     parser.add_argument(
         "--format",
@@ -119,6 +120,22 @@ def run(args: argparse.Namespace) -> int:
         if os.path.isdir(path):
             return _error(f"{path}: is a folder; give the results files in it")
 
+    from dispatcher.report.verify import VerifySection, is_verify_file
+
+    verify = VerifySection()
+    runs: list[str] = []
+    try:
+        for path in args.results:
+            if is_verify_file(path):
+                verify.add_file(path)  # `dispatcher verify` output: its own section
+            else:
+                runs.append(path)
+    except ValueError as exc:
+        return _error(str(exc))
+    if not runs:
+        print(verify.render(fmt), flush=True)
+        return EXIT_OK
+
     builder = ReportBuilder(top=args.top)
     points = None
     if args.plot is not None:
@@ -130,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         builder.note(f"{t.path}:{t.line}: skipped a partial last line ({t.size} bytes)")
 
     try:
-        for path in args.results:
+        for path in runs:
             builder.start_run(path)
             for env in read_envelopes(path, on_torn=torn):
                 builder.add(env)
@@ -139,7 +156,10 @@ def run(args: argparse.Namespace) -> int:
     except LedgerError as exc:
         return _error(str(exc))
     report = builder.build(bucket_s=bucket)
-    print(render(report, fmt), flush=True)
+    text = render(report, fmt)
+    if verify.files:
+        text = verify.append_to(text, fmt)
+    print(text, flush=True)
     if args.plot is not None and points is not None:
         from dispatcher.report.plot import PlotUnavailable, write_plot
 

@@ -155,6 +155,7 @@ class InstanceStore:
         step: dict[str, Any] = {
             "type": "waitForEvent", "name": m.event_type, "event_type": m.event_type,
             "start": self._iso(wait_start), "end": None, "finished": False, "output": None,
+            "error": None,
         }  # fmt: skip
         steps.append(step)
         if wait_end is None or wait_end > now:
@@ -163,6 +164,7 @@ class InstanceStore:
                 step["finished"] = True
                 error = {"name": "WorkflowTimeoutError",
                          "message": f"waitForEvent {m.event_type!r} timed out"}  # fmt: skip
+                step["error"] = error  # as the API's step has it: a wait that got nothing
                 return {"status": "errored", "steps": steps, "end": self._iso(deadline),
                         "error": error, "output": None}  # fmt: skip
             return {"status": "running", "steps": steps, "end": None, "error": None,
