@@ -13,10 +13,11 @@ import argparse
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -334,13 +335,15 @@ async def _stop_redis_under(
     *,
     interrupt: bool = False,
     after: int = 60,
+    do: Callable[[], object] | None = None,
 ) -> tuple[int, float, str, str]:
-    """Run ``command``; once ``after`` requests arrived, stop Redis (and after 0.5 s send
-    SIGINT if ``interrupt``). Exit code, seconds from then to the exit, stdout, stderr."""
+    """Run ``command``; once ``after`` requests arrived, stop Redis (or ``do`` something
+    else to it; and after 0.5 s send SIGINT if ``interrupt``). Exit code, seconds from
+    then to the exit, stdout, stderr."""
     proc = await anyio.open_process(command, env=env)
     try:
         await _wait_for(lambda: len(emu.log.requests) >= after)
-        redis.stop()
+        (do or redis.stop)()
         if interrupt:
             await anyio.sleep(0.5)
             proc.send_signal(signal.SIGINT)
@@ -404,6 +407,47 @@ async def test_a_job_that_loses_redis_ends_soon_and_its_summary_matches_its_enve
     per_key = Counter(e["key"] for e in envelopes([results]) if e["delivery"] == "confirmed")
     assert len(per_key) == total
     assert set(per_key.values()) == {1}
+
+
+async def test_a_password_changed_mid_job_ends_the_run_at_once_not_after_the_timeout(
+    tmp_path: Path, locked_redis: RedisServer
+) -> None:
+    """Redis refusing the run's password mid-run is no outage to wait out (60 s by
+    default): the run stops at once, exit 3, and says why without the password."""
+    total = 300
+    source = write_input(tmp_path / "ids.jsonl", total)
+    results = tmp_path / "out.jsonl"
+    url = f"redis://:{PASSWORD}@127.0.0.1:{locked_redis.port}/0"
+    new_password = "an0ther-s3cret"
+
+    def change_password() -> None:
+        cli = ["redis-cli", "-p", str(locked_redis.port), "-a", PASSWORD, "--no-auth-warning"]
+        subprocess.run([*cli, "config", "set", "requirepass", new_password], check=True)
+        # Its connections are authenticated already: they must connect again to notice.
+        subprocess.run(
+            ["redis-cli", "-p", str(locked_redis.port), "-a", new_password, "--no-auth-warning",
+             "client", "kill", "type", "normal"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    env = run_env(DISPATCHER_JOB_SHARD_LINES="50", DISPATCHER_REDIS_OUTAGE_TIMEOUT="60")
+    async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
+        command = job_command(source, results, emu.base_url, url)
+        code, took, stdout, stderr = await _stop_redis_under(
+            command, env, emu, locked_redis, do=change_password
+        )
+        sent = {key[1] for key in emu.log.accepted}
+    assert code == 3, stderr[-3000:]
+    assert took < 15.0, took  # not the 60 s outage timeout
+    assert "Traceback" not in stderr
+    assert "redis refused this run: authentication failed" in stderr
+    for secret in (PASSWORD, new_password):
+        assert secret not in stderr + stdout + results.read_text()
+    written = envelopes([results])
+    counts = summary_counts(stderr)
+    assert counts["records"] == len(written)
+    # Every record that reached the API has its envelope (claimed or listed unclaimed).
+    assert sent <= {str(e["instance_id"]) for e in written}
 
 
 async def test_ctrl_c_of_a_job_does_not_say_the_input_was_empty(

@@ -18,7 +18,13 @@ import anyio
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -33,6 +39,10 @@ BACKOFF_CAP: Final = 2.0  # longest wait between attempts: Redis back means send
 SOCKET_TIMEOUT: Final = 2.0
 UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 PROBE_TIMEOUT: Final = 3.0  # the one check at start: connect, authenticate, select, PING
+# Redis refusing this run's credentials or rights mid-run (a password changed, an ACL
+# user revoked): no retry helps, so the run gives up on Redis at once, not after the
+# outage timeout. Checked before UNREACHABLE: the first two are ConnectionErrors.
+REFUSED: Final = (AuthenticationError, AuthorizationError, NoPermissionError)
 
 
 # Set in the tasks that must not wait for Redis once the run gave up on it (the claims of
@@ -50,6 +60,8 @@ def _reason(exc: BaseException, url: str) -> str:
     """Why ``url`` cannot be used, in a few words, without its password."""
     if isinstance(exc, AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
         return "authentication failed: wrong user name or password, or none given"
+    if isinstance(exc, NoPermissionError | AuthorizationError):
+        return f"permission denied: {' '.join(str(exc).split())}"
     if isinstance(exc, ResponseError):
         text = str(exc)
         if "DB index is out of range" in text or "invalid DB index" in text:
@@ -168,6 +180,10 @@ class Link:
             self.trips += 1
             try:
                 result = await op()
+            except REFUSED as exc:
+                self.down(exc)
+                self.give_up(f"redis refused this run: {scrub(_reason(exc, self.url), self.url)}")
+                continue
             except UNREACHABLE as exc:
                 self.down(exc)
                 # Full jitter: processes that lost Redis together do not come back together.

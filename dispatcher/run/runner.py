@@ -687,6 +687,10 @@ async def watch_redis(engine: Engine, link: Link, stats: RunStats, limit: float)
     then waits for Redis, what is final is written unclaimed, the rest is left."""
     while True:
         await anyio.sleep(OUTAGE_POLL_S)
+        if link.gone is not None:
+            # Given up on elsewhere: Redis refused the run's credentials or rights.
+            engine.stop(f"{link.gone}; nothing more was sent, records not final are left")
+            return
         if link.connected:
             continue
         away = link.unreachable_for()
