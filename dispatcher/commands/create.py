@@ -532,7 +532,13 @@ class Creator:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("input", nargs="?", default=None, metavar="INPUT", help="JSONL of {instance_id?, params?}")
+    add(
+        "input",
+        nargs="?",
+        default=None,
+        metavar="INPUT",
+        help="JSONL of {instance_id?, params?}, or CSV (*.csv) with an instance_id,params header",
+    )
     add("--workflow", required=True, help="the workflow to create instances of")
     add(
         "--target",
