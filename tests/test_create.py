@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -249,3 +250,25 @@ async def test_a_retry_after_of_0_still_waits_1_s(tmp_path: Path) -> None:
     assert len(seen) == 2
     assert seen[1] - seen[0] >= 1.0
     assert set(outcomes(tmp_path / "r.jsonl").values()) == {"created"}
+
+
+async def test_a_target_that_cannot_be_reached_stops_with_exit_3(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = tmp_path / "r.jsonl"
+    cmd = [
+        sys.executable, "-m", "dispatcher", "create", "--workflow", "wf", "--account-id",
+        "acc", "--base-url", f"http://127.0.0.1:{port}", "--results", str(results),
+        "--count", "3",
+    ]  # fmt: skip
+    code, err = await run(cmd)
+    assert code == 3, err
+    assert "could not connect" in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    # Nothing settled: the ids stay pending, and --resume reads them back first.
+    assert outcomes(results) == {}
+    assert {obj["outcome"] for obj in map(orjson.loads, results.read_bytes().splitlines())} == {
+        "pending"
+    }

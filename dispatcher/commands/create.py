@@ -34,6 +34,7 @@ from typing import Any, Final
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from dispatcher.clients.headers import parse_retry_after
 from dispatcher.clients.targets import (
@@ -63,6 +64,9 @@ WRANGLER_NOT_FOUND: Final = 10501
 MAX_429: Final = 10
 MIN_RETRY_AFTER: Final = 1.0
 MAX_RETRY_AFTER: Final = 300.0
+# A request that could not connect is sent again (after 1 s, then 2 s); after that the
+# run stops (exit 3) rather than writing each id unknown.
+CONNECT_TRIES: Final = 3
 CSV_COLUMNS: Final = frozenset({"instance_id", "params"})
 
 
@@ -267,7 +271,8 @@ def _lost(status: int) -> bool:
 
 
 class CreateStopped(UserError):
-    """The target refused the credentials: every later request would be refused too."""
+    """The target refused the credentials, or cannot be reached: every later request would
+    fare the same."""
 
     exit_code = 3
 
@@ -287,7 +292,8 @@ class Http:
 
     async def request(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
         """(status, envelope or None); status 0 when no answer came."""
-        for attempt in range(1, MAX_429 + 1):
+        attempt = unreached = 0
+        while True:
             await self._pacer.wait(1)
             self.requests += 1
             try:
@@ -297,21 +303,33 @@ class Http:
                     raw = await resp.read()
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                     status = resp.status
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # Could not connect: the request never left, so sending it again is safe.
+                unreached += 1
+                if unreached >= CONNECT_TRIES:
+                    host = URL(url).with_path("/").with_query(None)
+                    raise CreateStopped(
+                        f"could not connect to {host} ({CONNECT_TRIES} tries): "
+                        f"{self.redact(type(exc).__name__)}; the ids in flight are left "
+                        "pending for --resume"
+                    ) from None
+                await asyncio.sleep(unreached)
+                continue
             except (aiohttp.ClientError, TimeoutError):
                 return 0, None
+            attempt += 1
             try:
                 doc = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 doc = None
             if not isinstance(doc, dict):
                 doc = None
-            if status != 429 or attempt == MAX_429:
+            if status != 429 or attempt >= MAX_429:
                 return status, doc
             # Refused before anything was done: wait as told (at least 1 s: a 0 or a missing
             # header would retry at once into the same limit), then the same request again.
             self.rate_limited += 1
             await asyncio.sleep(min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, retry_after or 0.0)))
-        raise AssertionError("unreachable")
 
 
 class ApiBackend:
