@@ -337,6 +337,7 @@ const CODE_DUPLICATE_IN_BATCH = 10415;
 const RESERVED_IDS = new Set(["batch", "terminate", "terminateAll"]);
 const INTERNAL_ID = /^cf_[0-9a-f]{64}$/;
 const MAX_PARAMS_BYTES = 1024 * 1024;
+const BINDING_MAX_BATCH = 100;
 
 function validId(id: unknown): id is string {
   return typeof id === "string" && id.length >= 1 && id.length <= MAX_ID_LEN && ID_PATTERN.test(id);
@@ -465,12 +466,16 @@ export async function handleCreate(request: Request, env: Env): Promise<Response
     }
   });
   if (todo.length > 0) {
-    const answers = await createThroughBinding(
-      env,
-      todo.map((t) => t.options),
-      concurrency,
-    );
-    for (const t of todo) results[t.index] = answers.get(t.options.id)!;
+    // The binding takes at most 100 a call: a MAX_BATCH above that makes several calls.
+    for (let n = 0; n < todo.length; n += BINDING_MAX_BATCH) {
+      const chunk = todo.slice(n, n + BINDING_MAX_BATCH);
+      const answers = await createThroughBinding(
+        env,
+        chunk.map((t) => t.options),
+        concurrency,
+      );
+      for (const t of chunk) results[t.index] = answers.get(t.options.id)!;
+    }
   }
   return json(200, { success: true, errors: [], messages: [], results });
 }
