@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
-from dispatcher.emulator import Emulator, EmulatorConfig, Faults, InstanceModel
+from dispatcher.emulator import Emulator, EmulatorConfig, Faults, InstanceModel, Limit
 
 MODEL = InstanceModel(event_type="approval")
 
@@ -139,3 +143,132 @@ async def test_kill_9_mid_run_then_resume_makes_no_duplicate_and_loses_none(
     code, err = await run([*cmd, "--resume"])  # a rerun of a finished run creates nothing
     assert code == 0, err
     assert sum(emulator.log.creations.values()) == 500
+
+
+# --- CSV input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("emulator", [EmulatorConfig(limit=None, instances=MODEL)], indirect=True)
+async def test_csv_input_with_a_json_params_cell(emulator: Emulator, tmp_path: Path) -> None:
+    src = tmp_path / "load.csv"
+    src.write_text(
+        "instance_id,params\n"
+        'c-1,"{""n"": 1, ""tags"": [""a"", ""b""]}"\n'
+        "c-2,\n"  # no params
+        '\n,"{""no_id"": true}"\n'  # a blank line, then an id made from the line number
+    )
+    results = tmp_path / "r.jsonl"
+    code, err = await run(command(emulator, results, str(src)))
+    assert code == 0, err
+    assert outcomes(results) == {"c-1": "created", "c-2": "created", "load-5": "created"}
+    url = f"{emulator.base_url}/accounts/acc/workflows/wf/instances"
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer tok"}) as session:
+        for iid, params in [("c-1", {"n": 1, "tags": ["a", "b"]}), ("load-5", {"no_id": True})]:
+            async with session.get(f"{url}/{iid}") as resp:
+                assert (await resp.json())["result"]["params"] == params
+    assert max(emulator.log.creations.values()) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("instance_id,body\nx,{}\n", 1),  # an unknown column
+        ('instance_id,params\nok,\nbad,"{nope"\n', 3),  # params not JSON
+        ("instance_id,params\nok,,extra\n", 2),  # a cell too many
+        ("instance_id\na/b\n", 2),  # a bad id
+        ("instance_id\nsame\nsame\n", 3),  # a repeated id
+    ],
+)
+@pytest.mark.parametrize("emulator", [EmulatorConfig(limit=None, instances=MODEL)], indirect=True)
+async def test_bad_csv_names_file_and_line_and_creates_nothing(
+    emulator: Emulator, tmp_path: Path, text: str, line: int
+) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text(text)
+    code, err = await run(command(emulator, tmp_path / "r.jsonl", str(src)))
+    assert code == 2, err
+    assert err.startswith("dispatcher")
+    assert f"{src}:{line}:" in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    assert emulator.log.creations == {}
+
+
+# --- 429 and Retry-After -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "emulator", [EmulatorConfig(limit=Limit(quota=2, window=1.0), instances=MODEL)], indirect=True
+)
+async def test_a_429_waits_its_retry_after_and_loses_nothing(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    results = tmp_path / "r.jsonl"
+    cmd = command(emulator, results, "--count", "500", "--id-prefix", "rl-")
+    started = time.monotonic()
+    code, err = await run([*cmd, "--creation-rate", "100000/s"])
+    assert code == 0, err
+    assert emulator.log.status_counts.get(429, 0) > 0
+    assert "answered 429 and waited" in err
+    # 5 batches at 2 per second: the 429s were waited out, not retried at once.
+    assert time.monotonic() - started >= 1.0
+    assert set(outcomes(results).values()) == {"created"}
+    assert len(emulator.log.creations) == 500
+    assert max(emulator.log.creations.values()) == 1
+
+
+async def test_a_retry_after_of_0_still_waits_1_s(tmp_path: Path) -> None:
+    seen: list[float] = []
+
+    async def batch(request: web.Request) -> web.Response:
+        seen.append(time.monotonic())
+        if len(seen) == 1:
+            return web.json_response(
+                {"success": False, "errors": [{"code": 971, "message": "slow down"}]},
+                status=429,
+                headers={"Retry-After": "0"},
+            )
+        return web.json_response({"success": True, "errors": [], "result": []})
+
+    app = web.Application()
+    app.router.add_post("/accounts/acc/workflows/wf/instances/batch", batch)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        cmd = [
+            sys.executable, "-m", "dispatcher", "create", "--workflow", "wf", "--account-id",
+            "acc", "--base-url", f"http://127.0.0.1:{port}", "--results",
+            str(tmp_path / "r.jsonl"), "--count", "3",
+        ]  # fmt: skip
+        code, err = await run(cmd)
+    finally:
+        await runner.cleanup()
+    assert code == 0, err
+    assert len(seen) == 2
+    assert seen[1] - seen[0] >= 1.0
+    assert set(outcomes(tmp_path / "r.jsonl").values()) == {"created"}
+
+
+async def test_a_target_that_cannot_be_reached_stops_with_exit_3(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = tmp_path / "r.jsonl"
+    cmd = [
+        sys.executable, "-m", "dispatcher", "create", "--workflow", "wf", "--account-id",
+        "acc", "--base-url", f"http://127.0.0.1:{port}", "--results", str(results),
+        "--count", "3",
+    ]  # fmt: skip
+    code, err = await run(cmd)
+    assert code == 3, err
+    assert "could not connect" in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    # Nothing settled: the ids stay pending, and --resume reads them back first.
+    assert outcomes(results) == {}
+    assert {obj["outcome"] for obj in map(orjson.loads, results.read_bytes().splitlines())} == {
+        "pending"
+    }

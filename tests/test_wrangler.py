@@ -371,3 +371,171 @@ def test_a_batch_size_over_the_relays_max_batch_stops_and_resume_finishes(
     assert len(final) == len(ids)
     assert {e["delivery"] for e in final.values()} == {"confirmed"}
     assert_completed_with_payloads(wd, ids, "big")
+
+
+# --- dispatcher create through the relay and wrangler dev (issue 24) --------------------------
+
+
+def create(
+    args: list[str], tmp: Path, *, secret: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return send(
+        ["--workflow", WORKFLOW, "--results", "created.jsonl", *args],
+        tmp,
+        secret=secret,
+        command=("create",),
+    )
+
+
+def created(tmp: Path, name: str = "created.jsonl") -> dict[str, dict[str, Any]]:
+    """Each instance's last envelope of a create results file."""
+    return {e["instance_id"]: e for e in envelopes(tmp / name) if e["outcome"] != "pending"}
+
+
+def relay_status(wd: WranglerDev, ids: list[str]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for n in range(0, len(ids), 100):
+        status, doc = wd.post(
+            "/status", {"ids": ids[n : n + 100]}, {"Authorization": f"Bearer {SECRET}"}
+        )
+        assert status == 200, doc
+        found.update((r["id"], r) for r in doc["results"])
+    return found
+
+
+def test_create_through_the_relay_makes_each_instance_once(wd: WranglerDev, tmp_path: Path) -> None:
+    relay = ["--target", "relay", "--relay-url", wd.base_url]
+    args = [*relay, "--count", "200", "--id-prefix", "cr-", "--creation-rate", "1000/s"]
+    done = create(args, tmp_path, secret=SECRET)
+    assert done.returncode == 0, done.stderr
+    first = created(tmp_path)
+    ids = sorted(first)
+    assert len(ids) == 200
+    assert {e["outcome"] for e in first.values()} == {"created"}
+    assert "2 request(s)" in done.stderr  # two POST /create of 100
+    # A rerun (--resume) creates nothing new; a fresh results file finds all 200 taken.
+    again = create([*args, "--resume"], tmp_path, secret=SECRET)
+    assert again.returncode == 0, again.stderr
+    assert "nothing new" in again.stderr
+    assert "0 request(s)" in again.stderr
+    fresh = create([*args, "--overwrite"], tmp_path, secret=SECRET)
+    assert fresh.returncode == 0, fresh.stderr
+    assert {e["outcome"] for e in created(tmp_path).values()} == {"exists"}
+    # The relay's /status reads all 200 back; the explorer agrees they exist.
+    found = relay_status(wd, ids)
+    assert set(found) == set(ids)
+    assert {r["status"] for r in found.values()} <= {"queued", "running", "waiting"}
+    assert "missing" not in {s["status"] for s in wd.statuses(ids).values()}
+    # Each is a live instance waiting for its "go": a few take one and complete with it,
+    # as /status shows (its output).
+    taken = ids[:10]
+    write_events(tmp_path / "events.jsonl", taken, "created")
+    sent = send(["--target", "relay", "--base-url", wd.base_url, "events.jsonl"], tmp_path,
+                secret=SECRET)  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    assert_completed_with_payloads(wd, taken, "created")
+    outputs = {i: r.get("output") for i, r in relay_status(wd, taken).items()}
+    assert outputs == {i: {"payload": {"id": i, "tag": "created"}} for i in taken}
+
+
+def test_relay_status_and_create_answer_per_item(wd: WranglerDev) -> None:
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    wd.create(["st-here"])
+    status, doc = wd.post(
+        "/create",
+        {
+            "instances": [
+                {"instance_id": "st-new", "params": {"probe": False}},
+                {"instance_id": "st-here"},
+                {"instance_id": "st-new"},
+                {"instance_id": "bad id"},
+            ]
+        },
+        auth,
+    )
+    assert status == 200, doc
+    assert [(r["instance_id"], r["outcome"]) for r in doc["results"]] == [
+        ("st-new", "created"),
+        ("st-here", "exists"),
+        ("st-new", "invalid"),
+        ("bad id", "invalid"),
+    ]
+    assert doc["results"][1]["code"] == 10405
+    assert doc["results"][2]["code"] == 10415
+    found = relay_status(wd, ["st-new", "st-here", "st-nowhere"])
+    assert found["st-new"]["status"] in {"queued", "running", "waiting"}
+    assert found["st-nowhere"]["code"] == "not_found"
+    # The same secret and limits as /events.
+    assert wd.post("/status", {"ids": ["st-new"]}, {"Authorization": "Bearer no"})[0] == 401
+    over = wd.post("/create", {"instances": [{"instance_id": f"o{n}"} for n in range(101)]}, auth)
+    assert over[0] == 413
+    assert over[1]["limits"]["max_batch"] == 100
+    assert relay_status(wd, ["o0"])["o0"]["code"] == "not_found"  # nothing of it was made
+
+
+@pytest.mark.parametrize("target", ["relay", "wrangler-dev"])
+def test_create_resume_reads_pending_ids_back_and_creates_only_the_missing(
+    wd: WranglerDev, tmp_path: Path, target: str
+) -> None:
+    # A run killed with a batch in flight: its ids are pending, some made, some not.
+    prefix = f"lost-{target}-"
+    ids = [f"{prefix}{n}" for n in range(1, 7)]
+    wd.create(ids[:3])
+    lines = [{"instance_id": i, "workflow": WORKFLOW, "outcome": "pending"} for i in ids]
+    (tmp_path / "created.jsonl").write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    where = (
+        ["--target", "relay", "--relay-url", wd.base_url]
+        if target == "relay"
+        else ["--target", "wrangler-dev", "--base-url", wd.base_url]
+    )
+    done = create(
+        [*where, "--count", "6", "--id-prefix", prefix, "--resume"],
+        tmp_path,
+        secret=SECRET if target == "relay" else None,
+    )
+    assert done.returncode == 0, done.stderr
+    final = created(tmp_path)
+    assert {i: e["outcome"] for i, e in final.items()} == dict.fromkeys(ids, "created")
+    # The three that existed were read back, not created again (which would say exists).
+    assert [final[i].get("reason") for i in ids[:3]] == ["read back after a lost answer"] * 3
+    assert [final[i].get("reason") for i in ids[3:]] == [None] * 3
+    assert "missing" not in {s["status"] for s in wd.statuses(ids).values()}
+
+
+def test_create_through_wrangler_dev_one_by_one(wd: WranglerDev, tmp_path: Path) -> None:
+    src = tmp_path / "few.csv"
+    src.write_text('instance_id,params\nwdc-1,"{""probe"": false}"\nwdc-2,\nwdc-3,\n')
+    where = ["--target", "wrangler-dev", "--base-url", wd.base_url]
+    done = create([*where, str(src)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert {i: e["outcome"] for i, e in created(tmp_path).items()} == {
+        "wdc-1": "created",
+        "wdc-2": "created",
+        "wdc-3": "created",
+    }
+    assert "3 request(s)" in done.stderr  # no batch route: one POST each
+    again = create([*where, "--overwrite", str(src)], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert {e["outcome"] for e in created(tmp_path).values()} == {"exists"}
+    found = wd.statuses(["wdc-1", "wdc-2", "wdc-3"])
+    assert "missing" not in {s["status"] for s in found.values()}
+    assert found["wdc-1"]["params"] == {"probe": False}
+
+
+def test_create_through_the_relay_with_a_wrong_secret_stops_at_once(
+    wd: WranglerDev, tmp_path: Path
+) -> None:
+    args = ["--target", "relay", "--relay-url", wd.base_url, "--count", "3", "--id-prefix", "ws-"]
+    done = create(args, tmp_path, secret="not-the-secret")
+    assert done.returncode == 3, done.stderr
+    assert "credentials rejected (HTTP 401" in done.stderr
+    assert "DISPATCHER_RELAY_SECRET" in done.stderr
+    assert "not-the-secret" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert relay_status(wd, ["ws-1"])["ws-1"]["code"] == "not_found"
+    # No secret at all: exit 2, one line naming where to put it.
+    missing_secret = create(args, tmp_path)
+    assert missing_secret.returncode == 2
+    assert "DISPATCHER_RELAY_SECRET" in missing_secret.stderr
+    assert len(missing_secret.stderr.strip().splitlines()) == 1

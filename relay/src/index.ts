@@ -20,6 +20,11 @@
  *   unverifiable     the key was delivered by a relay that kept no fingerprint (before
  *                    key_reused existed): whether it was this event cannot be told
  *
+ * POST /create {"instances": [{"instance_id", "params"?}, ...]}
+ *   -> {"results": [{"instance_id", "outcome": "created" | "exists" | "invalid" | "failed", ...}]}
+ *   one createBatch call; see handleCreate and README.md.
+ * POST /status {"ids": [...]} -> {"results": [{"id", "status", "output"?, "error"?} | {"id", "code"}]}
+ *
  * Dedupe: a key whose event was delivered is remembered for DEDUPE_TTL_SECONDS with a
  * fingerprint of what was sent (SHA-256 over workflow, instance, type and the canonical
  * JSON of the payload), as Stripe's idempotency keys are. A later batch holding the key
@@ -33,11 +38,18 @@
  */
 
 export interface WorkflowInstance {
+  id?: string;
   sendEvent(event: { type: string; payload?: unknown }): Promise<void>;
+  status(): Promise<{ status: string; error?: unknown; output?: unknown }>;
 }
+
+export type CreateOptions = { id: string; params?: unknown };
 
 export interface WorkflowBinding {
   get(id: string): Promise<WorkflowInstance>;
+  // wrangler >= 4.148 and the platform: {instances} -> {created, errors}; before, an array
+  // in and the created instances out (see handleCreate).
+  createBatch(options: { instances: CreateOptions[] } | CreateOptions[]): Promise<unknown>;
 }
 
 export interface Env {
@@ -208,20 +220,28 @@ function shardOf(key: string, shards: number): number {
   return (h >>> 0) % shards;
 }
 
-export async function handleEvents(request: Request, env: Env): Promise<Response> {
+/** Checks the secret and reads a batch's list (`field` of the JSON body) under the same
+ * limits for every route: 401, 400 or 413 (naming both limits) refuse the whole request
+ * before anything is done. Returns the list, or the refusal to answer with. */
+async function readBatch(
+  request: Request,
+  env: Env,
+  field: string,
+  noun: string,
+): Promise<{ items: unknown[] } | { refused: Response }> {
   if (!env.RELAY_SECRET) {
-    return fail(500, 10001, "the relay has no RELAY_SECRET; set it with wrangler secret put");
+    return { refused: fail(500, 10001, "the relay has no RELAY_SECRET; set it with wrangler secret put") };
   }
   const auth = request.headers.get("Authorization") ?? "";
   const given = auth.startsWith("Bearer ") ? auth.slice(7) : "";
   if (!(await secretMatches(given, env.RELAY_SECRET))) {
-    return fail(401, 10000, "authentication error: wrong or missing relay secret");
+    return { refused: fail(401, 10000, "authentication error: wrong or missing relay secret") };
   }
   const maxBatch = intVar(env.MAX_BATCH, DEFAULT_MAX_BATCH, 1, 1000);
   // Every 413 says which limit and both values: a client splits a batch that is too large
-  // in bytes, and stops on one that holds more events than MAX_BATCH (its own setting).
+  // in bytes, and stops on one that holds more items than MAX_BATCH (its own setting).
   const limits: RelayLimits = { max_batch: maxBatch, max_body_bytes: MAX_BODY_BYTES };
-  const tooLarge = (message: string) => fail(413, 10413, message, { limits });
+  const tooLarge = (message: string) => ({ refused: fail(413, 10413, message, { limits }) });
   const length = Number(request.headers.get("Content-Length") ?? "0");
   if (length > MAX_BODY_BYTES) return tooLarge(`the batch is over ${MAX_BODY_BYTES} bytes`);
   let doc: unknown;
@@ -231,13 +251,20 @@ export async function handleEvents(request: Request, env: Env): Promise<Response
     if (bytes.byteLength > MAX_BODY_BYTES) return tooLarge(`the batch is over ${MAX_BODY_BYTES} bytes`);
     doc = JSON.parse(new TextDecoder().decode(bytes));
   } catch {
-    return fail(400, 10400, "the body is not JSON");
+    return { refused: fail(400, 10400, "the body is not JSON") };
   }
-  const items = (doc as { events?: unknown })?.events;
-  if (!Array.isArray(items)) return fail(400, 10400, 'expected {"events": [...]}');
+  const items = (doc as Record<string, unknown> | null)?.[field];
+  if (!Array.isArray(items)) return { refused: fail(400, 10400, `expected {"${field}": [...]}`) };
   if (items.length > maxBatch) {
-    return tooLarge(`a batch holds at most ${maxBatch} events (MAX_BATCH), got ${items.length}`);
+    return tooLarge(`a batch holds at most ${maxBatch} ${noun} (MAX_BATCH), got ${items.length}`);
   }
+  return { items };
+}
+
+export async function handleEvents(request: Request, env: Env): Promise<Response> {
+  const read = await readBatch(request, env, "events", "events");
+  if ("refused" in read) return read.refused;
+  const items = read.items;
 
   const results: RelayResult[] = new Array(items.length);
   const shards = intVar(env.DEDUPE_SHARDS, DEFAULT_SHARDS, 1, 1024);
@@ -290,6 +317,198 @@ export async function handleEvents(request: Request, env: Env): Promise<Response
       });
     }),
   );
+  return json(200, { success: true, errors: [], messages: [], results });
+}
+
+// --- POST /create and POST /status ------------------------------------------------------
+
+export type CreateResult =
+  | { instance_id: string; outcome: "created" }
+  | { instance_id: string; outcome: "exists" | "invalid" | "failed"; code: number | null; message: string };
+
+export type StatusResult =
+  | { id: string; status: string; output?: unknown; error?: unknown }
+  | { id: string; code: "not_found" | "invalid" | "failed"; message: string };
+
+// The binding's per-instance error codes (createBatch's `errors`).
+const CODE_ALREADY_EXISTS = 10405;
+const CODE_DUPLICATE_IN_BATCH = 10415;
+// Ids the API keeps for itself: its own routes, and the ids it makes (cf_ + 64 hex).
+const RESERVED_IDS = new Set(["batch", "terminate", "terminateAll"]);
+const INTERNAL_ID = /^cf_[0-9a-f]{64}$/;
+const MAX_PARAMS_BYTES = 1024 * 1024;
+const BINDING_MAX_BATCH = 100;
+
+function validId(id: unknown): id is string {
+  return typeof id === "string" && id.length >= 1 && id.length <= MAX_ID_LEN && ID_PATTERN.test(id);
+}
+
+function isNotFound(err: unknown): boolean {
+  return /not[_ ]?found/i.test(describe(err));
+}
+
+/** Runs fn over items, at most `limit` at once, results in order. */
+async function mapLimit<T, R>(items: T[], limit: number, fn: (item: T) => Promise<R>): Promise<R[]> {
+  const out: R[] = new Array(items.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i]);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return out;
+}
+
+function checkInstance(raw: unknown): { options?: CreateOptions; error?: CreateResult } {
+  const item = typeof raw === "object" && raw !== null && !Array.isArray(raw) ? (raw as Record<string, unknown>) : null;
+  const id = item && typeof item.instance_id === "string" ? item.instance_id : "";
+  const bad = (message: string) => ({ error: { instance_id: id, outcome: "invalid" as const, code: null, message } });
+  if (item === null) return bad("an instance must be an object");
+  if (!validId(item.instance_id)) {
+    return bad(`instance_id must be 1..${MAX_ID_LEN} characters matching ${ID_PATTERN.source}`);
+  }
+  if (RESERVED_IDS.has(id) || INTERNAL_ID.test(id)) return bad(`instance_id ${JSON.stringify(id)} is reserved`);
+  if (item.params !== undefined && encoder.encode(JSON.stringify(item.params)).length > MAX_PARAMS_BYTES) {
+    return bad(`params are over ${MAX_PARAMS_BYTES} bytes`);
+  }
+  return { options: item.params === undefined ? { id } : { id, params: item.params } };
+}
+
+type BatchError = { index?: unknown; id?: unknown; code?: unknown; message?: unknown };
+
+/** The instances of one batch the binding made, or failed to make, by id. */
+async function createThroughBinding(
+  env: Env,
+  todo: CreateOptions[],
+  concurrency: number,
+): Promise<Map<string, CreateResult>> {
+  const answers = new Map<string, CreateResult>();
+  const failAll = (message: string) => {
+    for (const o of todo) {
+      if (!answers.has(o.id)) answers.set(o.id, { instance_id: o.id, outcome: "failed", code: null, message });
+    }
+  };
+  let result: unknown;
+  try {
+    result = await env.WORKFLOW.createBatch({ instances: todo });
+  } catch (err) {
+    // A runtime from before {instances} (wrangler < 4.148) refuses that shape: the legacy
+    // array. Ids are unique, so a second call never makes an instance twice.
+    try {
+      result = await env.WORKFLOW.createBatch(todo);
+    } catch (legacyErr) {
+      failAll(`createBatch failed: ${describe(err)}; as an array: ${describe(legacyErr)}`);
+      return answers;
+    }
+  }
+  const doc = result as { created?: unknown; errors?: unknown } | null;
+  if (doc !== null && typeof doc === "object" && !Array.isArray(doc) && Array.isArray(doc.created)) {
+    for (const raw of Array.isArray(doc.errors) ? (doc.errors as BatchError[]) : []) {
+      const byIndex = typeof raw?.index === "number" ? todo[raw.index]?.id : undefined;
+      const id = typeof raw?.id === "string" ? raw.id : byIndex;
+      if (id === undefined || answers.has(id)) continue;
+      const code = typeof raw.code === "number" ? raw.code : null;
+      const message = String(raw.message ?? "");
+      const outcome =
+        code === CODE_ALREADY_EXISTS ? "exists" : code === CODE_DUPLICATE_IN_BATCH ? "invalid" : "failed";
+      answers.set(id, { instance_id: id, outcome, code, message });
+    }
+    for (const made of doc.created as { id?: unknown }[]) {
+      if (typeof made?.id === "string" && !answers.has(made.id)) {
+        answers.set(made.id, { instance_id: made.id, outcome: "created" });
+      }
+    }
+  } else if (Array.isArray(result)) {
+    // The legacy answer: the instances made, nothing about the others (an id that exists
+    // is skipped without a word). Each one not made is looked up: found, it was there.
+    for (const made of result as { id?: unknown }[]) {
+      if (typeof made?.id === "string") answers.set(made.id, { instance_id: made.id, outcome: "created" });
+    }
+    const rest = todo.filter((o) => !answers.has(o.id));
+    await mapLimit(rest, concurrency, async (o) => {
+      try {
+        await env.WORKFLOW.get(o.id);
+        answers.set(o.id, { instance_id: o.id, outcome: "exists", code: null, message: "not created: it exists" });
+      } catch (err) {
+        const message = isNotFound(err) ? "createBatch did not create it" : describe(err);
+        answers.set(o.id, { instance_id: o.id, outcome: "failed", code: null, message });
+      }
+    });
+  }
+  failAll("createBatch's answer does not name this instance");
+  return answers;
+}
+
+export async function handleCreate(request: Request, env: Env): Promise<Response> {
+  const read = await readBatch(request, env, "instances", "instances");
+  if ("refused" in read) return read.refused;
+  const concurrency = intVar(env.SEND_CONCURRENCY, DEFAULT_CONCURRENCY, 1, 256);
+  const results: CreateResult[] = new Array(read.items.length);
+  const todo: { index: number; options: CreateOptions }[] = [];
+  const seen = new Set<string>();
+  read.items.forEach((raw, index) => {
+    const { options, error } = checkInstance(raw);
+    if (error) {
+      results[index] = error;
+    } else if (seen.has(options!.id)) {
+      // Settled here rather than by the binding, so that the first one keeps its answer.
+      results[index] = {
+        instance_id: options!.id,
+        outcome: "invalid",
+        code: CODE_DUPLICATE_IN_BATCH,
+        message: "instance_id repeats an earlier one of this batch",
+      };
+    } else {
+      seen.add(options!.id);
+      todo.push({ index, options: options! });
+    }
+  });
+  if (todo.length > 0) {
+    // The binding takes at most 100 a call: a MAX_BATCH above that makes several calls.
+    for (let n = 0; n < todo.length; n += BINDING_MAX_BATCH) {
+      const chunk = todo.slice(n, n + BINDING_MAX_BATCH);
+      const answers = await createThroughBinding(
+        env,
+        chunk.map((t) => t.options),
+        concurrency,
+      );
+      for (const t of chunk) results[t.index] = answers.get(t.options.id)!;
+    }
+  }
+  return json(200, { success: true, errors: [], messages: [], results });
+}
+
+export async function handleStatus(request: Request, env: Env): Promise<Response> {
+  const read = await readBatch(request, env, "ids", "ids");
+  if ("refused" in read) return read.refused;
+  const concurrency = intVar(env.SEND_CONCURRENCY, DEFAULT_CONCURRENCY, 1, 256);
+  const results = await mapLimit(read.items, concurrency, async (id): Promise<StatusResult> => {
+    if (!validId(id)) {
+      const shown = typeof id === "string" ? id : "";
+      return { id: shown, code: "invalid", message: `an id must be 1..${MAX_ID_LEN} characters matching ${ID_PATTERN.source}` };
+    }
+    let instance: WorkflowInstance;
+    try {
+      instance = await env.WORKFLOW.get(id);
+    } catch (err) {
+      if (isNotFound(err)) return { id, code: "not_found", message: describe(err) };
+      return { id, code: "failed", message: describe(err) };
+    }
+    try {
+      const got = await instance.status();
+      const out: { id: string; status: string; output?: unknown; error?: unknown } = {
+        id,
+        status: String(got.status),
+      };
+      if (got.output !== undefined && got.output !== null) out.output = got.output;
+      if (got.error !== undefined && got.error !== null) out.error = got.error;
+      return out;
+    } catch (err) {
+      return { id, code: isNotFound(err) ? "not_found" : "failed", message: describe(err) };
+    }
+  });
   return json(200, { success: true, errors: [], messages: [], results });
 }
 
@@ -421,10 +640,16 @@ export class RelayDedupe {
 export default {
   async fetch(request: Request, env: Env): Promise<Response> {
     const url = new URL(request.url);
-    if (url.pathname === "/events") {
-      if (request.method !== "POST") return fail(405, 10405, "use POST /events");
-      return handleEvents(request, env);
+    const routes: Record<string, (request: Request, env: Env) => Promise<Response>> = {
+      "/events": handleEvents,
+      "/create": handleCreate,
+      "/status": handleStatus,
+    };
+    const route = Object.hasOwn(routes, url.pathname) ? routes[url.pathname] : undefined;
+    if (route !== undefined) {
+      if (request.method !== "POST") return fail(405, 10405, `use POST ${url.pathname}`);
+      return route(request, env);
     }
-    return fail(404, 10404, "not found; the relay answers POST /events");
+    return fail(404, 10404, "not found; the relay answers POST /events, /create and /status");
   },
 };

@@ -3,6 +3,8 @@
  * payload. The relay (relay/, its own Worker and config) binds to it by script_name; the
  * tests create instances and read their status through wrangler dev's local REST API
  * (/cdn-cgi/local/explorer/api). Runs only under `wrangler dev` (tests/test_wrangler.py).
+ * Every instance's first step is `waitForEvent("wait for go", {type: "go"})`: the known
+ * type that tests of consumption (an instance's steps, then its output) look for.
  */
 import { WorkflowEntrypoint } from "cloudflare:workers";
 
