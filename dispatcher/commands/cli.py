@@ -32,6 +32,10 @@ EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE
 COMMANDS: dict[str, tuple[str, str]] = {
     "send": ("dispatcher.commands.send", "send events from JSONL, CSV or id-list files"),
     "create": ("dispatcher.commands.create", "create Workflow instances in bulk, once each"),
+    "instances": (
+        "dispatcher.commands.instances",
+        "list instances (those waiting for an event) as an ids file for send",
+    ),
     "demo": ("dispatcher.commands.demo", "run the whole job against the embedded emulator"),
     "emulate": ("dispatcher.emulator.cli", "serve the Cloudflare Workflows API emulator"),
     "report": (

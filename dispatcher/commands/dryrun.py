@@ -209,3 +209,43 @@ def dry_run(
     for need in needs:
         w(f"  needs      a real run also needs {need}\n")
     return EXIT_INVALID if invalid_total else EXIT_OK
+
+
+def instances_dry_run(
+    settings: SendSettings, out: TextIO, *, needs: list[str] | tuple[str, ...] = ()
+) -> int:
+    """``send --dry-run --instances-of W``: read the selection (GETs only), send nothing,
+    print the count and what a real run costs in requests and time. Exit 0, or 2 when the
+    listing cannot be read (it raises :class:`~dispatcher.run.instances.ListingError`)."""
+    import anyio
+
+    from dispatcher.run.instances import survey
+
+    if any(need.startswith("a token") or need.startswith("an account") for need in needs):
+        print(
+            "dispatcher send --dry-run: error: --instances-of: the listing is read even in a "
+            f"dry run, and it needs {needs[0]}",
+            file=out,
+        )
+        return EXIT_USAGE
+    cost, _ = anyio.run(survey, settings, backend="asyncio")
+    w = out.write
+    w(
+        "dispatcher send --dry-run: no event was sent; the selection was read with "
+        f"{cost.list_requests + cost.read_requests:,} GET requests\n"
+    )
+    reads = f", {cost.read_requests:,} instances' steps read" if settings.waiting_for else ""
+    w(f"  instances  {cost.listed:,} listed by {cost.list_requests:,} list requests{reads}\n")
+    w(
+        f"  to send    {cost.to_send:,} events of type {settings.event_type!r} to "
+        f"workflow {settings.instances_of!r}\n"
+    )
+    for rule, count in sorted(cost.skipped.items()):
+        w(f"  skipped    {count:,} {rule}\n")
+    w(
+        f"  cost       {cost.list_requests:,} list + {cost.read_requests:,} step reads + "
+        f"{cost.to_send:,} sends = {cost.requests:,} requests (retries not counted)\n"
+    )
+    w(f"  time       {_time_line(cost.requests, settings)}\n")
+    w(f"  results    would go to {'stdout' if settings.results == '-' else settings.results}\n")
+    return EXIT_OK

@@ -1,0 +1,244 @@
+"""`send --instances-of` and `instances list` against the emulator in instance mode.
+
+250 instances of one workflow (more than two pages of 100): 100 parked in
+waitForEvent("approval"), 60 parked in waitForEvent("other"), 90 complete. The CLI runs
+as a subprocess, the emulator in the test's loop with a clock the test moves.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import orjson
+import pytest
+
+from dispatcher.emulator import Emulator, EmulatorConfig, InstanceModel
+from dispatcher.run.instances import verdict
+
+TOKEN = "tok-instances-SECRET-5b7d20c4"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+WAITING = [f"a-{n:03d}" for n in range(100)]
+OTHER = [f"o-{n:03d}" for n in range(60)]
+DONE = [f"c-{n:03d}" for n in range(90)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    clock = Clock()
+    model = InstanceModel(event_type="approval", timeout=3600.0, steps=(1.0,))
+    config = EmulatorConfig(tokens=(TOKEN,), limit=None, instances=model)
+    async with Emulator(config, clock=clock) as e, aiohttp.ClientSession(headers=AUTH) as s:
+        base = f"{e.base_url}/accounts/acc/workflows/wf/instances"
+        # Interleaved, so that every page holds some of each kind.
+        items: list[dict[str, Any]] = []
+        for n in range(100):
+            items.append({"instance_id": WAITING[n]})
+            if n < 60:
+                items.append({"instance_id": OTHER[n], "params": {"wait_for": "other"}})
+            if n < 90:
+                items.append({"instance_id": DONE[n]})
+        for start in range(0, len(items), 100):
+            async with s.post(f"{base}/batch", json=items[start : start + 100]) as resp:
+                assert resp.status == 200
+        for iid in DONE:
+            async with s.post(f"{base}/{iid}/events/approval", json={}) as resp:
+                assert resp.status == 200
+        clock.t += 5.0  # the DONE ones finish their step and complete
+        yield e
+
+
+def env_for(emu: Emulator) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")}
+    env.update(
+        CLOUDFLARE_API_TOKEN=TOKEN, CLOUDFLARE_ACCOUNT_ID="acc", CLOUDFLARE_BASE_URL=emu.base_url
+    )
+    return env
+
+
+async def cli(args: list[str], emu: Emulator) -> tuple[int, str, str]:
+    result = await anyio.run_process(
+        [sys.executable, "-m", "dispatcher", *args], env=env_for(emu), check=False
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+def sent_to(emu: Emulator, event_type: str = "approval") -> dict[str, int]:
+    """Instance id -> events of ``event_type`` the emulator took, but the test's own."""
+    out: dict[str, int] = {}
+    for (_wf, iid, et, _sha), times in emu.log.accepted.items():
+        if et == event_type and not iid.startswith("c-"):
+            out[iid] = out.get(iid, 0) + len(times)
+    return out
+
+
+def envelopes(path: Path) -> dict[str, dict[str, Any]]:
+    last: dict[str, dict[str, Any]] = {}
+    for line in path.read_bytes().splitlines():
+        env = orjson.loads(line)
+        last[env["instance_id"]] = env
+    return last
+
+
+SEND = ["send", "--instances-of", "wf", "--event-type", "approval", "--rate", "unlimited"]
+
+
+async def test_waiting_for_reaches_exactly_the_waiting_ones(emu: Emulator, tmp_path: Path) -> None:
+    results = tmp_path / "r.jsonl"
+    code, _, err = await cli([*SEND, "--waiting-for", "approval", "--results", str(results)], emu)
+    assert code == 0, err
+    assert sent_to(emu) == dict.fromkeys(WAITING, 1)
+    assert not [k for k in emu.log.accepted if k[2] != "approval"]
+    envs = envelopes(results)
+    assert len(envs) == 250
+    assert {i for i, e in envs.items() if e["delivery"] == "confirmed"} == set(WAITING)
+    for iid in OTHER:
+        error = envs[iid]["error"]
+        assert envs[iid]["delivery"] == "not_sent"
+        assert error["kind"] == "skipped"
+        assert "[not_waiting]" in error["message"]
+        assert "waits for 'other', not 'approval'" in error["message"]
+    for iid in DONE:
+        assert envs[iid]["error"]["kind"] == "skipped"
+        assert "[ended]" in envs[iid]["error"]["message"]
+        assert "complete" in envs[iid]["error"]["message"]
+    # 3 pages of 100, and one step read per instance not listed as ended (160).
+    assert "250 instances listed: 3 list requests, 160 step reads" in err
+    assert "100 confirmed, 0 failed, 0 unknown, 150 skipped: not waiting" in err
+
+    # A rerun with --resume sends nothing twice and reads no confirmed instance again.
+    before = len(emu.log.requests)
+    code, _, err = await cli(
+        [*SEND, "--waiting-for", "approval", "--results", str(results), "--resume"], emu
+    )
+    assert code == 0, err
+    assert sent_to(emu) == dict.fromkeys(WAITING, 1)
+    reads = [r for r in emu.log.requests[before:] if r.instance_id is not None]
+    assert not [r for r in reads if r.instance_id in WAITING]
+    assert "skipped    100 already confirmed" in err
+
+
+async def test_without_waiting_for_every_listed_instance_gets_the_event(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    results = tmp_path / "r.jsonl"
+    code, _, err = await cli([*SEND, "--status", "running", "--results", str(results)], emu)
+    assert code == 0, err
+    # The status filter is the API's: the complete ones are not listed at all.
+    assert set(sent_to(emu)) == set(WAITING) | set(OTHER)
+    assert "list requests, 0 step reads" in err
+
+
+async def test_dry_run_counts_and_costs_without_sending(emu: Emulator, tmp_path: Path) -> None:
+    code, out, err = await cli(
+        [*SEND, "--waiting-for", "approval", "--dry-run", "--results", str(tmp_path / "r")], emu
+    )
+    assert code == 0, err
+    assert emu.log.total_accepted() == len(DONE)  # only the test's own events
+    assert "250 listed by 3 list requests, 160 instances' steps read" in out
+    assert "to send    100 events of type 'approval'" in out
+    assert "skipped    90 ended" in out
+    assert "skipped    60 not_waiting" in out
+    assert "3 list + 160 step reads + 100 sends = 263 requests" in out
+    code, out, _ = await cli(
+        ["send", "--instances-of", "wf", "--event-type", "approval", "--waiting-for",
+         "approval", "--dry-run", "--rate", "1200/5m"],
+        emu,
+    )  # fmt: skip
+    assert code == 0
+    assert "about 1m06s for 263 requests at 1200/5m" in out
+
+
+async def test_instances_list_writes_the_ids_file_send_reads(emu: Emulator, tmp_path: Path) -> None:
+    ids = tmp_path / "ids.txt"
+    args = ["instances", "list", "--workflow", "wf", "--waiting-for", "approval"]
+    code, _, err = await cli([*args, "--out", str(ids), "--rate", "unlimited"], emu)
+    assert code == 0, err
+    lines = ids.read_text().splitlines()
+    assert lines[0].startswith("#")
+    assert sorted(lines[1:]) == WAITING
+    assert "100 of 250 listed instances selected" in err
+    assert "3 list requests, 160 step reads" in err
+    assert emu.log.total_accepted() == len(DONE)
+    results = tmp_path / "r.jsonl"
+    code, _, err = await cli(
+        ["send", str(ids), "--workflow", "wf", "--event-type", "approval", "--rate",
+         "unlimited", "--results", str(results)],
+        emu,
+    )  # fmt: skip
+    assert code == 0, err
+    assert sent_to(emu) == dict.fromkeys(WAITING, 1)
+    # Same keys as --instances-of: resuming from the listing sends nothing again.
+    code, _, err = await cli(
+        [*SEND, "--waiting-for", "approval", "--results", str(results), "--resume"], emu
+    )
+    assert code == 0, err
+    assert sent_to(emu) == dict.fromkeys(WAITING, 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["send", "ids.txt", "--instances-of", "wf", "--event-type", "e"], "--instances-of"),
+        (["send", "ids.txt", "--workflow", "wf", "--waiting-for", "e"], "--waiting-for"),
+        (["send", "--instances-of", "wf"], "--event-type"),
+        (["send", "--instances-of", "wf", "--event-type", "e", "--status", "nap"], "--status"),
+        (["send", "--instances-of", "nope", "--event-type", "e"], "--instances-of"),
+        (["send", "--event-type", "e", "--workflow", "wf"], "INPUT"),
+    ],
+)
+async def test_mistakes_are_one_line_naming_the_flag(
+    emu: Emulator, tmp_path: Path, args: list[str], flag: str
+) -> None:
+    (tmp_path / "ids.txt").write_text("a-000\n")
+    result = await anyio.run_process(
+        [sys.executable, "-m", "dispatcher", *args, "--results", str(tmp_path / "r.jsonl")],
+        env=env_for(emu),
+        cwd=tmp_path,
+        check=False,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert flag in err
+    assert "Traceback" not in err
+    assert emu.log.total_accepted() == len(DONE)
+
+
+async def test_relay_refuses_in_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")}
+    env["DISPATCHER_RELAY_SECRET"] = "relay-secret-0123456789"
+    result = await anyio.run_process(
+        [sys.executable, "-m", "dispatcher", "send", "--instances-of", "wf", "--event-type",
+         "e", "--target", "relay", "--base-url", "http://127.0.0.1:9"],
+        env=env,
+        check=False,
+    )  # fmt: skip
+    err = result.stderr.decode()
+    assert result.returncode == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "cannot list instances" in err
+
+
+def test_verdict_reads_the_steps() -> None:
+    wait = {"type": "waitForEvent", "event_type": "approval", "finished": False}
+    assert verdict("running", [wait], "approval").send
+    assert not verdict("running", [{**wait, "finished": True}], "approval").send
+    other = verdict("running", [{**wait, "event_type": "x"}], "approval")
+    assert other.rule == "not_waiting"
+    assert other.reason == "waits for 'x', not 'approval'"
+    assert verdict("running", [], "approval").rule == "not_waiting"
+    assert verdict("errored", [wait], "approval").rule == "ended"
