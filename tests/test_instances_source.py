@@ -242,3 +242,88 @@ def test_verdict_reads_the_steps() -> None:
     assert other.reason == "waits for 'x', not 'approval'"
     assert verdict("running", [], "approval").rule == "not_waiting"
     assert verdict("errored", [wait], "approval").rule == "ended"
+
+
+async def test_sending_starts_with_the_first_page(emu: Emulator, tmp_path: Path) -> None:
+    results = tmp_path / "r.jsonl"
+    code, _, err = await cli([*SEND, "--waiting-for", "approval", "--results", str(results)], emu)
+    assert code == 0, err
+    log = emu.log.requests
+    lists = [n for n, r in enumerate(log) if r.instance_id is None and r.workflow == "wf"]
+    events = [
+        n for n, r in enumerate(log) if r.event_type == "approval" and r.instance_id in WAITING
+    ]
+    assert len(lists) >= 3
+    assert events[0] < lists[-1]  # an event left before the last page was read
+
+
+class LocalExplorer:
+    """wrangler dev's local explorer API, as far as the listing uses it: list with
+    page/per_page (no cursor), get with steps, events; no auth, no /accounts/{id}."""
+
+    def __init__(self, waiting: int, other: int) -> None:
+        self.items = [(f"w{n}", "approval") for n in range(waiting)]
+        self.items += [(f"x{n}", "other") for n in range(other)]
+        self.events: list[str] = []
+        self.pages: list[str] = []
+
+    def app(self) -> Any:
+        from aiohttp import web
+
+        root = "/cdn-cgi/local/explorer/api/workflows/wf/instances"
+
+        async def listing(request: web.Request) -> web.Response:
+            assert "cursor" not in request.query
+            page, per = int(request.query["page"]), int(request.query["per_page"])
+            self.pages.append(request.query["page"])
+            rows = self.items[(page - 1) * per : page * per]
+            doc = {
+                "success": True, "errors": [], "messages": [],
+                "result": [{"id": iid, "status": "running"} for iid, _ in rows],
+                "result_info": {"page": page, "per_page": per, "count": len(rows),
+                                "total_count": len(self.items)},
+            }  # fmt: skip
+            return web.json_response(doc)
+
+        async def get(request: web.Request) -> web.Response:
+            kind = dict(self.items)[request.match_info["id"]]
+            step = {"type": "waitForEvent", "name": kind, "event_type": kind, "finished": False}
+            result = {"status": "running", "steps": [step]}
+            return web.json_response({"success": True, "errors": [], "result": result})
+
+        async def event(request: web.Request) -> web.Response:
+            self.events.append(request.match_info["id"])
+            return web.json_response({"success": True, "errors": [], "result": None})
+
+        app = web.Application()
+        app.router.add_get(root, listing)
+        app.router.add_get(root + "/{id}", get)
+        app.router.add_post(root + "/{id}/events/{type}", event)
+        return app
+
+
+async def test_wrangler_dev_pages_by_page_number(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    fake = LocalExplorer(waiting=130, other=40)
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")}
+        result = await anyio.run_process(
+            [sys.executable, "-m", "dispatcher", *SEND, "--waiting-for", "approval",
+             "--target", "wrangler-dev", "--base-url", f"http://127.0.0.1:{port}",
+             "--results", str(tmp_path / "r.jsonl")],
+            env=env,
+            check=False,
+        )  # fmt: skip
+    finally:
+        await runner.cleanup()
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert fake.pages == ["1", "2"]
+    assert sorted(fake.events) == sorted(f"w{n}" for n in range(130))
+    assert "170 instances listed: 2 list requests, 170 step reads" in err
