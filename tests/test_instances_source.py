@@ -327,3 +327,24 @@ async def test_wrangler_dev_pages_by_page_number(tmp_path: Path) -> None:
     assert fake.pages == ["1", "2"]
     assert sorted(fake.events) == sorted(f"w{n}" for n in range(130))
     assert "170 instances listed: 2 list requests, 170 step reads" in err
+
+
+async def test_every_get_passes_the_runs_gate(emu: Emulator) -> None:
+    """The listing's GETs acquire the same gate the sends do: one budget."""
+    from dispatcher.run.instances import InstanceReader, Selection, select
+    from dispatcher.sending.gate import RateGate
+    from dispatcher.sending.stats import RunStats
+
+    gate = RateGate(None)
+    stats = RunStats()
+    reader = InstanceReader(
+        target="api", base_url=emu.base_url, account_id="acc", headers=AUTH, gate=gate,
+        stats=stats,
+    )  # fmt: skip
+    selected: list[str] = []
+    async with reader:
+        async for page in select(reader, Selection(workflow="wf", waiting_for="approval")):
+            selected += [iid for iid, _, v in page if v.send]
+    assert sorted(selected) == WAITING
+    assert (stats.list_requests, stats.read_requests) == (3, 160)
+    assert gate.stats.acquired == 163
