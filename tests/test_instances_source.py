@@ -261,7 +261,8 @@ class LocalExplorer:
     """wrangler dev's local explorer API, as far as the listing uses it: list with
     page/per_page (no cursor), get with steps, events; no auth, no /accounts/{id}."""
 
-    def __init__(self, waiting: int, other: int) -> None:
+    def __init__(self, waiting: int, other: int, refuse: int = 0) -> None:
+        self.refuse = refuse  # answer this many list calls 429 first
         self.items = [(f"w{n}", "approval") for n in range(waiting)]
         self.items += [(f"x{n}", "other") for n in range(other)]
         self.events: list[str] = []
@@ -274,8 +275,15 @@ class LocalExplorer:
 
         async def listing(request: web.Request) -> web.Response:
             assert "cursor" not in request.query
-            page, per = int(request.query["page"]), int(request.query["per_page"])
             self.pages.append(request.query["page"])
+            if self.refuse:
+                self.refuse -= 1
+                return web.json_response(
+                    {"success": False, "errors": [{"code": 971, "message": "slow down"}]},
+                    status=429,
+                    headers={"Retry-After": "0"},
+                )
+            page, per = int(request.query["page"]), int(request.query["per_page"])
             rows = self.items[(page - 1) * per : page * per]
             doc = {
                 "success": True, "errors": [], "messages": [],
@@ -348,3 +356,36 @@ async def test_every_get_passes_the_runs_gate(emu: Emulator) -> None:
     assert sorted(selected) == WAITING
     assert (stats.list_requests, stats.read_requests) == (3, 160)
     assert gate.stats.acquired == 163
+
+
+async def test_a_429_on_a_page_pauses_the_gate_and_reads_it_again() -> None:
+    from aiohttp import web
+
+    from dispatcher.run.instances import InstanceReader, Selection, select
+    from dispatcher.sending.gate import RateGate
+    from dispatcher.sending.stats import RunStats
+
+    fake = LocalExplorer(waiting=3, other=2, refuse=1)
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    gate = RateGate(None)
+    stats = RunStats()
+    reader = InstanceReader(
+        target="wrangler-dev", base_url=f"http://127.0.0.1:{port}", account_id=None,
+        headers={}, gate=gate, stats=stats,
+    )  # fmt: skip
+    try:
+        async with reader:
+            pages = [
+                page
+                async for page in select(reader, Selection(workflow="wf", waiting_for="approval"))
+            ]
+    finally:
+        await runner.cleanup()
+    assert [iid for page in pages for iid, _, v in page if v.send] == ["w0", "w1", "w2"]
+    assert gate.stats.pauses == 1  # the whole run waits, as for a 429 on a send
+    assert gate.stats.paused_s >= 1.0
+    assert fake.pages == ["1", "1"]
