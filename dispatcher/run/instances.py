@@ -29,6 +29,7 @@ import aiohttp
 import anyio
 import orjson
 
+from dispatcher.clients.base import Redactor, short
 from dispatcher.clients.targets import WRANGLER_DEV_API_PATH, Target
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.validation import RuleViolation, check_path
@@ -143,6 +144,7 @@ class InstanceReader:
         else:
             self._root = f"{base}/accounts/{quote(account_id or '', safe='')}"
         self._headers = dict(headers) if target == "api" else {}
+        self._redact = Redactor(self._headers)  # a server may echo the token back
         self._gate = gate
         self._stats = stats
         self._timeout = timeout
@@ -201,12 +203,12 @@ class InstanceReader:
             return status, doc
         return status, doc
 
-    @staticmethod
-    def _why(status: int, doc: dict[str, Any] | None) -> str:
+    def _why(self, status: int, doc: dict[str, Any] | None) -> str:
         try:
             err = doc["errors"][0] if doc is not None else None
             if isinstance(err, dict):
-                return f"HTTP {status}, code {err.get('code')}: {err.get('message')}"
+                said = self._redact(str(err.get("message")))
+                return f"HTTP {status}, code {err.get('code')}: {short(said)}"
         except (KeyError, IndexError, TypeError):
             pass
         return f"HTTP {status}" if status else "no answer"
@@ -214,15 +216,21 @@ class InstanceReader:
     async def pages(
         self, workflow: str, status: str | None = None
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        """Each page's items, in the endpoint's order. Raises :class:`ListingError`."""
+        """Each page's items, in the endpoint's order. Raises :class:`ListingError`.
+
+        By cursor (``result_info.cursor``), or by page number for wrangler dev. An answer
+        with no cursor whose ``total_count`` says more pages follow is read on by page
+        number (the deprecated ``page``) rather than taken for the end.
+        """
         url = self._instances_url(workflow)
         cursor: str | None = None
+        by_page = self._paged
         page = 1
         while True:
             params = {"per_page": str(PER_PAGE)}
             if status is not None:
                 params["status"] = status
-            if self._paged:
+            if by_page:
                 params["page"] = str(page)
             elif cursor:
                 params["cursor"] = cursor
@@ -240,18 +248,19 @@ class InstanceReader:
             items = [item for item in doc.get("result") or [] if isinstance(item, dict)]
             self._stats.listed += len(items)
             yield items
-            info = doc.get("result_info") if isinstance(doc.get("result_info"), dict) else {}
-            assert isinstance(info, dict)
-            if self._paged:
-                total = info.get("total_count")
-                seen = page * PER_PAGE
-                if len(items) < PER_PAGE or (isinstance(total, int) and seen >= total):
-                    return
-                page += 1
-                continue
-            cursor = info.get("cursor") if isinstance(info.get("cursor"), str) else None
-            if not cursor:
-                return
+            raw_info = doc.get("result_info")
+            info: dict[str, Any] = raw_info if isinstance(raw_info, dict) else {}
+            total = info.get("total_count")
+            more = len(items) == PER_PAGE and (
+                not isinstance(total, int) or page * PER_PAGE < total
+            )
+            next_cursor = info.get("cursor")
+            if not by_page and isinstance(next_cursor, str) and next_cursor:
+                cursor = next_cursor
+            elif not more or (not by_page and not isinstance(total, int)):
+                return  # the last page (by cursor: no cursor and no count saying otherwise)
+            else:
+                by_page = True
             page += 1
 
     async def steps(self, workflow: str, instance_id: str) -> tuple[str, Any] | Verdict:
