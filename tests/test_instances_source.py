@@ -155,11 +155,13 @@ async def test_dry_run_counts_and_costs_without_sending(emu: Emulator, tmp_path:
     assert "3 list + 160 step reads + 100 sends = 263 requests" in out
     code, out, _ = await cli(
         ["send", "--instances-of", "wf", "--event-type", "approval", "--waiting-for",
-         "approval", "--dry-run", "--rate", "1200/5m"],
+         "approval", "--dry-run", "--rate", "6000/m"],
         emu,
     )  # fmt: skip
     assert code == 0
-    assert "about 1m06s for 263 requests at 1200/5m" in out
+    # The dry run's own GETs go at --rate too (163 at 100/s here); at 1200/5m the real
+    # run would take 263 / 4 s, about 1m06s.
+    assert "about 2.6s for 263 requests at 6000/m" in out
 
 
 async def test_instances_list_writes_the_ids_file_send_reads(emu: Emulator, tmp_path: Path) -> None:
