@@ -391,3 +391,29 @@ async def test_a_429_on_a_page_pauses_the_gate_and_reads_it_again() -> None:
     assert gate.stats.pauses == 1  # the whole run waits, as for a 429 on a send
     assert gate.stats.paused_s >= 1.0
     assert fake.pages == ["1", "1"]
+
+
+async def test_interrupted_then_resumed_sends_once_to_each(emu: Emulator, tmp_path: Path) -> None:
+    import signal
+
+    results = tmp_path / "r.jsonl"
+    args = [*SEND[:-1], "40/s", "--waiting-for", "approval", "--results", str(results)]
+    async with await anyio.open_process(
+        [sys.executable, "-m", "dispatcher", *args], env=env_for(emu)
+    ) as proc:
+        with anyio.fail_after(20):
+            # Stopped mid-run: pages, reads and sends left (the log has no event to wait on).
+            while len(sent_to(emu)) < 10:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        await proc.wait()
+    assert proc.returncode == 130
+    first = sent_to(emu)
+    assert 10 <= len(first) < len(WAITING)
+    code, _, err = await cli(
+        [*SEND, "--waiting-for", "approval", "--results", str(results), "--resume"], emu
+    )
+    assert code == 0, err
+    assert sent_to(emu) == dict.fromkeys(WAITING, 1)
+    envs = envelopes(results)
+    assert {i for i, e in envs.items() if e["delivery"] == "confirmed"} == set(WAITING)
