@@ -1,12 +1,14 @@
 """`dispatcher send`: the main job from the shell, with signals, progress and a summary.
 
 Exit codes: 0 every record confirmed (also when the inputs hold no record at all: a
-warning says so), 1 some failed, 2 usage, input, config or results-path mistake (another
-run holding the same --results included, a --redis that cannot be used at start), 3
-stopped early (a target where nothing listens included: one line says so; Redis
-unreachable for --redis-outage-timeout too), 5 results could not be
-written (full disk, read-only folder: the run stopped sending, --resume continues), 130
-interrupted.
+warning says so; with --instances-of --waiting-for, instances skipped as not waiting do
+not count against it), 1 some failed, 2 usage, input, config or results-path mistake
+(another run holding the same --results included, a --redis that cannot be used at
+start, an --instances-of listing refused on its first page: unknown workflow, bad
+credentials), 3 stopped early (a target where nothing listens included: one line says so;
+Redis unreachable for --redis-outage-timeout too; a later listing page refused), 5
+results could not be written (full disk, read-only folder: the run stopped sending,
+--resume continues), 130 interrupted.
 """
 
 from __future__ import annotations
