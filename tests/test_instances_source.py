@@ -263,8 +263,11 @@ class LocalExplorer:
     """wrangler dev's local explorer API, as far as the listing uses it: list with
     page/per_page (no cursor), get with steps, events; no auth, no /accounts/{id}."""
 
-    def __init__(self, waiting: int, other: int, refuse: int = 0) -> None:
+    def __init__(
+        self, waiting: int, other: int, refuse: int = 0, broken_page: int | None = None
+    ) -> None:
         self.refuse = refuse  # answer this many list calls 429 first
+        self.broken_page = broken_page  # a page answered 500 every time
         self.items = [(f"w{n}", "approval") for n in range(waiting)]
         self.items += [(f"x{n}", "other") for n in range(other)]
         self.events: list[str] = []
@@ -278,6 +281,8 @@ class LocalExplorer:
         async def listing(request: web.Request) -> web.Response:
             assert "cursor" not in request.query
             self.pages.append(request.query["page"])
+            if self.broken_page is not None and int(request.query["page"]) == self.broken_page:
+                return web.json_response({"success": False, "errors": []}, status=500)
             if self.refuse:
                 self.refuse -= 1
                 return web.json_response(
@@ -417,3 +422,33 @@ async def test_interrupted_then_resumed_sends_once_to_each(emu: Emulator, tmp_pa
     assert sent_to(emu) == dict.fromkeys(WAITING, 1)
     envs = envelopes(results)
     assert {i for i, e in envs.items() if e["delivery"] == "confirmed"} == set(WAITING)
+
+
+async def test_a_later_page_that_fails_stops_the_run_for_resume(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    fake = LocalExplorer(waiting=150, other=0, broken_page=2)
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    results = tmp_path / "r.jsonl"
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDFLARE_")}
+        result = await anyio.run_process(
+            [sys.executable, "-m", "dispatcher", *SEND, "--waiting-for", "approval",
+             "--target", "wrangler-dev", "--base-url", f"http://127.0.0.1:{port}",
+             "--max-attempts", "2", "--results", str(results)],
+            env=env,
+            check=False,
+        )  # fmt: skip
+    finally:
+        await runner.cleanup()
+    err = result.stderr.decode()
+    assert result.returncode == 3, err
+    assert "listing 'wf' failed on page 2 (HTTP 500" in err
+    assert "--resume" in err
+    assert "Traceback" not in err
+    assert sorted(fake.events) == sorted(f"w{n}" for n in range(100))  # page 1's, once
+    assert len(envelopes(results)) == 100
