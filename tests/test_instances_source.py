@@ -129,6 +129,16 @@ async def test_waiting_for_reaches_exactly_the_waiting_ones(emu: Emulator, tmp_p
     reads = [r for r in emu.log.requests[before:] if r.instance_id is not None]
     assert not [r for r in reads if r.instance_id in WAITING]
     assert "skipped    100 already confirmed" in err
+    # A dry run of the resume reads neither: 60 reads (the ones waiting for "other").
+    code, out, err = await cli(
+        [*SEND, "--waiting-for", "approval", "--results", str(results), "--resume", "--dry-run"],
+        emu,
+    )
+    assert code == 0, err
+    assert "160 instances' steps read" not in out
+    assert "250 listed by 3 list requests, 60 instances' steps read" in out
+    assert "skipped    100 confirmed" in out
+    assert "to send    0 events" in out
 
 
 async def test_without_waiting_for_every_listed_instance_gets_the_event(

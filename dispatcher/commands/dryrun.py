@@ -17,7 +17,7 @@ from dispatcher.clients.base import USER_AGENT
 from dispatcher.clients.targets import event_url
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.records import InputError, detect_format, read_batches
-from dispatcher.model import Event, Invalid
+from dispatcher.model import Delivery, Event, Invalid
 from dispatcher.results.ledger import LedgerError, load_ledger
 from dispatcher.run import runner
 from dispatcher.run.settings import DEFAULT_BASE_URL, DEFAULT_RATE, Rate, SendSettings
@@ -228,7 +228,19 @@ def instances_dry_run(
             file=out,
         )
         return EXIT_USAGE
-    cost, _ = anyio.run(survey, settings, backend="asyncio")
+    settled = None
+    if settings.resume:
+        try:
+            ledger = load_ledger(settings.results, on_torn=lambda torn: None)
+        except LedgerError as exc:
+            print(f"dispatcher send --dry-run: error: cannot resume: {exc}", file=out)
+            return EXIT_USAGE
+
+        def settled(key: str) -> bool:
+            state = ledger.get(key)
+            return state is not None and state.delivery is Delivery.CONFIRMED
+
+    cost, _ = anyio.run(lambda: survey(settings, settled=settled), backend="asyncio")
     w = out.write
     w(
         "dispatcher send --dry-run: no event was sent; the selection was read with "

@@ -507,11 +507,14 @@ async def survey(
     settings: SendSettings,
     *,
     on_page: Callable[[list[tuple[str, str, Verdict]]], None] = lambda page: None,
+    settled: Callable[[str], bool] | None = None,
 ) -> tuple[Cost, RunStats]:
     """Read the selection as a real run would (list pages, step reads) and send nothing.
 
     What ``send --dry-run`` and ``instances list`` do: the GETs go through a gate at the
-    run's ``--rate``, so they spend what a real run's listing would.
+    run's ``--rate``, so they spend what a real run's listing would. ``settled(key)``
+    (``--dry-run --resume``) names the records earlier results confirmed: not read, and
+    counted as skipped ``confirmed``, as the resumed run would.
     """
     from dispatcher.run.runner import gate_for
 
@@ -519,15 +522,34 @@ async def survey(
     gate, _ = gate_for(settings)
     to_send = 0
     skipped: dict[str, int] = {}
-    async with reader_for(settings, gate, stats) as reader:
-        async for page in select(reader, selection_of(settings)):
-            on_page(page)
-            for _iid, _status, v in page:
-                if v.send:
-                    to_send += 1
-                else:
-                    assert v.rule is not None
-                    skipped[v.rule] = skipped.get(v.rule, 0) + 1
+    keys = KeyDeriver()
+    done: set[str] = set()
+    event_type = settings.event_type or ""
+
+    def needs_read(iid: str) -> bool:
+        if settled is None or "\0" in iid:
+            return True
+        if settled(keys.key_for(None, selection.workflow, iid, event_type, settings.body)):
+            done.add(iid)
+            return False
+        return True
+
+    selection = selection_of(settings)
+    try:
+        async with reader_for(settings, gate, stats) as reader:
+            async for page in select(reader, selection, needs_read):
+                on_page(page)
+                for iid, _status, v in page:
+                    if iid in done:
+                        skipped["confirmed"] = skipped.get("confirmed", 0) + 1
+                    elif v.send:
+                        to_send += 1
+                    else:
+                        assert v.rule is not None
+                        skipped[v.rule] = skipped.get(v.rule, 0) + 1
+                done.clear()
+    finally:
+        keys.close()
     cost = Cost(
         listed=stats.listed,
         to_send=to_send,
