@@ -477,7 +477,6 @@ async def listed_batches(
     """
     assert settings.event_type is not None
     keys = KeyDeriver()
-    pages = 0
     try:
         async with reader_for(settings, gate, stats) as reader:
             records = instance_records(
@@ -491,7 +490,6 @@ async def listed_batches(
             )
             try:
                 async for batch in records:
-                    pages += 1
                     yield batch
             except ListingError as exc:
                 if stats.list_requests <= 1:
