@@ -78,6 +78,7 @@ class ErrorKind(enum.StrEnum):
     CONNECT = "connect"  # could not connect: the request never left
     PROTOCOL = "protocol"  # the request left; the answer could not be read as HTTP/1.x
     INVALID = "invalid"  # the input line was rejected before sending
+    SKIPPED = "skipped"  # left out on purpose: the instance does not wait (--waiting-for)
     STOPPED = "stopped"  # the run stopped before this record got an answer
     RATE_LIMITED = "rate_limited"  # gave up on 429s (Retry-After longer than allowed)
 

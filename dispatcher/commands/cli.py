@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dispatcher.commands.verify",
         "read the instances of confirmed events: consumed, waiting, no_waiter, ended",
     ),
+    "instances": (
+        "dispatcher.commands.instances",
+        "list instances (those waiting for an event) as an ids file for send",
+    ),
     "demo": ("dispatcher.commands.demo", "run the whole job against the embedded emulator"),
     "emulate": ("dispatcher.emulator.cli", "serve the Cloudflare Workflows API emulator"),
     "report": (

@@ -17,7 +17,7 @@ from dispatcher.clients.base import USER_AGENT
 from dispatcher.clients.targets import event_url
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.records import InputError, detect_format, read_batches
-from dispatcher.model import Event, Invalid
+from dispatcher.model import Delivery, Event, Invalid
 from dispatcher.results.ledger import LedgerError, load_ledger
 from dispatcher.run import runner
 from dispatcher.run.settings import DEFAULT_BASE_URL, DEFAULT_RATE, Rate, SendSettings
@@ -209,3 +209,55 @@ def dry_run(
     for need in needs:
         w(f"  needs      a real run also needs {need}\n")
     return EXIT_INVALID if invalid_total else EXIT_OK
+
+
+def instances_dry_run(
+    settings: SendSettings, out: TextIO, *, needs: list[str] | tuple[str, ...] = ()
+) -> int:
+    """``send --dry-run --instances-of W``: read the selection (GETs only), send nothing,
+    print the count and what a real run costs in requests and time. Exit 0, or 2 when the
+    listing cannot be read (it raises :class:`~dispatcher.run.instances.ListingError`)."""
+    import anyio
+
+    from dispatcher.run.instances import survey
+
+    if any(need.startswith("a token") or need.startswith("an account") for need in needs):
+        print(
+            "dispatcher send --dry-run: error: --instances-of: the listing is read even in a "
+            f"dry run, and it needs {needs[0]}",
+            file=out,
+        )
+        return EXIT_USAGE
+    settled = None
+    if settings.resume:
+        try:
+            ledger = load_ledger(settings.results, on_torn=lambda torn: None)
+        except LedgerError as exc:
+            print(f"dispatcher send --dry-run: error: cannot resume: {exc}", file=out)
+            return EXIT_USAGE
+
+        def settled(key: str) -> bool:
+            state = ledger.get(key)
+            return state is not None and state.delivery is Delivery.CONFIRMED
+
+    cost, _ = anyio.run(lambda: survey(settings, settled=settled), backend="asyncio")
+    w = out.write
+    w(
+        "dispatcher send --dry-run: no event was sent; the selection was read with "
+        f"{cost.list_requests + cost.read_requests:,} GET requests\n"
+    )
+    reads = f", {cost.read_requests:,} instances' steps read" if settings.waiting_for else ""
+    w(f"  instances  {cost.listed:,} listed by {cost.list_requests:,} list requests{reads}\n")
+    w(
+        f"  to send    {cost.to_send:,} events of type {settings.event_type!r} to "
+        f"workflow {settings.instances_of!r}\n"
+    )
+    for rule, count in sorted(cost.skipped.items()):
+        w(f"  skipped    {count:,} {rule}\n")
+    w(
+        f"  cost       {cost.list_requests:,} list + {cost.read_requests:,} step reads + "
+        f"{cost.to_send:,} sends = {cost.requests:,} requests (retries not counted)\n"
+    )
+    w(f"  time       {_time_line(cost.requests, settings)}\n")
+    w(f"  results    would go to {'stdout' if settings.results == '-' else settings.results}\n")
+    return EXIT_OK

@@ -9,7 +9,7 @@ from typing import Final, Literal, TextIO
 
 import anyio
 
-from dispatcher.model import Delivery
+from dispatcher.model import Delivery, ErrorKind
 from dispatcher.sending.stats import RunStats
 
 LINE_INTERVAL: Final = 5.0  # seconds between plain progress lines when stderr is no terminal
@@ -154,11 +154,12 @@ def format_summary(
     unknown (shown when there are any)."""
     elapsed = stats.elapsed()
     unknown = stats.deliveries[Delivery.UNKNOWN.value]
-    failed = stats.failed - unknown
+    left_out = stats.errors[ErrorKind.SKIPPED.value]
+    failed = stats.failed - unknown - left_out
     lines = ["", "dispatcher: run summary"]
     lines.append(
         f"  records    {stats.records:,} ({stats.confirmed:,} confirmed, {failed:,} failed, "
-        f"{unknown:,} unknown)"
+        f"{unknown:,} unknown" + (f", {left_out:,} skipped: not waiting" if left_out else "") + ")"
     )
     lines += _table("delivery", dict(stats.deliveries))
     lines += _table("status", dict(stats.statuses))
@@ -167,6 +168,13 @@ def format_summary(
         f"  requests   {stats.attempts:,} ({stats.retries:,} retries, "
         f"{stats.rate_limited:,} answered 429)"
     )
+    if stats.list_requests:
+        # The listing's GETs passed the same gate: the account's budget spent on reading.
+        lines.append(
+            f"  listing    {stats.listed:,} instances listed: {stats.list_requests:,} list "
+            f"requests, {stats.read_requests:,} step reads (from the same --rate budget; "
+            f"{stats.attempts + stats.list_requests + stats.read_requests:,} requests in all)"
+        )
     if stats.pauses:
         # A pause is counted as it was set; a run that stopped during one waited less.
         paused = min(stats.paused_s, elapsed)

@@ -1,12 +1,14 @@
 """`dispatcher send`: the main job from the shell, with signals, progress and a summary.
 
 Exit codes: 0 every record confirmed (also when the inputs hold no record at all: a
-warning says so), 1 some failed, 2 usage, input, config or results-path mistake (another
-run holding the same --results included, a --redis that cannot be used at start), 3
-stopped early (a target where nothing listens included: one line says so; Redis
-unreachable for --redis-outage-timeout too), 5 results could not be
-written (full disk, read-only folder: the run stopped sending, --resume continues), 130
-interrupted.
+warning says so; with --instances-of --waiting-for, instances skipped as not waiting do
+not count against it), 1 some failed, 2 usage, input, config or results-path mistake
+(another run holding the same --results included, a --redis that cannot be used at
+start, an --instances-of listing refused on its first page: unknown workflow, bad
+credentials), 3 stopped early (a target where nothing listens included: one line says so;
+Redis unreachable for --redis-outage-timeout too; a later listing page refused), 5
+results could not be written (full disk, read-only folder: the run stopped sending,
+--resume continues), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import anyio
 import orjson
 
 from dispatcher.commands.cli import user_error
-from dispatcher.commands.dryrun import add_dry_run_argument, dry_run
+from dispatcher.commands.dryrun import add_dry_run_argument, dry_run, instances_dry_run
 from dispatcher.commands.progress import ProgressMode, format_summary, resolve_mode, show_progress
 from dispatcher.coordination.urls import REDIS_SCHEMES, redact
-from dispatcher.model import Delivery
+from dispatcher.model import Delivery, ErrorKind
 from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.ledger import load_ledger, read_envelopes
 from dispatcher.results.sinks import check_results_path
@@ -61,7 +63,9 @@ def exit_code(stats: RunStats) -> int:
         return EXIT_STOPPED
     # Records a resumed run skipped still count: their earlier envelopes say they failed.
     unsettled = sum(n for reason, n in stats.skipped.items() if reason != "confirmed")
-    return EXIT_OK if stats.failed == 0 and unsettled == 0 else EXIT_FAILED
+    # Instances --waiting-for left out are the selection working, not a failure.
+    failed = stats.failed - stats.errors[ErrorKind.SKIPPED.value]
+    return EXIT_OK if failed == 0 and unsettled == 0 else EXIT_FAILED
 
 
 async def _main(settings: SendSettings) -> RunStats:
@@ -112,6 +116,8 @@ def _nothing_read(stats: RunStats, settings: SendSettings) -> bool:
     (another process may have sent them all): those never say the input was empty."""
     if settings.job is not None or stats.interrupted or stats.stop_reason is not None:
         return False
+    if settings.instances_of is not None:
+        return False  # the summary says how many the listing named
     if stats.write_error is not None:
         return False
     return stats.records == 0 and not stats.skipped and not stats.crashed_unknown
@@ -130,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
                 "holds results; a real run needs --resume or --overwrite",
                 file=sys.stderr,
             )
+        if settings.instances_of is not None:
+            return instances_dry_run(settings, sys.stdout, needs=needs)
         return dry_run(settings, sys.stdout, needs=needs)
     check_results_path(
         settings.results,

@@ -5,9 +5,10 @@ the events it received, so nothing runs in the background: a read derives the st
 that moment from the clock. The model: after ``wait_after`` seconds the instance enters
 ``step.waitForEvent(event_type, timeout)``; an event of that type that arrived earlier is
 kept and consumed as the wait starts (as the platform buffers it). Then one ``step.do``
-per entry of ``steps`` (seconds each), then ``complete``; an ``error_share`` of the
-instances (chosen from the id and the seed, so reproducible) errors in its last step. A
-wait that times out errors the instance.
+per entry of ``steps`` (seconds each), then ``complete``; an instance created with
+params ``{"wait_for": T}`` waits for ``T`` instead of the model's type. An
+``error_share`` of the instances (chosen from the id and the seed, so reproducible)
+errors in its last step. A wait that times out errors the instance.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ STATUSES: Final = frozenset(
 ALREADY_EXISTS: Final = 10405
 DUPLICATE_IN_BATCH: Final = 10415
 BAD_REQUEST_CODE: Final = 10023  # chosen: Cloudflare publishes none for a bad body here
+# Chosen, not checked against the real API: listing a workflow the emulator holds no
+# instance of answers 404 with this code (a workflow "exists" once it has an instance).
+WORKFLOW_NOT_FOUND: Final = 10200
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,13 +151,18 @@ class InstanceStore:
         if now < wait_start:
             return {"status": "running", "steps": steps, "end": None, "error": None,
                     "output": None}  # fmt: skip
-        arrivals = inst.events.get(m.event_type, [])
+        # An instance created with params {"wait_for": T} waits for T instead (so that one
+        # workflow holds instances waiting for different events, as tests need).
+        wait_type = m.event_type
+        if isinstance(inst.params, dict) and isinstance(inst.params.get("wait_for"), str):
+            wait_type = inst.params["wait_for"]
+        arrivals = inst.events.get(wait_type, [])
         got = min(arrivals) if arrivals else None
         wait_end = None if got is None else max(got, wait_start)
         if wait_end is not None and wait_end > deadline:
             wait_end = None
         step: dict[str, Any] = {
-            "type": "waitForEvent", "name": m.event_type, "event_type": m.event_type,
+            "type": "waitForEvent", "name": wait_type, "event_type": wait_type,
             "start": self._iso(wait_start), "end": None, "finished": False, "output": None,
             "error": None,
         }  # fmt: skip
@@ -163,7 +172,7 @@ class InstanceStore:
                 step["end"] = self._iso(deadline)
                 step["finished"] = True
                 error = {"name": "WorkflowTimeoutError",
-                         "message": f"waitForEvent {m.event_type!r} timed out"}  # fmt: skip
+                         "message": f"waitForEvent {wait_type!r} timed out"}  # fmt: skip
                 step["error"] = error  # as the API's step has it: a wait that got nothing
                 return {"status": "errored", "steps": steps, "end": self._iso(deadline),
                         "error": error, "output": None}  # fmt: skip
@@ -171,7 +180,7 @@ class InstanceStore:
                     "output": None}  # fmt: skip
         step["end"] = self._iso(wait_end)
         step["finished"] = True
-        step["output"] = {"type": m.event_type}
+        step["output"] = {"type": wait_type}
         t = wait_end
         fails = self._errors(inst)
         for i, duration in enumerate(m.steps):
@@ -301,8 +310,11 @@ class InstanceStore:
         direction = query.get("direction", "desc")
         if direction not in {"asc", "desc"}:
             return _bad("direction must be asc or desc")
+        if workflow not in self._by_workflow:
+            msg = f"workflow.not_found: no workflow {workflow!r}"
+            return Answer.error(envelope.api_error(404, WORKFLOW_NOT_FOUND, msg))
         now = self._clock()
-        rows = list(self._by_workflow.get(workflow, {}).values())
+        rows = list(self._by_workflow[workflow].values())
         if direction == "desc":
             rows.reverse()
         page: list[dict[str, Any]] = []

@@ -303,11 +303,16 @@ def for_outcome(
     return env
 
 
+# Rules of the records an instance listing leaves out on purpose (``send --waiting-for``):
+# their envelopes say ``skipped``, not ``invalid`` (dispatcher.run.instances).
+SKIP_RULES: Final = frozenset({"not_waiting", "ended", "not_found", "read_failed"})
+
+
 def for_invalid(record: Invalid, now: datetime) -> Envelope:
     return _failed(
         record,
         delivery=Delivery.NOT_SENT,
-        kind=ErrorKind.INVALID,
+        kind=ErrorKind.SKIPPED if record.rule in SKIP_RULES else ErrorKind.INVALID,
         # Names file, line and rule, so the message alone says what to fix where.
         message=f"{record.source}:{record.line}: [{record.rule}] {record.message}",
         attempts=0,

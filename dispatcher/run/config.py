@@ -145,9 +145,33 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
         )
     parser.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
-        help="JSONL, CSV or id-list file to send; - reads stdin",
+        help="JSONL, CSV or id-list file to send; - reads stdin (none with --instances-of)",
+    )
+    listing = parser.add_argument_group("instances as the input (docs/instances.md)")
+    listing.add_argument(
+        "--instances-of",
+        default=None,
+        metavar="WORKFLOW",
+        help="send --event-type to the instances of WORKFLOW, read page by page from the "
+        "list endpoint (each page a request from the same --rate budget); no INPUT",
+    )
+    listing.add_argument(
+        "--status",
+        dest="instance_status",
+        default=None,
+        metavar="STATUS",
+        help="with --instances-of: only instances the list endpoint gives with this status "
+        "(an instance parked in waitForEvent lists as running)",
+    )
+    listing.add_argument(
+        "--waiting-for",
+        default=None,
+        metavar="TYPE",
+        help="with --instances-of: read each instance's steps (one request each) and send "
+        "only to those with an unfinished waitForEvent of TYPE; the others get a skipped "
+        "envelope with the reason",
     )
 
     source = parser.add_argument_group("input")
@@ -557,6 +581,9 @@ _KEYS: Final = (
         env="DISPATCHER_REDIS_OUTAGE_TIMEOUT",
     ),
     _Key(name="job", flag="--job", convert=_to_str, env="DISPATCHER_JOB"),
+    _Key(name="instances_of", flag="--instances-of", convert=_to_str),
+    _Key(name="instance_status", flag="--status", convert=_to_str),
+    _Key(name="waiting_for", flag="--waiting-for", convert=_to_str),
     _Key(
         name="http_client",
         flag="--http-client",

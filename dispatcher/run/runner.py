@@ -167,8 +167,12 @@ def read_options(settings: SendSettings) -> ReadOptions:
 def check_inputs(settings: SendSettings) -> None:
     """Fail before sending anything if an input cannot be read as a whole (exit 2, not
     mid-run): every input's format, the options an id list needs, a CSV header."""
+    if settings.instances_of is not None:
+        return  # the records come from the list endpoint
     if not settings.inputs:
-        raise ConfigError("INPUT", "give at least one input file, or - for stdin")
+        raise ConfigError(
+            "INPUT", "give at least one input file, or - for stdin, or --instances-of WORKFLOW"
+        )
     check_input_files(settings.inputs, settings.format, read_options(settings))
 
 
@@ -503,6 +507,9 @@ def skip_reason(record: Record, state: KeyState | None, settings: SendSettings) 
         return "confirmed"
     if state.error_kind is ErrorKind.STOPPED and state.delivery is not Delivery.UNKNOWN:
         # Stopped between attempts with nothing in doubt: not final, so it goes again.
+        return None
+    if state.error_kind is ErrorKind.SKIPPED:
+        # Left out because the instance did not wait: this run's listing decides again.
         return None
     if state.error_kind is ErrorKind.INVALID:
         # Invalid lines stay invalid until the input is fixed (then their key changes,
@@ -861,11 +868,26 @@ async def _run_locked(
     if engine_hook is not None:
         engine_hook(engine)
     send, receive = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)
-    batches: AsyncGenerator[list[Record], None] = (
-        shared.batches()
-        if shared is not None and shared.job is not None
-        else input_batches(settings)
-    )
+    batches: AsyncGenerator[list[Record], None]
+    if shared is not None and shared.job is not None:
+        batches = shared.batches()
+    elif settings.instances_of is not None:
+        from dispatcher.run.instances import listed_batches
+
+        def settled(key: str) -> bool:
+            state = ledger.get(key)
+            return state is not None and state.delivery is Delivery.CONFIRMED
+
+        # The list and step reads pass the same gate as the sends: one account budget.
+        batches = listed_batches(
+            settings,
+            gate,
+            stats,
+            stop=engine.stop,
+            settled=settled if settings.resume else lambda key: False,
+        )
+    else:
+        batches = input_batches(settings)
     if shard is not None:
         batches = _sharded(batches, shard)
     if settings.resume:

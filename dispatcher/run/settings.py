@@ -27,6 +27,8 @@ from dispatcher.inputs.validation import (
     MAX_EVENT_TYPE_LEN,
     MAX_WORKFLOW_LEN,
     NAME_PATTERN,
+    RuleViolation,
+    check_path,
 )
 from dispatcher.model import UserError
 
@@ -395,6 +397,13 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 _JOB_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
+# The list endpoint's status filter (Cloudflare API reference).
+INSTANCE_STATUSES: Final = (
+    "queued", "running", "paused", "errored", "terminated", "complete", "waitingForPause",
+    "waiting",
+)  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SendSettings:
     """Everything `dispatcher send` needs, checked once.
@@ -441,9 +450,14 @@ class SendSettings:
     redis_url: str | None = dataclasses.field(default=None, repr=False)
     redis_outage_timeout: float = DEFAULT_REDIS_OUTAGE_TIMEOUT  # then the run ends, exit 3
     job: str | None = None  # --job: share this input's work with every process of that name
+    # --instances-of: the records are the instances the list endpoint names, not files.
+    instances_of: str | None = None
+    instance_status: str | None = None  # --status: the list endpoint's own filter
+    waiting_for: str | None = None  # --waiting-for: only instances parked in this wait
 
     def __post_init__(self) -> None:
         self._check_inputs()
+        self._check_instances()
         if self.format is not None:
             _check_choice("format", self.format, _FORMATS)
         self._check_path_parts()
@@ -578,6 +592,43 @@ class SendSettings:
             )
         if self.results == "-":
             raise ConfigError("job", "each process of a job needs its own --results file")
+
+    def _check_instances(self) -> None:
+        if self.instances_of is None:
+            for name in ("instance_status", "waiting_for"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(name, "needs --instances-of WORKFLOW")
+            return
+        if self.inputs:
+            raise ConfigError(
+                "instances_of", "takes its records from the list endpoint: give no INPUT file"
+            )
+        try:
+            check_path(self.instances_of, "i", "e")
+        except RuleViolation as exc:
+            raise ConfigError("instances_of", exc.message) from None
+        if self.workflow is not None and self.workflow != self.instances_of:
+            raise ConfigError("workflow", "differs from --instances-of; give one of them")
+        if self.event_type is None:
+            raise ConfigError("event_type", "required with --instances-of")
+        if self.instance_status is not None and self.instance_status not in INSTANCE_STATUSES:
+            raise ConfigError("instance_status", f"must be one of {', '.join(INSTANCE_STATUSES)}")
+        if self.waiting_for is not None and (
+            not isinstance(self.waiting_for, str) or not 1 <= len(self.waiting_for) <= 100
+        ):
+            raise ConfigError("waiting_for", "must be an event type of 1..100 characters")
+        if self.target == "relay":
+            raise ConfigError(
+                "instances_of",
+                "the relay's Workflow binding cannot list instances: write the ids with "
+                "`dispatcher instances list --workflow W --out ids.txt` (REST), then "
+                "`dispatcher send ids.txt --target relay ...`",
+            )
+        if self.processes > 1 or self.job is not None:
+            raise ConfigError(
+                "instances_of", "one process reads the listing: not with --processes or --job"
+            )
+        object.__setattr__(self, "workflow", self.instances_of)
 
     def _check_inputs(self) -> None:
         # Empty is allowed: dispatch() takes its records from the caller, not from files.

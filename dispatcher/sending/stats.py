@@ -39,6 +39,10 @@ class RunStats:
     # One line each: an end-of-run step on the disk that failed after the envelopes were
     # durable (a journal or lock file that could not be removed); the run's outcome stands.
     warnings: list[str] = field(default_factory=list)
+    # --instances-of: the GETs the listing spent from the same gate, apart from the sends.
+    list_requests: int = 0  # pages of the list endpoint
+    read_requests: int = 0  # one instance's steps (--waiting-for)
+    listed: int = 0  # instances the list endpoint named
     # Latencies of the last attempts, kept only as a running sum for the summary's mean.
     latency_sum_ms: float = 0.0
     latency_count: int = 0
