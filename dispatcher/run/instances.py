@@ -34,8 +34,8 @@ from dispatcher.clients.targets import WRANGLER_DEV_API_PATH, Target
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.validation import RuleViolation, check_path
 from dispatcher.model import Event, Invalid, Record, UserError
-from dispatcher.run.settings import SendSettings
-from dispatcher.sending.gate import Gate
+from dispatcher.run.settings import Rate, SendSettings
+from dispatcher.sending.gate import Gate, RateGate
 from dispatcher.sending.stats import RunStats
 
 __all__ = [
@@ -514,10 +514,9 @@ async def survey(
     (``--dry-run --resume``) names the records earlier results confirmed: not read, and
     counted as skipped ``confirmed``, as the resumed run would.
     """
-    from dispatcher.run.runner import gate_for
-
     stats = RunStats()
-    gate, _ = gate_for(settings)
+    rate = settings.rate
+    gate = RateGate(rate.per_second if isinstance(rate, Rate) else None)
     to_send = 0
     skipped: dict[str, int] = {}
     keys = KeyDeriver()
