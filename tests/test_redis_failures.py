@@ -10,6 +10,7 @@ nowhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -448,6 +449,56 @@ async def test_a_password_changed_mid_job_ends_the_run_at_once_not_after_the_tim
     assert counts["records"] == len(written)
     # Every record that reached the API has its envelope (claimed or listed unclaimed).
     assert sent <= {str(e["instance_id"]) for e in written}
+
+
+async def test_redis_gone_between_the_url_check_and_the_job_ends_within_the_timeout(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The start-up probe gets through; every connection after it is refused (Redis died
+    right then). Joining the job waits only as long as --redis-outage-timeout: exit 3,
+    one line, nothing sent (it waited forever before)."""
+    source = write_input(tmp_path / "ids.jsonl", 50)
+    results = tmp_path / "out.jsonl"
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    only = listener.listeners[0]
+    assert isinstance(only, anyio.abc.SocketListener)
+
+    async def first_connection_only() -> None:
+        client = await only.accept()  # the probe's
+        async with client, await anyio.connect_tcp("127.0.0.1", redis_server.port) as up:
+
+            async def pump(a: anyio.abc.SocketStream, b: anyio.abc.SocketStream) -> None:
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.EndOfStream):
+                    async for chunk in a:
+                        await b.send(chunk)
+                with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                    await b.send_eof()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump, client, up)
+                await pump(up, client)
+                tg.cancel_scope.cancel()
+        await listener.aclose()  # from now on: connection refused
+
+    env = run_env(DISPATCHER_REDIS_OUTAGE_TIMEOUT="2")
+    async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
+        command = job_command(source, results, emu.base_url, f"redis://127.0.0.1:{port}/0")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first_connection_only)
+            started = time.monotonic()
+            with anyio.fail_after(20):
+                done = await anyio.run_process(command, env=env, check=False)
+            took = time.monotonic() - started
+            tg.cancel_scope.cancel()
+        sent = len(emu.log.requests)
+    stderr = done.stderr.decode()
+    assert done.returncode == 3, stderr[-3000:]
+    assert took < 12.0, took
+    assert "Traceback" not in stderr
+    assert "while joining the job (--redis-outage-timeout 2s): nothing was sent" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert sent == 0
 
 
 async def test_ctrl_c_of_a_job_does_not_say_the_input_was_empty(

@@ -21,7 +21,14 @@ import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -51,7 +58,7 @@ from dispatcher.inputs.records import (
     read_batches,
     read_line_range,
 )
-from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Record
+from dispatcher.model import Delivery, Envelope, ErrorKind, Event, Record, UserError
 from dispatcher.results import envelopes as make_envelope
 from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.journal import (
@@ -716,8 +723,9 @@ class Coordinated:
     ) -> None:
         """After a hard stop: claim and write what the engine had finished or abandoned.
 
-        Bounded: with Redis away, these are written unclaimed (an envelope is never lost;
-        another process may then write one too for the same record)."""
+        Bounded: with Redis away, :class:`RedisGone`, and the caller writes them unclaimed
+        and lists them (an envelope is never lost; a process of the job on other results
+        that takes the shard over first may write one too for the same record)."""
         if not envs and not (self._owed[0] or self._owed[1]):
             return
         self._sink = sink
@@ -735,8 +743,10 @@ class Coordinated:
                 self._owed = ([], [])
                 await self._settle([], owed, journal)
             if not claimed:
+                # Written unclaimed and listed by the caller (RESULTS.unclaimed.jsonl), so
+                # the job's next run here claims them before it sends anything.
                 self._enveloped(envs)
-                self._write(b"".join(encode(env) for env in envs if _is_final(env)))
+                raise RedisGone(f"Redis did not take the claims within {_LEAVE_S:g} s")
             await self._sync(journal)
         finally:
             if self._fd is not None:
@@ -971,6 +981,36 @@ def _unjson(text: str) -> dict[str, str]:
     return value if isinstance(value, dict) else {}
 
 
+class RedisUnavailable(UserError):
+    """Redis went away while the run joined its job, for longer than the outage timeout:
+    nothing was sent; the same command, once Redis is back, starts the run."""
+
+    exit_code = 3
+
+
+async def _within_outage(
+    link: Link, limit: float, step: Callable[[], Awaitable[None]], *, poll: float = 0.25
+) -> None:
+    """``step()``, given up once Redis has been unreachable for ``limit`` seconds."""
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                while link.connected or link.unreachable_for() < limit:  # noqa: ASYNC110 (the link has no event for "away this long")
+                    await anyio.sleep(poll)
+                scope.cancel()
+
+            tg.start_soon(watch)
+            await step()
+            tg.cancel_scope.cancel()
+    if scope.cancelled_caught:
+        raise RedisUnavailable(
+            f"--redis: unreachable for {link.unreachable_for():.0f} s while joining the job "
+            f"(--redis-outage-timeout {limit:g}s): nothing was sent; run the same command "
+            "again once Redis is back"
+        )
+
+
 @contextlib.asynccontextmanager
 async def coordinated(
     settings: SendSettings, stats: RunStats, options: ReadOptions
@@ -984,11 +1024,17 @@ async def coordinated(
                 async with anyio.create_task_group() as tg:
                     shared._tg = tg
                     if shared.job is not None:
-                        await shared.join()
-                        # Before any record is sent: a process that dies from then on is
-                        # known, with its journal, to whoever takes its shards over.
-                        await shared.job.heartbeat(shared._beat())
-                        if await shared.job.become_planner():
+                        job = shared.job
+
+                        async def start() -> None:
+                            await shared.join()
+                            # Before any record is sent: a process that dies from then on
+                            # is known, with its journal, to whoever takes its shards over.
+                            await job.heartbeat(shared._beat())
+
+                        # The run's outage watch starts with the engine: until then, this.
+                        await _within_outage(shared.link, settings.redis_outage_timeout, start)
+                        if await job.become_planner():
                             tg.start_soon(shared._publish_plan)
                         tg.start_soon(shared._heartbeat)
                     try:
