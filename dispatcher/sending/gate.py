@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 import typing
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,6 +41,20 @@ _SLACK_S: typing.Final = 0.006
 # Strict spacing sleeps to this much before a due time, then yields to the loop until the
 # precise timer reaches it: an epoll timeout ends up to 1 ms late, and a late slot is lost.
 SPIN_S: typing.Final = 0.001
+# A limiter stamps a request when its loop reads it, off a clock cached per loop pass
+# (nginx's ngx_current_msec). A server that stood still while our last request waited is
+# late stamping it, and the next one, spaced 1/rate from ours, looks closer to it than that:
+# against nginx limit_req burst=0 on a shared 2-core machine, stalls of 3 to 16 ms made
+# requests sent 6 to 14 ms apart look 0 to 5 ms apart. So under strict spacing the next
+# request also waits out how much later than usual the last one was answered: a server
+# that sat on it stamped it that much later. An answer not back by the usual round trip
+# plus this grace tells of a stall, and the next request waits for it (at most one more
+# interval, so a hung request costs one slot, not the run). The grace covers the client's
+# own jitter in seeing answers (the median round trip is the usual one).
+HOLD_GRACE_S: typing.Final = 0.0005
+HOLD_MAX_S: typing.Final = 0.02  # ... or this long, if more: the longest stall seen was 16 ms
+_LATENCIES: typing.Final = 64  # answers' round trips kept for the usual one
+_FRESH_S: typing.Final = 10.0  # answers reported this recently keep the hold on (pauses too)
 
 
 def default_burst(rate: float) -> int:
@@ -146,10 +161,13 @@ class RateGate:
 
     __slots__ = (
         "_acquired",
+        "_answer",
+        "_answered_at",
         "_bucket_waiters",
         "_burst",
         "_clock",
         "_last_sent",
+        "_latencies",
         "_limiter",
         "_paused_s",
         "_paused_until",
@@ -196,6 +214,10 @@ class RateGate:
         self._last_sent = -math.inf  # timer reading when the last strict slot was taken
         # Strict slots go one at a time, in arrival order: only the head waiter sleeps.
         self._turn = anyio.Lock()
+        # Round trips reported by answered(), and when the last strict slot's came back.
+        self._latencies: deque[tuple[float, float]] = deque(maxlen=_LATENCIES)
+        self._answered_at: float | None = None
+        self._answer: anyio.Event | None = None
         self.set_rate(rate)
 
     @property
@@ -231,6 +253,58 @@ class RateGate:
         if strict:
             self._last_sent = self._timer()
         self._release_waiters()
+
+    def answered(self, latency_s: float) -> None:
+        """An answer came back ``latency_s`` after its request left (see :meth:`_hold`).
+
+        Reported by the pacer for answers with nothing but a 429 to go on; an answer to a
+        request sent at or after the last strict slot is that slot's.
+        """
+        if not (math.isfinite(latency_s) and latency_s >= 0):
+            return
+        now = self._timer()
+        self._latencies.append((now, latency_s))
+        rate = self._rate
+        if rate is None or not self._strict:
+            return
+        if now - latency_s >= self._last_sent - 0.4 / rate:
+            # Timed from the slot rather than from now: how late the pacer hears of an
+            # answer is the client's delay, not the server's.
+            self._answered_at = self._last_sent + latency_s
+            if self._answer is not None:
+                self._answer.set()
+
+    def _usual(self) -> float | None:
+        """The median recent round trip, or ``None`` when answers are not reported."""
+        if not self._latencies or self._timer() - self._latencies[-1][0] > _FRESH_S:
+            return None
+        latencies = sorted(latency for _, latency in self._latencies)
+        return latencies[len(latencies) // 2]
+
+    async def _hold(self, due: float, rate: float) -> float:
+        """The due time once the last slot's answer is taken into account.
+
+        The server stamped the last request at the latest when it answered: an answer
+        later than the usual round trip (by more than :data:`HOLD_GRACE_S`) moves the next
+        due time on by as much. An answer still out past the usual round trip and the
+        grace is waited for, up to one more interval or :data:`HOLD_MAX_S`.
+        """
+        usual = self._usual()
+        if usual is None:
+            return due
+        usual += HOLD_GRACE_S
+        if self._answered_at is None:
+            overdue = self._last_sent + usual
+            if self._timer() < overdue:
+                return due  # not late yet: no sign the server stood still
+            self._answer = anyio.Event()
+            longest = due + max(1.0 / rate, HOLD_MAX_S)
+            with anyio.move_on_after(max(0.0, longest - self._timer())):
+                await self._answer.wait()
+            self._answer = None
+            if self._answered_at is None:
+                return longest
+        return max(due, self._answered_at + 1.0 / rate - usual)
 
     def _release_waiters(self) -> None:
         waiters, self._bucket_waiters = self._bucket_waiters, set()
@@ -378,11 +452,17 @@ class RateGate:
             due = self._due()
             if self._timer() < due and not await self._sleep_until(due):
                 return False
-            if self._now() < self._paused_until:
+            rate = self._rate
+            if rate is not None:
+                held = await self._hold(due, rate)
+                if held > self._timer() and not await self._sleep_until(held):
+                    return False
+            if self._now() < self._paused_until or not self._strict:
                 return False
             # One interval from when this slot was actually taken, not from when it was
             # due: lateness moves the schedule on rather than letting two out close.
             self._last_sent = self._timer()
+            self._answered_at = None
             return True
 
     async def _sleep_until(self, due: float) -> bool:
