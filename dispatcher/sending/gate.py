@@ -45,15 +45,17 @@ SPIN_S: typing.Final = 0.001
 # (nginx's ngx_current_msec). A server that stood still while our last request waited is
 # late stamping it, and the next one, spaced 1/rate from ours, looks closer to it than that:
 # against nginx limit_req burst=0 on a shared 2-core machine, stalls of 3 to 16 ms made
-# requests sent 6 to 14 ms apart look 0 to 5 ms apart. So under strict spacing the next
-# request also waits out how much later than usual the last one was answered: a server
-# that sat on it stamped it that much later. An answer not back by the usual round trip
-# plus this grace tells of a stall, and the next request waits for it (at most one more
-# interval, so a hung request costs one slot, not the run). The grace covers the client's
-# own jitter in seeing answers (the median round trip is the usual one).
+# requests sent 6 to 14 ms apart look 0 to 5 ms apart. The client does the same to itself:
+# between a slot and its write the engine journals the record, and 1 to 2% of writes left
+# over 1 ms after their slot (up to 25 ms). So under strict spacing the next request also
+# waits out how much later than usual the last slot's answer was heard of: it left, or was
+# stamped, that much later. An answer not heard of by the usual span plus this grace tells
+# of a stall, and the next request waits for it (at most one more interval or 20 ms, so a
+# hung request costs a slot or two, not the run). The grace covers the loop's own jitter in
+# seeing answers (the median span is the usual one); a push takes no grace off.
 HOLD_GRACE_S: typing.Final = 0.0005
 HOLD_MAX_S: typing.Final = 0.02  # ... or this long, if more: the longest stall seen was 16 ms
-_LATENCIES: typing.Final = 64  # answers' round trips kept for the usual one
+_SPANS: typing.Final = 64  # slots' answer spans kept for the usual one
 _FRESH_S: typing.Final = 10.0  # answers reported this recently keep the hold on (pauses too)
 
 
@@ -167,13 +169,13 @@ class RateGate:
         "_burst",
         "_clock",
         "_last_sent",
-        "_latencies",
         "_limiter",
         "_paused_s",
         "_paused_until",
         "_pauses",
         "_rate",
         "_resumed_after",
+        "_spans",
         "_spin",
         "_strict",
         "_timer",
@@ -214,8 +216,9 @@ class RateGate:
         self._last_sent = -math.inf  # timer reading when the last strict slot was taken
         # Strict slots go one at a time, in arrival order: only the head waiter sleeps.
         self._turn = anyio.Lock()
-        # Round trips reported by answered(), and when the last strict slot's came back.
-        self._latencies: deque[tuple[float, float]] = deque(maxlen=_LATENCIES)
+        # (when, how long after its slot) each strict slot's answer was heard of, and when
+        # the last slot's was.
+        self._spans: deque[tuple[float, float]] = deque(maxlen=_SPANS)
         self._answered_at: float | None = None
         self._answer: anyio.Event | None = None
         self.set_rate(rate)
@@ -257,44 +260,44 @@ class RateGate:
     def answered(self, latency_s: float) -> None:
         """An answer came back ``latency_s`` after its request left (see :meth:`_hold`).
 
-        Reported by the pacer for answers with nothing but a 429 to go on; an answer to a
-        request sent at or after the last strict slot is that slot's.
+        Reported by the pacer for answers with nothing but a 429 to go on. An answer to a
+        request sent at or after the last strict slot is that slot's: how long after the
+        slot it is heard of (the engine's journal write before the request, the round trip,
+        the loop's delay in seeing the answer) is kept for the usual span.
         """
-        if not (math.isfinite(latency_s) and latency_s >= 0):
+        rate = self._rate
+        if rate is None or not self._strict or not (math.isfinite(latency_s) and latency_s >= 0):
             return
         now = self._timer()
-        self._latencies.append((now, latency_s))
-        rate = self._rate
-        if rate is None or not self._strict:
-            return
-        if now - latency_s >= self._last_sent - 0.4 / rate:
-            # Timed from the slot rather than from now: how late the pacer hears of an
-            # answer is the client's delay, not the server's.
-            self._answered_at = self._last_sent + latency_s
-            if self._answer is not None:
-                self._answer.set()
+        if now - latency_s < self._last_sent - 0.4 / rate:
+            return  # an earlier slot's
+        self._answered_at = now
+        self._spans.append((now, now - self._last_sent))
+        if self._answer is not None:
+            self._answer.set()
 
     def _usual(self) -> float | None:
-        """The median recent round trip, or ``None`` when answers are not reported."""
-        if not self._latencies or self._timer() - self._latencies[-1][0] > _FRESH_S:
+        """The median recent span from slot to answer, or ``None`` when none is known."""
+        if not self._spans or self._timer() - self._spans[-1][0] > _FRESH_S:
             return None
-        latencies = sorted(latency for _, latency in self._latencies)
-        return latencies[len(latencies) // 2]
+        spans = sorted(span for _, span in self._spans)
+        return spans[len(spans) // 2]
 
     async def _hold(self, due: float, rate: float) -> float:
         """The due time once the last slot's answer is taken into account.
 
-        The server stamped the last request at the latest when it answered: an answer
-        later than the usual round trip (by more than :data:`HOLD_GRACE_S`) moves the next
-        due time on by as much. An answer still out past the usual round trip and the
-        grace is waited for, up to one more interval or :data:`HOLD_MAX_S`.
+        An answer heard of later after its slot than usual moves the next due time on by
+        as much: the request left late (the engine journals it between the slot and the
+        write), or the server stamped it late. (With no grace: nginx's whole-millisecond
+        clock refused a request its stamps put 5.0 ms after the last at 200/s, after a
+        push that took the grace off.) An answer still out past the usual span and
+        :data:`HOLD_GRACE_S` is waited for, up to one more interval or :data:`HOLD_MAX_S`.
         """
         usual = self._usual()
         if usual is None:
             return due
-        usual += HOLD_GRACE_S
         if self._answered_at is None:
-            overdue = self._last_sent + usual
+            overdue = self._last_sent + usual + HOLD_GRACE_S
             if self._timer() < overdue:
                 return due  # not late yet: no sign the server stood still
             self._answer = anyio.Event()
