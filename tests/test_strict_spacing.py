@@ -100,15 +100,16 @@ def test_auto_spaces_strictly_from_the_start() -> None:
     assert gate.strict
 
 
-def test_a_told_rate_is_strict_from_the_start_and_steps_down_after_a_429() -> None:
+def test_a_told_rate_keeps_its_bucket_until_a_429_then_turns_strict_and_steps_down() -> None:
     clock, gate = Clock(), StrictFakeGate()
     pacer = Pacer(gate, 200.0, auto=False, clock=clock)
     for _ in range(1000):  # 5 s of clean answers at the told rate
         clock.now += 0.005
         pacer.observe(answer(latency=0.001), in_flight=1)
-    assert (gate.strict, gate.rate) == (True, 200.0)
+    assert (gate.strict, gate.rate) == (False, 200.0)
     clock.now += 0.005
     pacer.observe(answer(429, retry_after=1.0, latency=0.001), in_flight=1)
+    assert gate.strict
     assert gate.rate == pytest.approx(TOLD_STEP * 200)
     for _ in range(20_000):  # 100 s clean after: the creep never passes the told rate
         clock.now += 0.005
