@@ -16,7 +16,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 SYNC := $(UV) sync --frozen --all-extras --python $(PYTHON)
 
 .PHONY: help install verify-install check-lock lock upgrade test lint typecheck pytest test-latest demo \
-	emulate clean bench bench-quick bench-rate bench-targets bench-redis
+	emulate clean bench bench-quick bench-rate bench-rate-discovery bench-targets bench-redis
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -77,7 +77,10 @@ bench: $(STAMP) ## speed against hand-written clients, writes BENCHMARKS.md (~15
 bench-quick: $(STAMP) ## one round of the speed benchmark (~2 min)
 	$(BIN)/python benchmarks/run.py --quick
 
-bench-rate: $(STAMP) ## --rate auto against nginx limit_req and the emulator (~10 min)
+bench-rate: $(STAMP) ## told and auto rates against nginx limit_req, bursts 0/5/20, 30-s runs (~15 min)
+	$(BIN)/python benchmarks/strict_limit.py --seconds 30 --write BENCHMARKS.md
+
+bench-rate-discovery: $(STAMP) ## --rate auto against nginx limit_req and the emulator (~10 min)
 	$(BIN)/python benchmarks/rate_discovery.py --write BENCHMARKS.md
 
 # Needs Node 22 and wrangler: bash .ci/setup.d/20-node-wrangler.sh

@@ -4,13 +4,14 @@ and a told rate that turns strict and steps down after a 429. Fake clocks only."
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 from test_gate import REALISTIC, FakeTimeLoop, limit_req_refusals, paced_times, run
 from test_pacing import Clock, answer
 
-from dispatcher.sending.gate import RateGate
-from dispatcher.sending.pacing import SHARE, Pacer
+from dispatcher.sending.gate import HOLD_MAX_S, RateGate
+from dispatcher.sending.pacing import TOLD_FLOOR, TOLD_STEP, TOLD_TOP, Pacer
 
 
 def strict_gate(rate: float, loop: FakeTimeLoop) -> RateGate:
@@ -109,8 +110,7 @@ def test_a_told_rate_keeps_its_bucket_until_a_429_then_turns_strict_and_steps_do
     clock.now += 0.005
     pacer.observe(answer(429, retry_after=1.0, latency=0.001), in_flight=1)
     assert gate.strict
-    assert gate.rate is not None
-    assert SHARE * 0.9 * 200 <= gate.rate < 200
+    assert gate.rate == pytest.approx(TOLD_STEP * 200)
     for _ in range(20_000):  # 100 s clean after: the creep never passes the told rate
         clock.now += 0.005
         pacer.observe(answer(latency=0.001), in_flight=1)
@@ -119,8 +119,83 @@ def test_a_told_rate_keeps_its_bucket_until_a_429_then_turns_strict_and_steps_do
     assert pacer.found is None  # a told run remembers nothing
 
 
-def test_a_told_rate_under_a_policy_stays_as_it_was() -> None:
+def test_a_told_rate_creeps_back_to_just_under_the_rate_that_drew_a_429() -> None:
+    clock, gate = Clock(), StrictFakeGate()
+    pacer = Pacer(gate, 200.0, auto=False, clock=clock)
+    clock.now += 0.005
+    pacer.observe(answer(429, retry_after=1.0, latency=0.001), in_flight=1)
+    for _ in range(2000):  # 10 s clean: back at 97% of 200/s, and held there
+        clock.now += 0.005
+        pacer.observe(answer(latency=0.001), in_flight=1)
+    assert gate.rate == pytest.approx(TOLD_TOP * 200, rel=0.02)
+    # Each further 429 takes 5% off the rate that drew it, never below half the told rate.
+    for _ in range(40):
+        clock.now += 2.0
+        pacer.observe(answer(429, retry_after=1.0, latency=0.001), in_flight=1)
+    assert gate.rate == pytest.approx(TOLD_FLOOR * 200)
+
+
+def test_a_told_rate_under_a_policy_keeps_its_rate() -> None:
     clock, gate = Clock(), StrictFakeGate()
     pacer = Pacer(gate, 200.0, auto=False, clock=clock)
     pacer.observe(answer(429, q=1200, w=300, retry_after=1.0), in_flight=1)
-    assert not gate.strict
+    assert gate.rate == pytest.approx(0.98 * 1200 / 300)
+
+
+class Answers:
+    """Answers for a strict gate's slots: each ``latency`` s after it left, via the gate's
+    ``answered`` (as the pacer reports them)."""
+
+    def __init__(self, gate: RateGate, loop: FakeTimeLoop, latency: Callable[[int], float]):
+        self.gate, self.loop, self.latency, self.sent = gate, loop, latency, 0
+
+    async def send(self) -> None:
+        await self.gate.acquire()
+        k, self.sent = self.sent, self.sent + 1
+        delay = self.latency(k)
+        self.loop.call_later(delay, self.gate.answered, delay)
+
+
+@pytest.mark.parametrize("stall", [0.003, 0.011])
+def test_a_server_stall_holds_the_next_request_as_long(stall: float) -> None:
+    # 200/s, answers in 0.3 ms, but the server sits on every 50th request for `stall` s
+    # before stamping it: the next leaves 5 ms after that, not 5 ms after ours.
+    async def main(loop: FakeTimeLoop) -> list[float]:
+        gate = strict_gate(200, loop)
+        answers = Answers(gate, loop, lambda k: stall + 0.0003 if k % 50 == 49 else 0.0003)
+        times = []
+        for _ in range(300):
+            await answers.send()
+            times.append(loop.time())
+        return times
+
+    times = run(main)
+    stamps = [t + (stall if k % 50 == 49 else 0.0) for k, t in enumerate(times)]
+    assert min(b - a for a, b in itertools.pairwise(stamps)) >= 0.005 - 1e-9
+    # Only the requests after a stall were held: the pace otherwise stays at 200/s.
+    assert len(times) / (times[-1] - times[0]) >= 200 * 300 / (300 + 6 * stall * 200) * 0.99
+
+
+def test_a_hung_request_costs_one_slot_not_the_run() -> None:
+    async def main(loop: FakeTimeLoop) -> list[float]:
+        gate = strict_gate(200, loop)
+        answers = Answers(gate, loop, lambda k: 30.0 if k == 100 else 0.0003)
+        times = []
+        for _ in range(200):
+            await answers.send()
+            times.append(loop.time())
+        return times
+
+    times = run(main)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.005 - 1e-9
+    assert max(gaps) <= 0.005 + HOLD_MAX_S + 1e-9
+    assert sum(gap > 0.0051 for gap in gaps) == 1
+
+
+def test_without_answers_reported_nothing_is_held() -> None:
+    async def main(loop: FakeTimeLoop) -> list[float]:
+        return await paced_times(strict_gate(200, loop), loop, workers=8, n=100)
+
+    gaps = [b - a for a, b in itertools.pairwise(run(main))]
+    assert gaps == pytest.approx([0.005] * len(gaps))

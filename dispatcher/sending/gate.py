@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 import typing
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,6 +41,22 @@ _SLACK_S: typing.Final = 0.006
 # Strict spacing sleeps to this much before a due time, then yields to the loop until the
 # precise timer reaches it: an epoll timeout ends up to 1 ms late, and a late slot is lost.
 SPIN_S: typing.Final = 0.001
+# A limiter stamps a request when its loop reads it, off a clock cached per loop pass
+# (nginx's ngx_current_msec). A server that stood still while our last request waited is
+# late stamping it, and the next one, spaced 1/rate from ours, looks closer to it than that:
+# against nginx limit_req burst=0 on a shared 2-core machine, stalls of 3 to 16 ms made
+# requests sent 6 to 14 ms apart look 0 to 5 ms apart. The client does the same to itself:
+# between a slot and its write the engine journals the record, and 1 to 2% of writes left
+# over 1 ms after their slot (up to 25 ms). So under strict spacing the next request also
+# waits out how much later than usual the last slot's answer was heard of: it left, or was
+# stamped, that much later. An answer not heard of by the usual span plus this grace tells
+# of a stall, and the next request waits for it (at most one more interval or 20 ms, so a
+# hung request costs a slot or two, not the run). The grace covers the loop's own jitter in
+# seeing answers (the median span is the usual one); a push takes no grace off.
+HOLD_GRACE_S: typing.Final = 0.0005
+HOLD_MAX_S: typing.Final = 0.02  # ... or this long, if more: the longest stall seen was 16 ms
+_SPANS: typing.Final = 64  # slots' answer spans kept for the usual one
+_FRESH_S: typing.Final = 10.0  # answers reported this recently keep the hold on (pauses too)
 
 
 def default_burst(rate: float) -> int:
@@ -146,6 +163,8 @@ class RateGate:
 
     __slots__ = (
         "_acquired",
+        "_answer",
+        "_answered_at",
         "_bucket_waiters",
         "_burst",
         "_clock",
@@ -156,6 +175,7 @@ class RateGate:
         "_pauses",
         "_rate",
         "_resumed_after",
+        "_spans",
         "_spin",
         "_strict",
         "_timer",
@@ -196,6 +216,11 @@ class RateGate:
         self._last_sent = -math.inf  # timer reading when the last strict slot was taken
         # Strict slots go one at a time, in arrival order: only the head waiter sleeps.
         self._turn = anyio.Lock()
+        # (when, how long after its slot) each strict slot's answer was heard of, and when
+        # the last slot's was.
+        self._spans: deque[tuple[float, float]] = deque(maxlen=_SPANS)
+        self._answered_at: float | None = None
+        self._answer: anyio.Event | None = None
         self.set_rate(rate)
 
     @property
@@ -231,6 +256,58 @@ class RateGate:
         if strict:
             self._last_sent = self._timer()
         self._release_waiters()
+
+    def answered(self, latency_s: float) -> None:
+        """An answer came back ``latency_s`` after its request left (see :meth:`_hold`).
+
+        Reported by the pacer for answers with nothing but a 429 to go on. An answer to a
+        request sent at or after the last strict slot is that slot's: how long after the
+        slot it is heard of (the engine's journal write before the request, the round trip,
+        the loop's delay in seeing the answer) is kept for the usual span.
+        """
+        rate = self._rate
+        if rate is None or not self._strict or not (math.isfinite(latency_s) and latency_s >= 0):
+            return
+        now = self._timer()
+        if now - latency_s < self._last_sent - 0.4 / rate:
+            return  # an earlier slot's
+        self._answered_at = now
+        self._spans.append((now, now - self._last_sent))
+        if self._answer is not None:
+            self._answer.set()
+
+    def _usual(self) -> float | None:
+        """The median recent span from slot to answer, or ``None`` when none is known."""
+        if not self._spans or self._timer() - self._spans[-1][0] > _FRESH_S:
+            return None
+        spans = sorted(span for _, span in self._spans)
+        return spans[len(spans) // 2]
+
+    async def _hold(self, due: float, rate: float) -> float:
+        """The due time once the last slot's answer is taken into account.
+
+        An answer heard of later after its slot than usual moves the next due time on by
+        as much: the request left late (the engine journals it between the slot and the
+        write), or the server stamped it late. (With no grace: nginx's whole-millisecond
+        clock refused a request its stamps put 5.0 ms after the last at 200/s, after a
+        push that took the grace off.) An answer still out past the usual span and
+        :data:`HOLD_GRACE_S` is waited for, up to one more interval or :data:`HOLD_MAX_S`.
+        """
+        usual = self._usual()
+        if usual is None:
+            return due
+        if self._answered_at is None:
+            overdue = self._last_sent + usual + HOLD_GRACE_S
+            if self._timer() < overdue:
+                return due  # not late yet: no sign the server stood still
+            self._answer = anyio.Event()
+            longest = due + max(1.0 / rate, HOLD_MAX_S)
+            with anyio.move_on_after(max(0.0, longest - self._timer())):
+                await self._answer.wait()
+            self._answer = None
+            if self._answered_at is None:
+                return longest
+        return max(due, self._answered_at + 1.0 / rate - usual)
 
     def _release_waiters(self) -> None:
         waiters, self._bucket_waiters = self._bucket_waiters, set()
@@ -378,11 +455,17 @@ class RateGate:
             due = self._due()
             if self._timer() < due and not await self._sleep_until(due):
                 return False
-            if self._now() < self._paused_until:
+            rate = self._rate
+            if rate is not None:
+                held = await self._hold(due, rate)
+                if held > self._timer() and not await self._sleep_until(held):
+                    return False
+            if self._now() < self._paused_until or not self._strict:
                 return False
             # One interval from when this slot was actually taken, not from when it was
             # due: lateness moves the schedule on rather than letting two out close.
             self._last_sent = self._timer()
+            self._answered_at = None
             return True
 
     async def _sleep_until(self, due: float) -> bool:
