@@ -127,7 +127,8 @@ class Report:
                 out.append(
                     Verdict(
                         target=f"{ours}: peak RSS <= {TARGET_RSS_MIB:g} MiB at 1,000,000 records",
-                        measured="1M-record run not done (quick mode, or it failed)",
+                        measured="no 1M-record run in this run (quick mode, `--skip memory`, "
+                        "or it failed)",
                         met=None,
                     )
                 )
@@ -252,8 +253,10 @@ class Report:
         out += [
             f"One run of each, {events:,} events, sampled by py-spy at "
             f"{SAMPLE_RATE}/s (every thread; idle waits left out). A sample counts for the "
-            "innermost `dispatcher/` frame on its stack; `us` = that share of the contender's "
-            "median CPU per event above.",
+            "innermost `dispatcher/` frame on its stack (stages: `STAGES` in "
+            "`benchmarks/suite/profiling.py`); `us` = that share of the contender's "
+            "median CPU per event in the runs above. `start-up: imports` is a whole-run cost "
+            "spread over the events.",
             "",
             *profile_table(self.profiles, cpu),
             "",
@@ -262,8 +265,9 @@ class Report:
             out += [*top_table(prof), ""]
         if self.strict_ns is not None:
             out.append(
-                f"The strict success check (`orjson.loads` of every 2xx body; the fast client "
-                f"does not do it yet) costs **{self.strict_ns:,.0f} ns** per answer on this "
+                f"The strict success check (`orjson.loads` of every 2xx body, which both "
+                f"clients do: `is_success_envelope`) costs **{self.strict_ns:,.0f} ns** per "
+                "answer on this "
                 f"{len(SUCCESS_BODY)}-byte success body"
                 + (
                     ": "
@@ -479,7 +483,7 @@ class Report:
                 *self.memory_table(),
             ]
         else:
-            out.append("Not run (quick mode).")
+            out.append("Not run in this run (quick mode or `--skip memory`).")
         out += ["", *self.profile_section()]
         out += ["", "### Rate accuracy", ""]
         if self.rate is not None:
