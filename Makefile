@@ -70,11 +70,12 @@ emulate: $(STAMP) ## run the emulator on 127.0.0.1
 	$(BIN)/dispatcher emulate
 
 # Installs nginx and wrk with apt-get if missing; writes its section of BENCHMARKS.md
-# (~15 min; bench-quick: ~2 min, one round of 20k events, no 1M-record run).
-bench: $(STAMP) ## speed against hand-written clients, writes BENCHMARKS.md (~15 min)
+# (~30 min at 100k events x 3 rounds; bench-quick: one round of 20k events, the two ratios
+# dispatcher / lean and dispatcher / typical on both loops printed, BENCHMARKS.md untouched).
+bench: $(STAMP) ## speed against hand-written clients, writes BENCHMARKS.md (~30 min)
 	$(BIN)/python benchmarks/run.py
 
-bench-quick: $(STAMP) ## one round of the speed benchmark (~2 min)
+bench-quick: $(STAMP) ## dispatcher / lean and / typical on both loops, one round (~2-4 min)
 	$(BIN)/python benchmarks/run.py --quick
 
 bench-rate: $(STAMP) ## told and auto rates against nginx limit_req, bursts 0/5/20, 30-s runs (~15 min)

@@ -1,17 +1,18 @@
-"""The benchmark: `dispatcher send` against a hand-written aiohttp pool and the official SDK.
+"""The benchmark: `dispatcher send` against hand-written clients, httpx and the official SDK.
 
-    .venv/bin/python benchmarks/run.py            # full run, writes BENCHMARKS.md (~15 min)
-    .venv/bin/python benchmarks/run.py --quick    # 1 round of 20k events, no 1M-record run
+    .venv/bin/python benchmarks/run.py            # full run, writes BENCHMARKS.md (~30 min)
+    .venv/bin/python benchmarks/run.py --quick    # make bench-quick: ~2 min, prints the ratios
 
-One command, one run, three tools sending the same generated JSONL events to the same local
+One command, one run, six tools (dispatcher, lean and typical aiohttp baselines, httpx, the
+SDK, and the Protocol + httptools floor) sending the same generated JSONL events to the same local
 server, each on both event loops (asyncio's default and uvloop), each as a whole process
 (JSONL in, one result line per event out). The parts, one module each in ``suite/``:
 
 - ``machine``: the tools (nginx and wrk, installed with apt-get if missing) and the machine;
 - ``servers``: nginx answering the API's success envelope on 127.0.0.1, and wrk's ceiling;
 - ``processes``: one contender as a whole process, with its own wall time, CPU and peak RSS;
-- ``peers``: the contenders (``dispatcher``, ``baseline``, ``sdk``, each ``/asyncio`` and
-  ``/uvloop``), how each starts, and the check of every run;
+- ``peers``: the contenders (``dispatcher``, ``lean``, ``typical``, ``httpx``, ``sdk``,
+  ``floor``, each ``/asyncio`` and ``/uvloop``), how each starts, and the check of every run;
 - ``compare``: events/s in interleaved rounds; ``memory``: peak RSS at 1M records;
   ``profiling``: py-spy over whole runs; ``rate``: the accuracy of ``--rate 500/s``;
 - ``report``: the tables, written into BENCHMARKS.md between this script's markers (the
@@ -36,7 +37,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from suite.compare import compare
-from suite.config import CONCURRENCY, EVENTS, QUICK_EVENTS, REPORT, SDK_EVENTS, say
+from suite.config import (
+    CONCURRENCY,
+    EVENTS,
+    HTTPX_EVENTS,
+    QUICK_EVENTS,
+    REPORT,
+    SDK_EVENTS,
+    say,
+)
 from suite.machine import ensure_tools, load, machine
 from suite.memory import memory_runs
 from suite.peers import LOOPS, Setup, child_env
@@ -45,7 +54,7 @@ from suite.rate import rate_run
 from suite.report import Report, write_section
 from suite.servers import Nginx, wrk_ceiling
 
-PROFILE_EVENTS = 30_000
+PROFILE_EVENTS = 100_000
 
 
 @contextlib.contextmanager
@@ -82,6 +91,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         help=f"events per SDK run (default {SDK_EVENTS:,}: the SDK is slow)",
     )
+    p.add_argument(
+        "--httpx-events",
+        type=int,
+        help=f"events per httpx run (default {HTTPX_EVENTS:,}: its pool is slow)",
+    )
     p.add_argument("--big", type=int, default=1_000_000, help="records of the memory runs")
     p.add_argument(
         "--big-timeout",
@@ -109,9 +123,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.events = args.events or (QUICK_EVENTS if args.quick else EVENTS)
-    args.sdk_events = args.sdk_events or min(args.events, SDK_EVENTS)
-    if args.quick and "memory" not in args.skip:
-        args.skip.append("memory")
+    args.sdk_events = args.sdk_events or min(args.events, SDK_EVENTS // (3 if args.quick else 1))
+    args.httpx_events = args.httpx_events or min(
+        args.events, HTTPX_EVENTS // (3 if args.quick else 1)
+    )
+    if args.quick:
+        # Quick: the two ratios and CPU per event, nothing else (about 2 minutes).
+        for part in ("memory", "profile", "rate"):
+            if part not in args.skip:
+                args.skip.append(part)
     if args.rounds < 1 or args.rounds > 50 or args.events < 100 or args.concurrency < 1:
         p.error("--rounds 1..50, --events >= 100 and --concurrency >= 1, please")
     return args
@@ -119,7 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for module in ("dispatcher", "aiohttp", "cloudflare", "uvloop"):
+    for module in ("dispatcher", "aiohttp", "cloudflare", "uvloop", "httpx", "httptools"):
         if importlib.util.find_spec(module) is None:
             raise SystemExit(
                 f"bench: {module} is not importable by {sys.executable}: run this with the "
@@ -149,7 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tmp=tmp, nginx=nginx, env=child_env(nginx.port), concurrency=args.concurrency
             )
             if "compare" not in args.skip:
-                report.comparison = compare(setup, args.rounds, args.events, args.sdk_events)
+                report.comparison = compare(
+                    setup,
+                    args.rounds,
+                    args.events,
+                    {"sdk": args.sdk_events, "httpx": args.httpx_events},
+                )
             if "profile" not in args.skip:
                 report.profile_events = args.profile_events
                 for loop in LOOPS:
@@ -176,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.machine["git"] += f" at the start; {git_end} at the end"
     report.elapsed_s = time.monotonic() - started
     print(report.text_summary(), flush=True)
+    if args.quick and args.report == str(REPORT):
+        say("quick mode: BENCHMARKS.md left as it is (pass --report FILE to write one)")
+        return 0
     write_section(Path(args.report), report.markdown())
     say(f"wrote {args.report} ({report.elapsed_s / 60:.1f} min)")
     return 0

@@ -50,8 +50,9 @@ class Comparison:
         ]
 
 
-def compare(setup: Setup, rounds: int, events: int, sdk_events: int) -> Comparison:
-    counts = {name: sdk_events if tool_of(name) == "sdk" else events for name in CONTENDERS}
+def compare(setup: Setup, rounds: int, events: int, fewer: dict[str, int]) -> Comparison:
+    """``fewer``: events per run of the slow tools (``sdk``, ``httpx``), a prefix of the input."""
+    counts = {name: min(events, fewer.get(tool_of(name), events)) for name in CONTENDERS}
     inputs: dict[int, Path] = {}
     for n in sorted({*counts.values(), 1}):
         inputs[n] = setup.tmp / f"input-{n}.jsonl"

@@ -100,6 +100,7 @@ def machine() -> dict[str, str]:
         "aiohttp": package_version("aiohttp"),
         "cloudflare": package_version("cloudflare"),
         "httpx": package_version("httpx"),
+        "httptools": package_version("httptools"),
         "anyio": package_version("anyio"),
         "orjson": package_version("orjson"),
         "uvloop": package_version("uvloop"),

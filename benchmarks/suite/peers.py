@@ -1,17 +1,24 @@
 """The contenders (peers): how each is started, on which event loop, and how a run is checked.
 
-Three tools, each on both event loops, so every ratio compares like with like:
+Six tools, each on both event loops, so every ratio compares like with like:
 
 - ``dispatcher``: ``dispatcher send``. It uses uvloop when uvloop is importable, so its
   asyncio runs start through :data:`NO_UVLOOP`, which hides uvloop from it;
-- ``baseline``: ``baseline_aiohttp.py --loop asyncio|uvloop``;
-- ``sdk``: ``sdk_cloudflare.py --loop asyncio|uvloop``.
+- ``lean``: ``baseline_lean.py``, the fastest honest aiohttp client (no per-event output);
+- ``typical``: ``baseline_aiohttp.py``, the simple aiohttp pool most users write;
+- ``httpx``: ``baseline_httpx.py``, the lean client on ``httpx.AsyncClient``;
+- ``sdk``: ``sdk_cloudflare.py``, the official SDK;
+- ``floor``: ``floor_protocol.py``, an asyncio Protocol + httptools loop, no bookkeeping;
+
+each script run with ``--loop asyncio|uvloop``. ``lean``, ``httpx`` and ``floor`` write one
+summary line (``{"events": N, "ok": K}``) instead of a result per event.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -22,7 +29,16 @@ from suite.config import ACCOUNT, BENCH_DIR, TOKEN, WORKFLOW, say
 from suite.processes import ChildResult, count_ok, run_child
 from suite.servers import Nginx, base_url
 
-TOOLS: Final = ("dispatcher", "baseline", "sdk")
+TOOLS: Final = ("dispatcher", "lean", "typical", "httpx", "sdk", "floor")
+SCRIPTS: Final = {
+    "lean": "baseline_lean.py",
+    "typical": "baseline_aiohttp.py",
+    "httpx": "baseline_httpx.py",
+    "sdk": "sdk_cloudflare.py",
+    "floor": "floor_protocol.py",
+}
+# These write one summary line, not one result line per event.
+SUMMARY_TOOLS: Final = frozenset({"lean", "httpx", "floor"})
 LOOPS: Final = ("asyncio", "uvloop")
 # Grouped by loop: a round runs one loop's contenders, then the other's.
 CONTENDERS: Final = tuple(f"{tool}/{loop}" for loop in LOOPS for tool in TOOLS)
@@ -122,9 +138,16 @@ def contender_argv(setup: Setup, name: str, inp: Path, out: Path) -> list[str]:
     tool, loop = tool_of(name), loop_of(name)
     if tool == "dispatcher":
         return dispatcher_argv(setup, inp, out, loop=loop)
-    if tool == "baseline":
-        return script_argv(setup, "baseline_aiohttp.py", inp, out, loop)
-    return script_argv(setup, "sdk_cloudflare.py", inp, out, loop)
+    return script_argv(setup, SCRIPTS[tool], inp, out, loop)
+
+
+def count_summary(out: Path) -> tuple[int, int]:
+    """(events, ok) from a summary line, as count_ok gives (lines, ok) for results."""
+    try:
+        data = json.loads(out.read_bytes())
+        return int(data["events"]), int(data["ok"])
+    except (ValueError, KeyError, TypeError):
+        return 0, 0
 
 
 def run_timeout(events: int) -> float:
@@ -155,7 +178,8 @@ def run_checked(
         nginx=setup.nginx,
         sample_every=sample_every,
     )
-    lines, ok = count_ok(out) if out.exists() else (0, 0)
+    count = count_summary if tool_of(name) in SUMMARY_TOOLS else count_ok
+    lines, ok = count(out) if out.exists() else (0, 0)
     problems = []
     if result.timed_out:
         problems.append(f"stopped after the {timeout:.0f} s time limit")

@@ -34,19 +34,47 @@ from suite.processes import write_input
 SAMPLE_RATE: Final = 250  # per second
 TOP: Final = 15
 
-# (stage, substring of a frame's file), in the order they are tried on each frame.
-STAGES: Final = (
-    ("input: reading, parsing, validating", "dispatcher/inputs/records.py"),
-    ("input: reading, parsing, validating", "dispatcher/inputs/validation.py"),
-    ("key derivation", "dispatcher/inputs/keys.py"),
-    ("crash journal (one write per record)", "dispatcher/results/journal.py"),
-    ("envelopes: building", "dispatcher/results/envelopes.py"),
-    ("envelopes: encoding and writes", "dispatcher/results/sinks.py"),
-    ("envelopes: encoding and writes", "drain_to_sink (dispatcher/run/runner.py"),
-    ("input: reading, parsing, validating", "input_batches (dispatcher/run/runner.py"),
-    ("client: request and answer", "dispatcher/clients/"),
-    ("engine, gate, stats", "dispatcher/sending/"),
+# The stages of issue 27, each a (stage, substring of a frame's file, function names or
+# None for any), tried in order on each frame from the innermost out. A frame reads
+# ``qualname (path:line)``. "client: parse" is llhttp's callbacks and the outcome built
+# from the answer; the rest of the client (the request head, the write, the connection
+# pool, the future) is "client: write".
+READ: Final = "read and validate"
+GATE: Final = "gate (rate, concurrency)"
+ENGINE: Final = "engine and stats"
+WRITE: Final = "client: write the request"
+PARSE: Final = "client: parse the answer"
+ENVELOPE: Final = "envelope: build and encode"
+COMMIT: Final = "commit: results, journal, fsync"
+_PARSE_FNS: Final = (
+    "_Conn.data_received",
+    "_Conn.on_message_begin",
+    "_Conn.on_status",
+    "_Conn.on_header",
+    "_Conn.on_headers_complete",
+    "_Conn.on_body",
+    "_Conn.on_message_complete",
+    "_Conn._complete",
+    "_Conn._reset",
+    "_check_header",
 )
+STAGES: Final[tuple[tuple[str, str, tuple[str, ...] | None], ...]] = (
+    (READ, "dispatcher/inputs/", None),
+    (READ, "dispatcher/run/runner.py", ("input_batches", "_batched")),
+    (GATE, "dispatcher/sending/gate.py", None),
+    (GATE, "dispatcher/sending/pacing.py", None),
+    (GATE, "dispatcher/sending/policy.py", None),
+    (ENGINE, "dispatcher/sending/", None),
+    (PARSE, "dispatcher/clients/fast.py", _PARSE_FNS),
+    (PARSE, "dispatcher/clients/base.py", None),
+    (WRITE, "dispatcher/clients/", None),
+    (ENVELOPE, "dispatcher/results/envelopes.py", None),
+    (ENVELOPE, "dispatcher/results/sinks.py", ("encode",)),
+    (COMMIT, "dispatcher/results/", None),
+    (COMMIT, "dispatcher/run/runner.py", ("GroupCommit", "drain_to_sink", "close_sink")),
+)
+# The table's order: the pipeline's, then what is no stage.
+STAGE_ORDER: Final = (READ, GATE, ENGINE, WRITE, PARSE, ENVELOPE, COMMIT)
 # Frames that only start the loop and wait on it: what runs under them is the loop's own.
 OUTER: Final = ("dispatcher/commands/", "dispatcher/__main__.py", "run (dispatcher/run/runner.py")
 OTHER_OURS: Final = "other dispatcher code"
@@ -77,8 +105,9 @@ def _stage(frames: list[str]) -> str:
         if "dispatcher/" in frame and "site-packages" not in frame:
             if any(outer in frame for outer in OUTER):
                 continue  # the CLI and the runner wait under the loop: not a stage
-            for stage, where in STAGES:
-                if where in frame:
+            fn = frame.partition(" (")[0]
+            for stage, where, fns in STAGES:
+                if where in frame and (fns is None or fn.startswith(fns)):
                     return stage
             return OTHER_OURS
     return LOOP
@@ -180,13 +209,17 @@ def profile_table(profiles: list[Profile], cpu_us: dict[str, float]) -> list[str
     for p in profiles:
         for stage, n in p.stages.items():
             order[stage] = order.get(stage, 0.0) + p.share(n)
-    for stage in sorted(order, key=order.__getitem__, reverse=True):
+    rest = sorted((s for s in order if s not in STAGE_ORDER), key=order.__getitem__, reverse=True)
+    for stage in [*STAGE_ORDER, *rest]:
         cells = []
         for p in profiles:
             share = p.share(p.stages.get(stage, 0))
             us = cpu_us.get(p.label)
             cells.append(f"{share:.1%}" + (f" ({share * us:.0f} us)" if us else ""))
         rows.append(f"| {stage} | " + " | ".join(cells) + " |")
+    if all(cpu_us.get(p.label) for p in profiles):
+        cells = [f"100% ({cpu_us[p.label]:.0f} us)" for p in profiles]
+        rows.append("| **all (CPU per event)** | " + " | ".join(cells) + " |")
     rows.append("| samples (not idle) | " + " | ".join(f"{p.samples:,}" for p in profiles) + " |")
     return rows
 

@@ -16,6 +16,7 @@ from suite.config import (
     TARGET_RATE_ERROR,
     TARGET_RSS_MIB,
     TARGET_VS_BASELINE,
+    TARGET_VS_LEAN,
     TARGET_VS_SDK,
     deciles,
     pct,
@@ -85,7 +86,11 @@ class Report:
         for loop in LOOPS:
             ours = f"dispatcher/{loop}"
             if c is not None:
-                for tool, target in (("baseline", TARGET_VS_BASELINE), ("sdk", TARGET_VS_SDK)):
+                for tool, target in (
+                    ("lean", TARGET_VS_LEAN),
+                    ("typical", TARGET_VS_BASELINE),
+                    ("sdk", TARGET_VS_SDK),
+                ):
                     other = f"{tool}/{loop}"
                     ratio = self.ratio(ours, other)
                     out.append(
@@ -122,7 +127,8 @@ class Report:
                 out.append(
                     Verdict(
                         target=f"{ours}: peak RSS <= {TARGET_RSS_MIB:g} MiB at 1,000,000 records",
-                        measured="1M-record run not done (quick mode, or it failed)",
+                        measured="no 1M-record run in this run (quick mode, `--skip memory`, "
+                        "or it failed)",
                         met=None,
                     )
                 )
@@ -142,24 +148,64 @@ class Report:
     # -- tables
 
     def like_for_like_table(self) -> list[str]:
-        """The headline: each ratio between two contenders on the same event loop."""
+        """The headline: dispatcher over each baseline, on the same event loop, same run."""
         c = self.comparison
         if c is None:  # --skip compare
             return ["(not measured in this run: `--skip compare`)"]
         rows = [
-            "| loop | dispatcher events/s | baseline events/s | **dispatcher / baseline** "
-            "| per round | CPU per event | sdk events/s | **dispatcher / sdk** | per round |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| loop | dispatcher events/s | lean events/s | **dispatcher / lean** | per round "
+            "| typical events/s | **dispatcher / typical** | per round | httpx events/s "
+            "| sdk events/s | CPU us/event: dispatcher, lean, floor |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for loop in LOOPS:
-            d, b, s = (f"{tool}/{loop}" for tool in TOOLS)
+            d, lean, typ, hx, sdk, floor = (f"{tool}/{loop}" for tool in TOOLS)
             rows.append(
-                f"| {loop} | {c.median_rate(d):,.0f} | {c.median_rate(b):,.0f} | "
-                f"**{times(self.ratio(d, b))}** | {span(c.round_ratios(d, b), times)} | "
-                f"{times(self.cpu_ratio(d, b))} | {c.median_rate(s):,.0f} | "
-                f"**{times(self.ratio(d, s))}** | {span(c.round_ratios(d, s), times)} |"
+                f"| {loop} | {c.median_rate(d):,.0f} | {c.median_rate(lean):,.0f} | "
+                f"**{times(self.ratio(d, lean))}** | {span(c.round_ratios(d, lean), times)} | "
+                f"{c.median_rate(typ):,.0f} | **{times(self.ratio(d, typ))}** | "
+                f"{span(c.round_ratios(d, typ), times)} | {c.median_rate(hx):,.0f} | "
+                f"{c.median_rate(sdk):,.0f} | {c.median_cpu(d):,.0f}, {c.median_cpu(lean):,.0f}, "
+                f"{c.median_cpu(floor):,.0f} |"
             )
         return rows
+
+    def ratio_lines(self) -> list[str]:
+        """The two headline ratios on each loop, one line each (for bench-quick)."""
+        c = self.comparison
+        if c is None:
+            return []
+        out = []
+        for loop in LOOPS:
+            d = f"dispatcher/{loop}"
+            out.append(
+                f"{loop:>8}: dispatcher / lean = {times(self.ratio(d, f'lean/{loop}'))}, "
+                f"dispatcher / typical = {times(self.ratio(d, f'typical/{loop}'))}  "
+                f"(CPU us/event: dispatcher {c.median_cpu(d):,.0f}, "
+                f"lean {c.median_cpu(f'lean/{loop}'):,.0f}, "
+                f"floor {c.median_cpu(f'floor/{loop}'):,.0f})"
+            )
+        return out
+
+    def does_table(self) -> list[str]:
+        """What each row does and skips: the ratios compare unequal work, said here."""
+        return [
+            "| row | reads and validates records | per-event result | durable (journal, "
+            "fsync, resume) | retries, rate limit | HTTP client |",
+            "| --- | --- | --- | --- | --- | --- |",
+            "| dispatcher | yes: JSONL streamed, every record validated, keys derived | an "
+            "envelope per event | yes: crash journal, group-committed fsync | yes (unlimited "
+            "here) | its own httptools client |",
+            "| lean | parsed with orjson, not validated; whole file in memory | no (a count) "
+            "| no | no | aiohttp |",
+            "| typical | `json.loads` per line, not validated | a `json.dumps` line per event, "
+            "not fsynced | no | no | aiohttp |",
+            "| httpx | as lean | no (a count) | no | no | httpx |",
+            "| sdk | `json.loads` per line | a line per event, not fsynced | no | SDK's 2 "
+            "retries | httpx (in the SDK) |",
+            "| floor | as lean | no (a count) | no | no, and no timeouts or error "
+            "handling | raw asyncio Protocol + httptools |",
+        ]
 
     def loop_table(self) -> list[str]:
         """What uvloop gives each tool: uvloop's events/s over asyncio's, same run."""
@@ -207,8 +253,10 @@ class Report:
         out += [
             f"One run of each, {events:,} events, sampled by py-spy at "
             f"{SAMPLE_RATE}/s (every thread; idle waits left out). A sample counts for the "
-            "innermost `dispatcher/` frame on its stack; `us` = that share of the contender's "
-            "median CPU per event above.",
+            "innermost `dispatcher/` frame on its stack (stages: `STAGES` in "
+            "`benchmarks/suite/profiling.py`); `us` = that share of the contender's "
+            "median CPU per event in the runs above. `start-up: imports` is a whole-run cost "
+            "spread over the events.",
             "",
             *profile_table(self.profiles, cpu),
             "",
@@ -217,8 +265,9 @@ class Report:
             out += [*top_table(prof), ""]
         if self.strict_ns is not None:
             out.append(
-                f"The strict success check (`orjson.loads` of every 2xx body; the fast client "
-                f"does not do it yet) costs **{self.strict_ns:,.0f} ns** per answer on this "
+                f"The strict success check (`orjson.loads` of every 2xx body, which both "
+                f"clients do: `is_success_envelope`) costs **{self.strict_ns:,.0f} ns** per "
+                "answer on this "
                 f"{len(SUCCESS_BODY)}-byte success body"
                 + (
                     ": "
@@ -273,6 +322,8 @@ class Report:
         )
         if self.comparison is not None:
             lines += ["", *self.like_for_like_table(), "", *self.contender_table()]
+            lines += ["", f"load average: {self.load_start} -> {self.load_end}"]
+            lines += ["", *self.ratio_lines()]
         if self.memory:
             lines += ["", *self.memory_table()]
         if self.rate is not None:
@@ -302,9 +353,13 @@ class Report:
             *self.like_for_like_table(),
             "",
             "Medians over the rounds; `per round`: the ratio within each round, lowest and "
-            "highest; `CPU per event`: baseline's CPU per event / dispatcher's (above 1: "
-            "dispatcher spends less CPU per event). Every contender runs on both loops in "
-            "every round, so no ratio mixes loops.",
+            "highest; `CPU us/event`: the process's CPU time / events (floor: the "
+            "Protocol + httptools loop, see below). Every contender runs on both loops in "
+            f"every round, so no ratio mixes loops. Load average (1, 5, 15 min) "
+            f"{self.load_start} at the start, {self.load_end} at the end, on "
+            f"{m['cpus']} shared CPUs.",
+            "",
+            *self.does_table(),
             "",
             "### Targets",
             "",
@@ -319,8 +374,9 @@ class Report:
             f"| RAM | {m['ram']} |",
             f"| OS | {m['os']} |",
             f"| Python | {m['python']} |",
-            f"| packages | aiohttp {m['aiohttp']}, cloudflare {m['cloudflare']} "
-            f"(httpx {m['httpx']}), anyio {m['anyio']}, orjson {m['orjson']}, "
+            f"| packages | aiohttp {m['aiohttp']}, httpx {m['httpx']}, "
+            f"cloudflare {m['cloudflare']}, httptools {m['httptools']}, anyio {m['anyio']}, "
+            f"orjson {m['orjson']}, "
             f"uvloop {m['uvloop']} |",
             f"| event loops | {m['loops']} |",
             f"| server | {m['nginx']} |",
@@ -349,40 +405,58 @@ class Report:
                 "contender below, and the `nginx busy` column (CPU time of the nginx worker "
                 "during a run / the run's wall time) shows how little of one core it needed.",
                 "",
-                "### Events per second: three tools on two event loops, interleaved",
+                "### Events per second: six tools on two event loops, interleaved",
                 "",
                 f"{len(c.rounds)} rounds; in each, every contender runs once, in an order that "
                 f"rotates from round to round, with {conc} requests in flight at most. Each run "
                 "is a whole process: start the interpreter, read the JSONL, send every event, "
-                "write one result line per event, exit. events/s = events / wall time of that "
+                "write its output, exit. events/s = events / wall time of that "
                 "process. CPU and peak RSS come from `os.wait4` (the process's own "
                 "`ru_utime + ru_stime` and `ru_maxrss`, taken by a bare `python -S` launcher "
                 "that posix_spawns the contender: Linux carries the peak RSS across exec, so a "
                 "contender forked from the benchmark itself would inherit its size as a "
                 "floor). Every run is checked: exit code 0 and one `ok` result line per "
-                "event. Figures are medians over the rounds.",
+                "event (lean, httpx, floor: a summary line whose `ok` count equals the "
+                "events). Figures are medians over the rounds.",
                 "",
                 "- **dispatcher/uvloop**: `dispatcher send INPUT --workflow W --results OUT "
                 f"--rate unlimited --concurrency {conc} --quiet --overwrite --progress off` "
-                "(uvloop installed: the dispatcher uses it); **dispatcher/asyncio**: the "
+                "(uvloop installed: the dispatcher uses it; the default fast httptools "
+                "client); **dispatcher/asyncio**: the "
                 "same command started with uvloop hidden (`sys.modules['uvloop'] = None`, then "
                 "the CLI's `main()`), so the dispatcher falls back to asyncio's default loop",
-                "- **baseline**: `benchmarks/baseline_aiohttp.py`, the simplest hand-written "
+                "- **lean**: `benchmarks/baseline_lean.py`: input read as bytes, every request "
+                "(URL, `orjson.dumps` body) built in memory first, one `ClientSession`, "
+                f"{conc} workers on one shared iterator, `orjson.loads` of each answer to "
+                "check `success`, one summary line at the end",
+                "- **typical**: `benchmarks/baseline_aiohttp.py`, the simplest hand-written "
                 f"aiohttp worker pool: one `ClientSession`, an `asyncio.Queue`, {conc} workers, "
                 "`json.loads` per line, `session.post(url, json=body, headers=auth)`, "
-                "`json.dumps` per result line; `--loop uvloop` runs it on `uvloop.new_event_loop`",
+                "`json.dumps` per result line",
+                "- **httpx**: `benchmarks/baseline_httpx.py`: the lean client on one "
+                f"`httpx.AsyncClient` ({conc} keep-alive connections)",
                 "- **sdk**: `benchmarks/sdk_cloudflare.py`, the official `cloudflare` SDK's "
-                "`AsyncCloudflare` (default retries) behind the same kind of pool, "
-                "`client.workflows.instances.events.create(...)` per event; `--loop` as for "
-                "the baseline",
+                "`AsyncCloudflare` (default retries) behind a queue-fed pool, "
+                "`client.workflows.instances.events.create(...)` per event",
+                "- **floor**: `benchmarks/floor_protocol.py`: requests prebuilt as bytes, "
+                f"{conc} `asyncio.Protocol` connections, each writing its next request when "
+                "httptools has parsed the last answer (`orjson.loads` success check); no "
+                "futures, timeouts, errors, results: the floor of CPython on this work",
+                "",
+                "Each script takes `--loop uvloop` to run on `uvloop.new_event_loop`.",
                 "",
             ]
-            if c.events["sdk/uvloop"] != c.events["dispatcher/uvloop"]:
+            slow = [
+                f"{tool} sends the first {c.events[f'{tool}/uvloop']:,}"
+                for tool in ("httpx", "sdk")
+                if c.events[f"{tool}/uvloop"] != c.events["dispatcher/uvloop"]
+            ]
+            if slow:
                 out += [
-                    f"The SDK is much slower per event, so it sends the first "
-                    f"{c.events['sdk/uvloop']:,} events of the same input instead of all "
-                    f"{c.events['dispatcher/uvloop']:,}; its runs still last about as long as the "
-                    "others'.",
+                    "httpx's pool and the SDK are much slower per event, so "
+                    + " and ".join(slow)
+                    + f" events of the same input instead of all "
+                    f"{c.events['dispatcher/uvloop']:,}.",
                     "",
                 ]
             out += [
@@ -409,7 +483,7 @@ class Report:
                 *self.memory_table(),
             ]
         else:
-            out.append("Not run (quick mode).")
+            out.append("Not run in this run (quick mode or `--skip memory`).")
         out += ["", *self.profile_section()]
         out += ["", "### Rate accuracy", ""]
         if self.rate is not None:
