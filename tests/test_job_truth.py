@@ -172,6 +172,65 @@ async def test_redis_losing_the_job_stops_the_run_and_a_rerun_sends_nothing_twic
     assert "claimed again before sending" in logs[0].read_text()
 
 
+async def test_after_a_loss_no_host_sends_before_every_host_of_the_job_has_rejoined(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Two hosts (a and b: nobody reads the other's files). Redis restarts empty; only
+    host a starts again. It must not send what b's results already settle: it waits for
+    b, and after DISPATCHER_JOB_RECOVERY_WAIT stops (exit 3, naming b), sending nothing.
+    Both started again: the job completes with nothing sent twice."""
+    total = 600
+    source = write_input(tmp_path / "in.jsonl", total)
+    outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    wait = {"DISPATCHER_JOB_TIMEOUT": "3", "DISPATCHER_JOB_RECOVERY_WAIT": "3"}
+    envs = [job_env(DISPATCHER_JOB_HOST=host, **wait) for host in ("host-a", "host-b")]
+    async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
+        commands = [
+            job_command(source, out, emu.base_url, redis_server.url, "150/s") for out in outs
+        ]
+
+        async def run(i: int) -> int:
+            return (await run_all([commands[i]], [logs[i]], env=envs[i]))[0]
+
+        async def both() -> list[int]:
+            codes = [0, 0]
+
+            async def one(i: int) -> None:
+                codes[i] = await run(i)
+
+            async with anyio.create_task_group() as tg:
+                for i in (0, 1):
+                    tg.start_soon(one, i)
+            return codes
+
+        async with anyio.create_task_group() as tg:
+            first: list[int] = []
+
+            async def first_run() -> None:
+                first.extend(await both())
+
+            tg.start_soon(first_run)
+            for out in outs:
+                await wait_for_envelopes([out], 60, deadline=60)
+            redis_server.kill()
+            redis_server.wipe()
+            await anyio.sleep(1)
+            redis_server.start()
+        assert first == [3, 3], no_traceback(logs)[-2000:]
+        sent = emu.log.total_accepted()
+        # Host a alone: it waits for b, then stops; nothing sent meanwhile.
+        alone = await run(0)
+        text = logs[0].read_text()
+        assert alone == 3, text[-2000:]
+        assert "host(s) host-b did not rejoin within 3 s" in text
+        assert emu.log.total_accepted() == sent
+        # Both again: each claims what its results hold, then the job completes.
+        assert await both() == [0, 0], no_traceback(logs)[-2000:]
+        deliveries = check_truth(emu, outs, total)
+    assert deliveries["confirmed"] + deliveries["unknown"] == total
+
+
 def test_planning_a_job_reads_a_huge_line_in_bounded_memory(tmp_path: Path) -> None:
     path = tmp_path / "huge.jsonl"
     with path.open("wb") as file:

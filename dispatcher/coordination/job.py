@@ -65,6 +65,11 @@ TIMEOUT_ENV: Final = "DISPATCHER_JOB_TIMEOUT"
 # The name this process gives its host in a job: workers of one host read each other's
 # results files and journals. For hosts that share a hostname (containers).
 HOST_ENV: Final = "DISPATCHER_JOB_HOST"
+# After Redis lost a job: how long a process waits for the job's other hosts to rejoin
+# (each claims what its results hold first), and the hosts not to wait for.
+RECOVERY_WAIT_ENV: Final = "DISPATCHER_JOB_RECOVERY_WAIT"
+RECOVER_WITHOUT_ENV: Final = "DISPATCHER_JOB_RECOVER_WITHOUT"
+DEFAULT_RECOVERY_WAIT_S: Final = 600.0
 _EXPIRE_S: Final = 7 * 86400
 
 PENDING: Final = b"p:"  # a claim's value until its envelope is written: p:<tag>\n<envelope>
@@ -226,6 +231,26 @@ def heartbeat_timeout() -> float:
     return value
 
 
+def recovery_wait() -> float:
+    """Seconds to wait for the job's other hosts after a loss (``ValueError``: bad value)."""
+    raw = os.environ.get(RECOVERY_WAIT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RECOVERY_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def recover_without() -> frozenset[str]:
+    """Hosts a recovering job does not wait for (``*``: none waited for)."""
+    raw = os.environ.get(RECOVER_WITHOUT_ENV, "")
+    return frozenset(h.strip() for h in raw.split(",") if h.strip())
+
+
 class JobKeys:
     """The Redis names of one job, hash-tagged so a Cluster keeps them in one slot."""
 
@@ -319,6 +344,29 @@ class Job:
         self.epoch = detail
         self.tag = f"{int(extra):x}"
         return status == "created"
+
+    async def recovery(self, expect: Sequence[str], recovered: bool) -> set[str]:
+        """After Redis lost the job: add ``expect`` to the hosts that must rejoin before
+        anything is sent, say this host has (``recovered``: its results are claimed
+        again), and return the hosts still awaited (one round trip)."""
+        meta = self.keys.meta
+        client = self.link.client
+
+        async def op() -> list[Any]:
+            async with client.pipeline(transaction=True) as pipe:
+                for host in expect:
+                    pipe.hset(meta, f"expect:{host}", 1)
+                if recovered:
+                    pipe.hset(meta, f"recovered:{self.host}", 1)
+                pipe.hgetall(meta)
+                return list(await pipe.execute())
+
+        fields = {_text(k): v for k, v in (await self.link.call(op))[-1].items()}
+        if _text(fields.get("epoch", b"")) != self.epoch:
+            raise self._lost()
+        waited = {k[len("expect:") :] for k in fields if k.startswith("expect:")}
+        back = {k[len("recovered:") :] for k in fields if k.startswith("recovered:")}
+        return waited - back
 
     async def generation(self, tag: str) -> int:
         """How many settle calls Redis counts for the worker ``tag`` of this job."""

@@ -43,12 +43,16 @@ from dispatcher.coordination.connection import Link, RedisGone
 from dispatcher.coordination.job import (
     HEARTBEAT_S,
     PENDING,
+    RECOVER_WITHOUT_ENV,
+    RECOVERY_WAIT_ENV,
     TIMEOUT_ENV,
     Job,
     JobMismatch,
     JobStateLost,
     Shard,
     heartbeat_timeout,
+    recover_without,
+    recovery_wait,
 )
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.records import (
@@ -104,6 +108,10 @@ def check_job_settings(settings: SendSettings) -> None:
         heartbeat_timeout()
     except ValueError as exc:
         raise ConfigError(TIMEOUT_ENV, str(exc)) from None
+    try:
+        recovery_wait()
+    except ValueError as exc:
+        raise ConfigError(RECOVERY_WAIT_ENV, str(exc)) from None
 
 
 def check_job_inputs(settings: SendSettings) -> None:
@@ -187,6 +195,9 @@ class Coordinated:
         self._journal: Journal | None = None
         self._ready = anyio.Event()  # set once earlier runs' records in doubt are claimed
         self._peers: set[str] = set()  # results files of the job's workers on this host
+        self._hosts: set[str] = set()  # hosts of the job's workers (every host's results count)
+        if self.job is not None:
+            self._hosts.add(self.job.host)
         self._seeded: set[str] = set()  # results files claimed again (after Redis lost all)
         self._sidecar = self._results_path + JOB_FILE
         self._journal_file: str | None = None  # this run's journal (known once joined)
@@ -472,6 +483,10 @@ class Coordinated:
         assert job is not None
         if self.recovering:
             await self._reseed()
+        await self._await_hosts()
+        if self.lost is not None:
+            return
+        await self._known_by_all()
         own = self._journal.path if self._journal is not None else None
         journals = [p for p in iter_paths(self.settings.results) if p != own]
         if journals:
@@ -507,6 +522,66 @@ class Coordinated:
             f"{len(self._seeded)} results file(s) on this host were claimed again before sending"
         )
 
+    async def _await_hosts(self) -> None:
+        """After Redis lost the job, send nothing until every host the job had before
+        has rejoined and claimed what its results hold: until then, a record only its
+        results know of could be sent again. A recovering process names the hosts it
+        knew (``<results>.job``), so a process that joins afresh waits for them too."""
+        job = self.job
+        assert job is not None
+        without = recover_without()
+        expect = sorted(_hosts_of(self.prior) - {job.host}) if self.recovering else []
+        limit = recovery_wait()
+        deadline = time.monotonic() + limit
+        recovered = bool(self.recovering)
+        while True:
+            missing = await job.recovery(expect, recovered)
+            expect, recovered = [], False  # said once
+            missing = set() if "*" in without else missing - without - {job.host}
+            if not missing:
+                self.stats.coordination = None
+                return
+            names = ", ".join(sorted(missing))
+            if time.monotonic() >= deadline:
+                self.lose(
+                    JobStateLost(
+                        f"job {job.name}: host(s) {names} did not rejoin within {limit:g} s "
+                        f"({RECOVERY_WAIT_ENV}) after Redis lost the job's state; until "
+                        "each has claimed what its results hold, their records could be "
+                        f"sent twice ({RECOVER_WITHOUT_ENV}={names} goes on without them, "
+                        "if their results are gone)"
+                    )
+                )
+                return
+            self.stats.coordination = (
+                f"waiting for host(s) {names} to rejoin job {job.name} after Redis lost it"
+            )
+            await anyio.sleep(HEARTBEAT_S)
+
+    async def _known_by_all(self) -> None:
+        """Before sending: wait until every live worker of another host names this host
+        in its heartbeat, so their ``<results>.job`` lists it should Redis lose the job
+        (after a loss a host waits for the hosts it knows: one it never heard of could
+        have its records sent again). At most a heartbeat or two; a worker that does not
+        beat within the timeout is dead and not waited for."""
+        job = self.job
+        assert job is not None
+        deadline = time.monotonic() + job.timeout
+        while time.monotonic() < deadline:
+            now = time.time()
+            unaware = [
+                beat
+                for beat in (await job.workers()).values()
+                if beat.get("host") != job.host
+                and not beat.get("gone")
+                and now - float(beat.get("seen", 0)) <= job.timeout
+                and isinstance(beat.get("hosts"), list)
+                and job.host not in beat["hosts"]
+            ]
+            if not unaware:
+                return
+            await anyio.sleep(HEARTBEAT_S / 4)
+
     async def _seed_file(self, path: str) -> int:
         job = self.job
         assert job is not None
@@ -521,9 +596,11 @@ class Coordinated:
         """The results files of this job's workers on this host (every heartbeat)."""
         job = self.job
         assert job is not None
+        beats = (await job.workers()).values()
+        self._hosts |= {b["host"] for b in beats if isinstance(b.get("host"), str)}
         found = {
             beat["results"]
-            for beat in (await job.workers()).values()
+            for beat in beats
             if beat.get("host") == job.host and isinstance(beat.get("results"), str)
         }
         new = found - self._peers
@@ -564,6 +641,7 @@ class Coordinated:
             # Still owed: the claims a recovery makes (a crash in the middle starts it again).
             "lost": self.lost is not None or (bool(self.recovering) and not self._recovered),
             "peers": sorted(_peers_of(self.prior) | self._peers),
+            "hosts": sorted(_hosts_of(self.prior) | self._hosts | {job.host}),
         }
         with contextlib.suppress(OSError):
             tmp = self._sidecar + ".tmp"
@@ -596,6 +674,9 @@ class Coordinated:
             "inflight": [] if self._journal is None else self._journal.in_flight(),
             "trips": self.link.trips,
             "adopted": self.adopted,
+            # The hosts this process knows the job has (kept in <results>.job too): a new
+            # host sends nothing until every live worker names it (see _known_by_all).
+            "hosts": sorted(self._hosts),
             "left": self.left,
         }
 
@@ -908,6 +989,11 @@ def job_fingerprint(settings: SendSettings) -> tuple[str, str]:
 def _peers_of(state: dict[str, Any] | None) -> set[str]:
     peers = (state or {}).get("peers")
     return {p for p in peers if isinstance(p, str)} if isinstance(peers, list) else set()
+
+
+def _hosts_of(state: dict[str, Any] | None) -> set[str]:
+    hosts = (state or {}).get("hosts")
+    return {h for h in hosts if isinstance(h, str)} if isinstance(hosts, list) else set()
 
 
 def _read_job_file(path: str) -> dict[str, Any] | None:
