@@ -46,6 +46,7 @@ import orjson
 
 from dispatcher.model import Event
 from dispatcher.results.errors import ResultsWriteError, cleanup_warning
+from dispatcher.results.ledger import finished_times
 
 SUFFIX: Final = ".inflight"
 # Envelopes a run may have finished but not yet made durable, beyond its --concurrency
@@ -365,6 +366,19 @@ def read_crashed(path: str) -> Crashed | None:
             else:
                 crashed.torn_keys.append(key)
     return crashed
+
+
+def crashed_unsettled(journal: str, results: str) -> tuple[Crashed, list[Started]] | None:
+    """What the crashed run of ``journal`` started and did not settle itself: its entries
+    without an envelope in ``results`` finished after that run started (an envelope it
+    wrote is its word on the record). ``None`` if no run crashed there."""
+    crashed = read_crashed(journal)
+    if crashed is None:
+        return None
+    entries = crashed.entries(journal)
+    times = finished_times(results, {e.key for e in entries})
+    started = crashed.started
+    return crashed, [e for e in entries if (f := times.get(e.key)) is None or f < started]
 
 
 def iter_paths(results: str) -> Iterator[str]:

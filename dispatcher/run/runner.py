@@ -41,14 +41,13 @@ from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.journal import (
     BACKLOG,
     Journal,
+    crashed_unsettled,
     iter_paths,
-    read_crashed,
     remove_settled,
 )
 from dispatcher.results.journal import path_for as journal_path_for
 from dispatcher.results.ledger import (
     KeyState,
-    finished_times,
     load_ceiling,
     load_ledger,
     repair_jsonl_tail,
@@ -556,22 +555,15 @@ def settle_crashed_run(
     now = datetime.now(UTC)
     count = unidentified = 0
     for journal in iter_paths(settings.results):
-        crashed = read_crashed(journal)
-        if crashed is None:
+        found = crashed_unsettled(journal, settings.results)
+        if found is None:
             continue
+        crashed, entries = found
         unidentified += crashed.unidentified
-        entries = crashed.entries(journal)
-        wanted = {rec.key for rec in entries if rec.key in ledger}
-        # Its own envelope, finished after it started, is that run's word on the record.
-        times = finished_times(settings.results, wanted)
         for rec in entries:
             state = ledger.get(rec.key)
-            if state is not None:
-                if state.delivery is Delivery.CONFIRMED:
-                    continue
-                finished = times.get(rec.key)
-                if finished is not None and finished >= crashed.started:
-                    continue
+            if state is not None and (state.delivery is Delivery.CONFIRMED or state is _CRASHED):
+                continue  # confirmed by some run, or named by another journal just now
             sink.write(envelopes.for_crashed(rec, now))
             ledger[rec.key] = _CRASHED
             count += 1

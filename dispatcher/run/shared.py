@@ -67,11 +67,11 @@ from dispatcher.results import envelopes as make_envelope
 from dispatcher.results.errors import ResultsWriteError
 from dispatcher.results.journal import (
     Journal,
+    crashed_unsettled,
     iter_paths,
-    read_crashed,
     remove_settled,
 )
-from dispatcher.results.ledger import envelope_from_json, finished_times, load_ledger
+from dispatcher.results.ledger import envelope_from_json, load_ledger
 from dispatcher.results.sinks import JsonlSink, Sink, encode
 from dispatcher.run.settings import ConfigError, Rate, SendSettings
 from dispatcher.sending.gate import default_burst
@@ -1028,15 +1028,8 @@ def _crashed_envelopes(journals: Iterable[str], results: str) -> list[Envelope]:
     now = datetime.now(UTC)
     out: dict[str, Envelope] = {}
     for path in journals:
-        crashed = read_crashed(path)
-        if crashed is None:
-            continue
-        entries = crashed.entries(path)
-        times = finished_times(results, {e.key for e in entries})
-        for entry in entries:
-            finished = times.get(entry.key)
-            if finished is not None and finished >= crashed.started:
-                continue
+        found = crashed_unsettled(path, results)
+        for entry in found[1] if found is not None else ():
             out.setdefault(entry.key, make_envelope.for_crashed(entry, now))
     return list(out.values())
 
