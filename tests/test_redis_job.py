@@ -85,6 +85,47 @@ def job_meta(redis: RedisServer) -> dict[bytes, bytes]:
     return dict(zip(fields[::2], fields[1::2], strict=True))
 
 
+async def finish_job(
+    procs: list[anyio.abc.Process], waited: list[anyio.abc.Process], redis: RedisServer
+) -> list[int]:
+    """The exit codes of ``waited`` once they end: 60 s at most, else the job's status
+    fails the test, and so does an exit code above 0, with what that process said (the
+    caller kills what still runs, see ``kill_left``)."""
+    with anyio.move_on_after(60):
+        codes = [await p.wait() for p in waited]
+    if any(p.returncode is None for p in procs):
+        status = await job_status(redis)
+        pytest.fail("the job did not finish:\n" + status.stdout.decode())
+    for proc, code in zip(waited, codes, strict=True):
+        if code > 0:
+            said = b""
+            with contextlib.suppress(anyio.EndOfStream):
+                said = await proc.stderr.receive(65536) if proc.stderr else b""
+            pytest.fail(f"a process of the job exited {code}:\n{said.decode()[-3000:]}")
+    return codes
+
+
+def kill_left(procs: list[anyio.abc.Process]) -> None:
+    for p in procs:
+        if p.returncode is None:
+            p.kill()
+
+
+def each_once(outs: list[Path], accepted: dict[str, int], total: int) -> set[str]:
+    """Checks what any kill must leave: one final envelope per record, each `confirmed`
+    or `unknown`, every record delivered or held in doubt, none delivered twice. Returns
+    the instance ids held `unknown`."""
+    envs = envelopes(outs)
+    per_key = Counter(e["key"] for e in envs)
+    assert len(per_key) == total
+    assert set(per_key.values()) == {1}, "a record got two final envelopes"
+    assert {e["delivery"] for e in envs} <= {"confirmed", "unknown"}
+    unknown = {str(e["instance_id"]) for e in envs if e["delivery"] == "unknown"}
+    assert set(accepted) | unknown == {f"j{i}" for i in range(total)}
+    assert [k for k, n in accepted.items() if n > 1] == [], "delivered twice"
+    return unknown
+
+
 async def two_runs_one_interrupted(
     source: Path, outs: list[Path], emu: Emulator, redis: RedisServer, *, signals: int
 ) -> list[int]:
@@ -109,9 +150,7 @@ async def two_runs_one_interrupted(
         with anyio.fail_after(30):
             return [await p.wait() for p in procs]
     finally:
-        for p in procs:
-            if p.returncode is None:
-                p.kill()
+        kill_left(procs)
 
 
 async def test_a_killed_worker_s_shards_are_finished_by_the_others(
@@ -137,30 +176,16 @@ async def test_a_killed_worker_s_shards_are_finished_by_the_others(
             ):
                 await anyio.sleep(0.05)
             procs[0].send_signal(signal.SIGKILL)
-            with anyio.move_on_after(60):
-                codes = [await p.wait() for p in procs]
-            if any(p.returncode is None for p in procs):
-                status = await job_status(redis_server)
-                pytest.fail("the job did not finish:\n" + status.stdout.decode())
+            codes = await finish_job(procs, procs, redis_server)
         finally:
-            for p in procs:
-                if p.returncode is None:
-                    p.kill()
+            kill_left(procs)
         accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
     assert codes[0] == -signal.SIGKILL
     assert codes[1:] == [0, 0, 0]
-    envs = envelopes(outs)
-    per_key = Counter(e["key"] for e in envs)
-    assert len(per_key) == total
-    assert set(per_key.values()) == {1}, "a record got two final envelopes"
     # What the victim had in flight (its journal says so) is in doubt, as a one-process
     # resume would say: `unknown`, and never sent again by the process that took over.
-    unknown = {str(e["instance_id"]) for e in envs if e["delivery"] == "unknown"}
-    assert {e["delivery"] for e in envs} <= {"confirmed", "unknown"}
+    unknown = each_once(outs, accepted, total)
     assert len(unknown) <= 4 + 16, unknown
-    assert set(accepted) | unknown == {f"j{i}" for i in range(total)}
-    twice = [k for k, n in accepted.items() if n > 1]
-    assert twice == [], "delivered twice"
     meta = job_meta(redis_server)
     assert meta[b"acked"] == meta[b"shards"] == b"12"
     shown = await job_status(redis_server)
@@ -205,30 +230,17 @@ async def test_a_record_sent_just_before_a_kill_on_another_host_is_not_sent_agai
                 )
                 for i in (1, 2)
             ]
-            with anyio.move_on_after(60):
-                codes = [await p.wait() for p in procs[1:]]
-            if any(p.returncode is None for p in procs):
-                status = await job_status(redis_server)
-                pytest.fail("the job did not finish:\n" + status.stdout.decode())
+            codes = await finish_job(procs, procs[1:], redis_server)
         finally:
-            for p in procs:
-                if p.returncode is None:
-                    p.kill()
+            kill_left(procs)
         accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
     assert codes == [0, 0]
     assert in_flight_then >= 1
-    envs = envelopes(outs)
-    per_key = Counter(e["key"] for e in envs)
-    assert len(per_key) == total
-    assert set(per_key.values()) == {1}
-    assert {e["delivery"] for e in envs} <= {"confirmed", "unknown"}
-    unknown = {str(e["instance_id"]) for e in envs if e["delivery"] == "unknown"}
+    unknown = each_once(outs, accepted, total)
     # The victim's other requests were in flight when it died: announced, never listed
     # in a heartbeat, delivered all the same.
     assert unknown, "nothing the victim had in flight was held in doubt"
     assert unknown <= set(accepted)
-    assert set(accepted) | unknown == {f"j{i}" for i in range(total)}
-    assert [k for k, n in accepted.items() if n > 1] == [], "delivered twice"
 
 
 class KillAtClaimAnswer:
@@ -320,9 +332,7 @@ async def test_a_worker_killed_between_its_claim_and_its_write_loses_no_envelope
             with anyio.fail_after(60):
                 codes = [await p.wait() for p in procs]
         finally:
-            for p in procs:
-                if p.returncode is None:
-                    p.kill()
+            kill_left(procs)
             tg.cancel_scope.cancel()
         accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
     assert proxy.fired
@@ -416,9 +426,7 @@ async def test_nothing_is_sent_while_redis_is_down_then_the_job_completes(
                 codes = [await p.wait() for p in procs]
             stderr = b"".join([await p.stderr.receive() for p in procs if p.stderr])
         finally:
-            for p in procs:
-                if p.returncode is None:
-                    p.kill()
+            kill_left(procs)
         arrivals = [r.t for r in emu.log.requests]
     assert codes == [0, 0]
     # What was in flight when Redis stopped may still arrive (requests take ~ms here).
