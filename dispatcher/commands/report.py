@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Final
 
+import orjson
+
 from dispatcher.report.summary import (
     DEFAULT_TOP,
     FORMATS,
@@ -157,6 +159,25 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(exc))
     report = builder.build(bucket_s=bucket)
     text = render(report, fmt)
+    # load --observe left RESULTS.observe.jsonl beside a results file: the reaction section.
+    from dispatcher.report import observed as obs
+
+    try:
+        sidecars = [obs.sidecar_path(p) for p in runs]
+        parts = [obs.read_sidecar(p) for p in sidecars if os.path.exists(p)]
+    except ValueError as exc:
+        return _error(str(exc))
+    observed = obs.merge(parts) if parts else None
+    metrics = report.metrics()
+    if observed is not None:
+        metrics.update(observed.metrics())
+        if fmt == "json":
+            doc = orjson.loads(text)
+            doc["observe"] = observed.as_dict()
+            text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
+        else:
+            section = obs.render(observed, report.latency_accepted, fmt, None)
+            text = f"{text}\n{section}"
     if verify.files:
         text = verify.append_to(text, fmt)
     print(text, flush=True)
@@ -164,11 +185,11 @@ def run(args: argparse.Namespace) -> int:
         from dispatcher.report.plot import PlotUnavailable, write_plot
 
         try:
-            write_plot(args.plot, report, points)
+            write_plot(args.plot, report, points, observed=observed)
         except PlotUnavailable as exc:
             return _error(str(exc))
         print(f"dispatcher report: plot written to {args.plot}", file=sys.stderr)
-    breaches = check_thresholds(thresholds, report.metrics())
+    breaches = check_thresholds(thresholds, metrics)
     for breach in breaches:
         print(f"dispatcher report: threshold breached: {breach.describe()}", file=sys.stderr)
     return EXIT_THRESHOLD if breaches else EXIT_OK

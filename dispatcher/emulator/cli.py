@@ -21,6 +21,7 @@ from dispatcher.emulator.config import (
 )
 from dispatcher.emulator.faults import Faults, parse_fault, parse_latency
 from dispatcher.emulator.instances import InstanceModel
+from dispatcher.emulator.reaction import Spread
 from dispatcher.emulator.server import Emulator
 from dispatcher.emulator.units import format_seconds, parse_duration, parse_share
 
@@ -211,6 +212,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="share of instances that error in their last step, e.g. 5%% (default: 0)",
     )
     add(
+        "--reaction",
+        type=_flag_type(Spread.parse),
+        default=None,
+        metavar="DELAY",
+        help="how long a wait takes to consume its event: 200ms (fixed), 200ms±50ms "
+        "(uniform 150..250 ms; +- for ±) or 200ms~50ms (normal, sigma 50 ms) (default: at once)",
+    )
+    add(
+        "--step-jitter",
+        type=_flag_type(parse_duration),
+        default=0.0,
+        metavar="DURATION",
+        help="each step lasts its --steps duration ± this, uniform (default: 0s)",
+    )
+    add(
+        "--never-consume",
+        type=_flag_type(parse_share),
+        default=0.0,
+        metavar="P",
+        help="share of instances whose wait never consumes its event, e.g. 1%% (default: 0)",
+    )
+    add(
         "--seed",
         type=_flag_type(_integer),
         default=0,
@@ -224,6 +247,14 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         faults = Faults.from_flags(args.fault, args.latency, args.faults_first)
     except ValueError as exc:
         raise ValueError(f"--fault: {exc}") from None
+    if args.instances is None:
+        for flag, value in (
+            ("--reaction", args.reaction is not None),
+            ("--step-jitter", args.step_jitter),
+            ("--never-consume", args.never_consume),
+        ):
+            if value:
+                raise ValueError(f"{flag} models instances: give --instances EVENT_TYPE too")
     return EmulatorConfig(
         tokens=tuple(args.token),
         legacy_keys=tuple(args.legacy_key),
@@ -244,6 +275,9 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
             wait_after=args.wait_after,
             steps=args.steps,
             error_share=args.error_share,
+            reaction=args.reaction,
+            step_jitter=args.step_jitter,
+            never_consume=args.never_consume,
         ),
     )
 
@@ -276,8 +310,23 @@ def describe(config: EmulatorConfig, emulator: Emulator) -> list[str]:
         + (
             "off (event-only)"
             if config.instances is None
-            else f"wait for {config.instances.event_type!r}, then "
-            f"{len(config.instances.steps)} step(s)"
+            else f"wait for {config.instances.event_type!r}"
+            + (
+                ""
+                if config.instances.reaction is None
+                else f", consumed after {config.instances.reaction}"
+            )
+            + f", then {len(config.instances.steps)} step(s)"
+            + (
+                f" (± {format_seconds(config.instances.step_jitter)} s)"
+                if config.instances.step_jitter
+                else ""
+            )
+            + (
+                f"; {config.instances.never_consume:.1%} never consume"
+                if config.instances.never_consume
+                else ""
+            )
         ),
         "Ctrl-C to stop.",
     ]

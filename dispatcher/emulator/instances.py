@@ -9,6 +9,13 @@ per entry of ``steps`` (seconds each), then ``complete``; an instance created wi
 params ``{"wait_for": T}`` waits for ``T`` instead of the model's type. An
 ``error_share`` of the instances (chosen from the id and the seed, so reproducible)
 errors in its last step. A wait that times out errors the instance.
+
+Reaction (issue 26): the wait consumes its event ``reaction`` after it could (a delay
+drawn per instance from a :class:`~dispatcher.emulator.reaction.Spread`), so the
+``waitForEvent`` step ends at max(event accepted, wait started) + that delay; each step
+lasts its duration ± ``step_jitter`` (uniform, cut at 0); a ``never_consume`` share of the
+instances never consumes its event (its wait times out). All drawn from the id and the
+seed, so every read of an instance sees the same times.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import orjson
 
 from dispatcher.emulator import envelope
 from dispatcher.emulator.envelope import ApiError
+from dispatcher.emulator.reaction import Spread, unit_draw
 from dispatcher.inputs.validation import RuleViolation, check_path
 
 MAX_BATCH: Final = 100
@@ -53,6 +61,9 @@ class InstanceModel:
     wait_after: float = 0.0
     steps: tuple[float, ...] = ()
     error_share: float = 0.0
+    reaction: Spread | None = None  # None: the wait ends the moment its event is there
+    step_jitter: float = 0.0  # each step lasts its duration ± this (uniform), in seconds
+    never_consume: float = 0.0  # share of instances whose wait never takes its event
 
     def __post_init__(self) -> None:
         if not isinstance(self.event_type, str) or not 1 <= len(self.event_type) <= 100:
@@ -67,6 +78,12 @@ class InstanceModel:
             raise ValueError("instances steps must be a tuple of durations >= 0")
         if not isinstance(self.error_share, int | float) or not 0 <= self.error_share <= 1:
             raise ValueError(f"instances error_share must be 0..1, got {self.error_share!r}")
+        if self.reaction is not None and not isinstance(self.reaction, Spread):
+            raise ValueError(f"instances reaction must be a Spread or None, got {self.reaction!r}")
+        if not isinstance(self.step_jitter, int | float) or not 0 <= self.step_jitter < math.inf:
+            raise ValueError(f"instances step_jitter must be seconds >= 0: {self.step_jitter!r}")
+        if not isinstance(self.never_consume, int | float) or not 0 <= self.never_consume <= 1:
+            raise ValueError(f"instances never_consume must be 0..1, got {self.never_consume!r}")
 
 
 class Instance:
@@ -157,8 +174,12 @@ class InstanceStore:
         if isinstance(inst.params, dict) and isinstance(inst.params.get("wait_for"), str):
             wait_type = inst.params["wait_for"]
         arrivals = inst.events.get(wait_type, [])
+        if m.never_consume > 0 and unit_draw(self._seed, inst.id, "never") < m.never_consume:
+            arrivals = []
         got = min(arrivals) if arrivals else None
         wait_end = None if got is None else max(got, wait_start)
+        if wait_end is not None and m.reaction is not None:
+            wait_end += m.reaction.draw(unit_draw(self._seed, inst.id, "reaction"))
         if wait_end is not None and wait_end > deadline:
             wait_end = None
         step: dict[str, Any] = {
@@ -183,7 +204,11 @@ class InstanceStore:
         step["output"] = {"type": wait_type}
         t = wait_end
         fails = self._errors(inst)
-        for i, duration in enumerate(m.steps):
+        for i, planned in enumerate(m.steps):
+            duration = planned
+            if m.step_jitter > 0:
+                u = unit_draw(self._seed, inst.id, f"step-{i}")
+                duration = max(0.0, planned + (2 * u - 1) * m.step_jitter)
             last = i == len(m.steps) - 1
             do: dict[str, Any] = {"type": "step", "name": f"step-{i + 1}",
                                   "start": self._iso(t), "end": None, "success": None,
