@@ -593,7 +593,7 @@ def run(args: argparse.Namespace) -> int:
             doc = result.report.as_dict()
             doc["load"] = _load_dict(result, settings)
             if observed is not None:
-                doc["observe"] = observed.as_dict()
+                doc["observe"] = observed.as_dict(result.report.latency_accepted)
             print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode(), file=out, flush=True)
         else:
             print(render(result.report, args.report_format), file=out)

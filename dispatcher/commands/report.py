@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         metrics.update(observed.metrics())
         if fmt == "json":
             doc = orjson.loads(text)
-            doc["observe"] = observed.as_dict()
+            doc["observe"] = observed.as_dict(report.latency_accepted)
             text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
         else:
             section = obs.render(observed, report.latency_accepted, fmt, None)

@@ -184,11 +184,13 @@ class ObserveSummary:
                 out[prefix + name] = values[name]
         return out
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, accept: LatencySummary | None = None) -> dict[str, Any]:
+        """With ``accept`` (the 2xx answers' latency) beside the reaction's."""
         return {
             **self.header.as_dict(),
             "counts": dict(self.counts),
             "unreacted": self.unreacted,
+            **({} if accept is None else {"accept_ms": accept.as_dict()}),
             "reaction_ms": self.reaction.as_dict(),
             "next_step_ms": self.next_step.as_dict(),
             "completion_ms": self.completion.as_dict(),
