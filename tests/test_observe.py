@@ -407,6 +407,50 @@ def test_bad_observe_flags_exit_2_with_one_line(
     assert TOKEN not in err
 
 
+async def test_emulator_capacity_queues_the_consumption() -> None:
+    now = [50.0]
+    model = InstanceModel(event_type="go", capacity=10.0)
+    config = EmulatorConfig(limit=None, instances=model)
+    async with Emulator(config, clock=lambda: now[0]) as emu, session() as http:
+        url = f"{emu.base_url}/accounts/acc/workflows/wf/instances"
+        body = [{"instance_id": f"q{k}"} for k in range(5)]
+        async with http.post(f"{url}/batch", json=body) as resp:
+            assert resp.status == 200
+        for k in range(5):  # five at once, at 10/s: one each 100 ms
+            async with http.post(f"{url}/q{k}/events/go") as resp:
+                assert resp.status == 200
+        now[0] += 1.0
+        ends = []
+        for k in range(5):
+            doc = await get_json(http, f"{url}/q{k}")
+            ends.append(parse_iso(doc["result"]["steps"][0]["end"]))
+    first = ends[0]
+    assert first is not None
+    # Times print in whole ms (truncated): 2 ms of slack.
+    assert [(e or 0) - first for e in ends] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4], abs=0.002)
+
+
+async def test_a_ramp_past_the_capacity_marks_the_knee(tmp_path: Path) -> None:
+    results = tmp_path / "load.jsonl"
+    n = 130  # 5/s → 60/s over 4 s
+    args = [
+        "--workflow", "wf", "--event-type", "evt",
+        "--instance-prefix", "i", "--instance-count", str(n),
+        "--ramp", "5/s:60/s:4s", "--results", str(results), "--quiet",
+        "--observe", "--observe-budget", "150/s",
+    ]  # fmt: skip
+    reaction = Spread.parse("50ms")
+    async with emulator(reaction=reaction, capacity=20.0) as emu:
+        await create(emu, [f"i{k}" for k in range(n)])
+        code, stdout, stderr = await run_cli("load", args, env_for(emu))
+    assert code == 0, stderr
+    line = next(x for x in stdout.splitlines() if x.strip().startswith("knee"))
+    rate = float(line.split("about")[1].split("arrivals")[0])
+    # The queue takes 20/s: the reaction climbs past 1.5x its low-rate level above that,
+    # never below it, and well before the ramp's top.
+    assert 20 <= rate <= 50, line
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -417,6 +461,8 @@ def test_bad_observe_flags_exit_2_with_one_line(
         (["--instances", "e", "--never-consume", "2"], "argument --never-consume"),
         (["--instances", "e", "--step-jitter", "x"], "argument --step-jitter"),
         (["--reaction", "200ms"], "--reaction models instances: give --instances"),
+        (["--instances", "e", "--reaction-capacity", "0/s"], "argument --reaction-capacity"),
+        (["--reaction-capacity", "5/s"], "--reaction-capacity models instances"),
     ],
 )
 def test_bad_emulator_reaction_flags_exit_2(

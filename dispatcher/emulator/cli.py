@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -96,6 +97,19 @@ def _known_instances(text: str) -> frozenset[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {text!r}: {exc}") from None
     return frozenset(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+
+
+def _per_second(text: str) -> float:
+    """``40/s``, ``600/1m`` or ``40``: events per second, above 0."""
+    number, sep, per = text.strip().partition("/")
+    try:
+        value = float(number)
+        seconds = parse_duration(per if per[:1].isdigit() else f"1{per}") if sep else 1.0
+    except ValueError:
+        raise ValueError(f"{text!r} is not a rate (40/s, 600/1m)") from None
+    if not (math.isfinite(value) and value > 0 and seconds > 0):
+        raise ValueError(f"{text!r}: the rate must be above 0")
+    return value / seconds
 
 
 def _durations(text: str) -> tuple[float, ...]:
@@ -227,6 +241,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="each step lasts its --steps duration ± this, uniform (default: 0s)",
     )
     add(
+        "--reaction-capacity",
+        type=_flag_type(_per_second),
+        default=None,
+        metavar="RATE",
+        help="the workflow consumes at most RATE events/s over all instances, one after "
+        "the other, e.g. 40/s: past it the reaction climbs (default: no limit)",
+    )
+    add(
         "--never-consume",
         type=_flag_type(parse_share),
         default=0.0,
@@ -252,6 +274,7 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
             ("--reaction", args.reaction is not None),
             ("--step-jitter", args.step_jitter),
             ("--never-consume", args.never_consume),
+            ("--reaction-capacity", args.reaction_capacity is not None),
         ):
             if value:
                 raise ValueError(f"{flag} models instances: give --instances EVENT_TYPE too")
@@ -278,6 +301,7 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
             reaction=args.reaction,
             step_jitter=args.step_jitter,
             never_consume=args.never_consume,
+            capacity=args.reaction_capacity,
         ),
     )
 

@@ -573,6 +573,7 @@ def _png_reaction(
                         label=f"reaction p50 {lat.p50_ms:,.1f} ms")  # fmt: skip
     ax_time.set_ylabel("ms")
     ax_time.set_ylim(bottom=0)
+    ax_time.set_xlim(left=0)
     ax_time.set_xlabel("seconds since start (acceptance)")
     ax_time.set_title(
         "reaction latency: accepted → waitForEvent step's end (load --observe)",
