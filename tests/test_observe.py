@@ -159,6 +159,7 @@ async def test_emulator_wait_ends_after_the_drawn_reaction() -> None:
     assert start is not None
     assert end is not None
     assert end - start == pytest.approx(delay, abs=0.002)  # ms resolution
+    assert parse_iso(wait["output"]["timestamp"]) == pytest.approx(start, abs=0.002)
     do_end = parse_iso(do["end"])
     assert do_end is not None
     assert do_end - end == pytest.approx(step, abs=0.002)
@@ -246,6 +247,9 @@ async def test_observed_reaction_matches_the_configured_one(tmp_path: Path) -> N
     assert obs["counts"]["reacted"] == n
     p50 = obs["reaction_ms"]["p50"]
     assert 180 <= p50 <= 220, obs["reaction_ms"]
+    # On the server's own clock (the event's timestamp to the wait's end): the same
+    # delay, less the 2xx's way back, with no clock offset in it.
+    assert obs["server_reaction_ms"]["p50"] == pytest.approx(p50, abs=20)
     # The uniform's top is 250 ms: the p99 sits near it, never far past it.
     assert 225 <= obs["reaction_ms"]["p99"] <= 275, obs["reaction_ms"]
     # The next step lasts 100 ms: its end comes that much after the reaction.

@@ -211,7 +211,9 @@ class InstanceStore:
                     "output": None}  # fmt: skip
         step["end"] = self._iso(wait_end)
         step["finished"] = True
-        step["output"] = {"type": wait_type}
+        # As wrangler dev's step output has it: the event, with the time it was accepted.
+        sent_at = min(inst.events.get(wait_type) or [wait_end])
+        step["output"] = {"type": wait_type, "timestamp": self._iso(sent_at)}
         t = wait_end
         fails = self._errors(inst)
         for i, planned in enumerate(m.steps):

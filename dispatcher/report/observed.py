@@ -12,6 +12,9 @@ Per event, with ``offset`` = server clock - ours (from the ``Date`` headers):
   may consume while our 2xx is still on its way);
 - **next step** = the end of the step after the wait, - offset - accepted;
 - **completion** = the instance's ``end`` - offset - accepted, when it ended;
+- **reaction, server clock** = the wait's ``end`` - the event's own ``timestamp`` in the
+  wait's output (where the server gives one: wrangler dev, the emulator), both the
+  server's, so it needs no offset; it is shorter than the reaction by the 2xx's way back;
 - **unreacted**: not consumed within the reaction timeout (no end by the last read after
   the timeout, the wait timed out, or it ended later than the timeout);
 - **stale**: the wait had ended before this event was even sent (more than the offset's
@@ -119,6 +122,9 @@ class ObservedRow:
     instance_end: float | None = None
     read_ok: bool = False  # at least one read answered with the instance's steps
     reads: int = 0
+    # The event's own timestamp in the wait's output (wrangler dev, the emulator): when
+    # the server accepted it, on the server's clock, so wait_end - event_at needs no offset.
+    event_at: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -132,6 +138,7 @@ class ObservedRow:
             "instance_end": self.instance_end,
             "read_ok": self.read_ok,
             "reads": self.reads,
+            "event_at": self.event_at,
         }
 
     @classmethod
@@ -151,6 +158,7 @@ class ObservedRow:
             instance_end=num("instance_end"),
             read_ok=bool(doc.get("read_ok", False)),
             reads=int(doc.get("reads", 0)),
+            event_at=num("event_at"),
         )
 
 
@@ -158,6 +166,7 @@ class ObservedRow:
 class ObserveSummary:
     header: ObserveHeader
     reaction: LatencySummary
+    server_reaction: LatencySummary
     next_step: LatencySummary
     completion: LatencySummary
     counts: dict[str, int]
@@ -192,6 +201,7 @@ class ObserveSummary:
             "unreacted": self.unreacted,
             **({} if accept is None else {"accept_ms": accept.as_dict()}),
             "reaction_ms": self.reaction.as_dict(),
+            "server_reaction_ms": self.server_reaction.as_dict(),
             "next_step_ms": self.next_step.as_dict(),
             "completion_ms": self.completion.as_dict(),
         }
@@ -202,6 +212,7 @@ def summarize(header: ObserveHeader, rows: Iterable[ObservedRow]) -> ObserveSumm
     bound = header.bound_s or 0.0
     timeout_ms = header.reaction_timeout * 1000
     reaction, next_step, completion = LatencyHistogram(), LatencyHistogram(), LatencyHistogram()
+    server = LatencyHistogram()
     counts = dict.fromkeys(_OUTCOMES, 0)
     points: list[tuple[float, float]] = []
     for row in rows:
@@ -222,6 +233,8 @@ def summarize(header: ObserveHeader, rows: Iterable[ObservedRow]) -> ObserveSumm
         counts["reacted"] += 1
         reaction.record(ms)
         points.append((row.accepted, ms))
+        if row.event_at is not None:
+            server.record(max(0.0, (row.wait_end - row.event_at) * 1000))
         if row.next_end is not None:
             next_step.record(max(0.0, (row.next_end - offset - row.accepted) * 1000))
         if row.instance_end is not None:
@@ -229,6 +242,7 @@ def summarize(header: ObserveHeader, rows: Iterable[ObservedRow]) -> ObserveSumm
     return ObserveSummary(
         header=header,
         reaction=reaction.summary(),
+        server_reaction=server.summary(),
         next_step=next_step.summary(),
         completion=completion.summary(),
         counts=counts,
@@ -292,7 +306,7 @@ def merge(parts: Sequence[tuple[ObserveHeader, list[ObservedRow]]]) -> ObserveSu
                     key=r.key, instance_id=r.instance_id, sent=r.sent, accepted=r.accepted,
                     wait_end=mv(r.wait_end), wait_failed=r.wait_failed,
                     next_end=mv(r.next_end), instance_end=mv(r.instance_end),
-                    read_ok=r.read_ok, reads=r.reads,
+                    read_ok=r.read_ok, reads=r.reads, event_at=mv(r.event_at),
                 )
             )  # fmt: skip
     bounds = [h.bound_s for h, _ in parts]
@@ -380,6 +394,7 @@ def render(s: ObserveSummary, accept: LatencySummary, fmt: str, knee_rate: float
         for name, lat in (
             ("accept (2xx)", accept),
             ("reaction", s.reaction),
+            ("reaction, server clock", s.server_reaction),
             ("next step", s.next_step),
             ("completion", s.completion),
         ):
@@ -400,6 +415,7 @@ def render(s: ObserveSummary, accept: LatencySummary, fmt: str, knee_rate: float
         f"(at most {h.budget:,.1f}/s)",
         _row("accept", accept),
         _row("reaction", s.reaction),
+        _row("  server", s.server_reaction),
         _row("next step", s.next_step),
         _row("completion", s.completion),
         f"  observed   {sum(c.values()):,}: {c['reacted']:,} reacted, {c['unreacted']:,} "

@@ -298,6 +298,9 @@ class Observer:
             return
         row.wait_end = end
         row.wait_failed = bool(wait.get("error"))
+        output = wait.get("output")
+        if isinstance(output, dict):
+            row.event_at = parse_iso(output.get("timestamp"))
         if index + 1 < len(steps) and isinstance(steps[index + 1], dict):
             row.next_end = parse_iso(steps[index + 1].get("end"))
         if result.get("status") in _ENDED:
