@@ -96,7 +96,10 @@ def test_summary_classifies_each_observation() -> None:
         # server clock 1 s ahead: a wait end 1.3 s after acceptance on its clock is 300 ms
         ObservedRow(key="a", instance_id="a", sent=99.9, accepted=100.0, wait_end=101.3,
                     read_ok=True, next_end=101.5, instance_end=101.5),
-        ObservedRow(key="b", instance_id="b", sent=99.9, accepted=100.0, read_ok=True),
+        ObservedRow(key="b", instance_id="b", sent=99.9, accepted=100.0, read_ok=True,
+                    settled=True),
+        # read, not consumed yet, and the run stopped before its timeout: cannot tell
+        ObservedRow(key="f", instance_id="f", sent=99.9, accepted=100.0, read_ok=True),
         ObservedRow(key="c", instance_id="c", sent=99.9, accepted=100.0, wait_end=104.0,
                     read_ok=True),  # consumed 3 s later: past the 2-s timeout
         ObservedRow(key="d", instance_id="d", sent=99.9, accepted=100.0, wait_end=95.0,
@@ -104,7 +107,7 @@ def test_summary_classifies_each_observation() -> None:
         ObservedRow(key="e", instance_id="e", sent=99.9, accepted=100.0),
     ]  # fmt: skip
     s = summarize(header, rows)
-    assert s.counts == {"reacted": 1, "unreacted": 2, "stale": 1, "unread": 1}
+    assert s.counts == {"reacted": 1, "unreacted": 2, "stale": 1, "unread": 2}
     assert s.reaction.p50_ms == pytest.approx(300, abs=1)
     assert s.next_step.p50_ms == pytest.approx(500, abs=1)
     assert s.metrics()["unreacted"] == pytest.approx(2 / 3)
@@ -124,6 +127,10 @@ def test_knee_is_where_reaction_starts_to_climb() -> None:
     assert len(curve) == 20
     flat, _ = knee(arrivals, [(t, 200.0) for t, _ in reactions], 1.0)
     assert flat is None
+    # A constant rate whose reaction climbs over time is no knee of the rate.
+    steady = [k / 50 for k in range(1000)]
+    climbing = [(t, 200.0 + 50 * t) for t in steady]
+    assert knee(steady, climbing, 1.0)[0] is None
 
 
 def test_parse_iso() -> None:
@@ -453,6 +460,10 @@ async def test_a_ramp_past_the_capacity_marks_the_knee(tmp_path: Path) -> None:
     # The queue takes 20/s: the reaction climbs past 1.5x its low-rate level above that,
     # never below it, and well before the ramp's top.
     assert 20 <= rate <= 50, line
+    # `report` finds the same knee from the results file and its sidecar.
+    code, text, stderr = await run_cli("report", [str(results)], {})
+    assert code == 0, stderr
+    assert line.strip() in text
 
 
 @pytest.mark.parametrize(

@@ -503,14 +503,11 @@ def _closing(result: LoadResult, settings: LoadSettings) -> str:
 
 def observed_knee(result: LoadResult, observed: ObserveSummary) -> float | None:
     """The knee of a ramp (dispatcher.report.observed.knee); None for a constant rate."""
-    if len(result.overlay.target) < 2 or len({y for _, y in result.overlay.target}) < 2:
+    if len({y for _, y in result.overlay.target}) < 2:
         return None
-    from dispatcher.report.observed import knee
-    from dispatcher.report.summary import choose_bucket
+    from dispatcher.report.observed import knee_of
 
-    arrivals = list(result.points.t)
-    span = (max(arrivals) - min(arrivals)) if arrivals else 0.0
-    return knee(arrivals, observed.points, float(choose_bucket(span, 30)))[0]
+    return knee_of(list(result.points.t), observed)
 
 
 def _load_dict(result: LoadResult, settings: LoadSettings) -> dict[str, object]:

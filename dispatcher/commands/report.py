@@ -148,6 +148,15 @@ def run(args: argparse.Namespace) -> int:
     def torn(t: TornTail) -> None:
         builder.note(f"{t.path}:{t.line}: skipped a partial last line ({t.size} bytes)")
 
+    # load --observe left RESULTS.observe.jsonl beside a results file: the reaction section.
+    from dispatcher.report import observed as obs
+
+    watched = {p for p in runs if os.path.exists(obs.sidecar_path(p))}
+    try:
+        parts = [obs.read_sidecar(obs.sidecar_path(p)) for p in runs if p in watched]
+    except ValueError as exc:
+        return _error(str(exc))
+    arrivals: list[float] = []  # send times of the observed runs' requests, for the knee
     try:
         for path in runs:
             builder.start_run(path)
@@ -155,18 +164,12 @@ def run(args: argparse.Namespace) -> int:
                 builder.add(env)
                 if points is not None:
                     points.add(env)
+                if path in watched and env.latency_ms is not None:
+                    arrivals.append(env.finished_at.timestamp() - env.latency_ms / 1000)
     except LedgerError as exc:
         return _error(str(exc))
     report = builder.build(bucket_s=bucket)
     text = render(report, fmt)
-    # load --observe left RESULTS.observe.jsonl beside a results file: the reaction section.
-    from dispatcher.report import observed as obs
-
-    try:
-        sidecars = [obs.sidecar_path(p) for p in runs]
-        parts = [obs.read_sidecar(p) for p in sidecars if os.path.exists(p)]
-    except ValueError as exc:
-        return _error(str(exc))
     observed = obs.merge(parts) if parts else None
     metrics = report.metrics()
     if observed is not None:
@@ -176,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
             doc["observe"] = observed.as_dict(report.latency_accepted)
             text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
         else:
-            section = obs.render(observed, report.latency_accepted, fmt, None)
+            knee_rate = obs.knee_of(arrivals, observed)
+            section = obs.render(observed, report.latency_accepted, fmt, knee_rate)
             text = f"{text}\n{section}"
     if verify.files:
         text = verify.append_to(text, fmt)

@@ -19,12 +19,14 @@ Per event, with ``offset`` = server clock - ours (from the ``Date`` headers):
   the timeout, the wait timed out, or it ended later than the timeout);
 - **stale**: the wait had ended before this event was even sent (more than the offset's
   error bound earlier): it consumed another event, so this one tells nothing;
-- **unread**: the instance's steps could not be read before the timeout.
+- **unread**: the instance's steps could not be read before the timeout, or the run was
+  stopped (a second Ctrl-C) before a read after the timeout.
 
 The knee (:func:`knee`): arrivals and reactions are put in time buckets; the baseline is
 the median reaction p50 of the third of buckets with the lowest arrival rate; the knee is
 the lowest arrival rate from which on every bucket (by rate) has a reaction p50 above
-:data:`KNEE_FACTOR` x baseline. No such rate: no knee.
+:data:`KNEE_FACTOR` x baseline. No such rate, fewer than 3 buckets of 5 reactions, or
+rates that span less than 1.5x (no ramp): no knee.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "ObserveSummary",
     "ObservedRow",
     "knee",
+    "knee_of",
     "merge",
     "read_sidecar",
     "sidecar_path",
@@ -55,6 +58,7 @@ __all__ = [
 OBSERVE_SUFFIX: Final = ".observe.jsonl"
 KNEE_FACTOR: Final = 1.5
 KNEE_MIN_SAMPLES: Final = 5  # reactions a bucket needs to count for the knee
+KNEE_MIN_SPREAD: Final = 1.5  # the highest bucket rate over the lowest, at least: a ramp
 _OUTCOMES: Final = ("reacted", "unreacted", "stale", "unread")
 
 
@@ -125,6 +129,7 @@ class ObservedRow:
     # The event's own timestamp in the wait's output (wrangler dev, the emulator): when
     # the server accepted it, on the server's clock, so wait_end - event_at needs no offset.
     event_at: float | None = None
+    settled: bool = False  # consumed and ended, or read after its timeout
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +144,7 @@ class ObservedRow:
             "read_ok": self.read_ok,
             "reads": self.reads,
             "event_at": self.event_at,
+            "settled": self.settled,
         }
 
     @classmethod
@@ -159,6 +165,7 @@ class ObservedRow:
             read_ok=bool(doc.get("read_ok", False)),
             reads=int(doc.get("reads", 0)),
             event_at=num("event_at"),
+            settled=bool(doc.get("settled", True)),
         )
 
 
@@ -217,7 +224,10 @@ def summarize(header: ObserveHeader, rows: Iterable[ObservedRow]) -> ObserveSumm
     points: list[tuple[float, float]] = []
     for row in rows:
         if row.wait_end is None:
-            counts["unreacted" if row.read_ok or row.wait_failed else "unread"] += 1
+            # Not consumed by a read after the timeout: unreacted. A run stopped before
+            # that read cannot tell: unread.
+            unreacted = row.settled and (row.read_ok or row.wait_failed)
+            counts["unreacted" if unreacted else "unread"] += 1
             continue
         if row.wait_failed:
             counts["unreacted"] += 1
@@ -272,8 +282,8 @@ def knee(
     curve = sorted(
         (rate[b], statistics.median(per[b])) for b in range(n) if len(per[b]) >= KNEE_MIN_SAMPLES
     )
-    if len(curve) < 3:
-        return None, curve
+    if len(curve) < 3 or curve[-1][0] < KNEE_MIN_SPREAD * curve[0][0]:
+        return None, curve  # too few buckets, or no ramp: the rate hardly changed
     low = curve[: max(1, len(curve) // 3)]
     baseline = statistics.median(p for _, p in low)
     limit = KNEE_FACTOR * baseline
@@ -307,6 +317,7 @@ def merge(parts: Sequence[tuple[ObserveHeader, list[ObservedRow]]]) -> ObserveSu
                     wait_end=mv(r.wait_end), wait_failed=r.wait_failed,
                     next_end=mv(r.next_end), instance_end=mv(r.instance_end),
                     read_ok=r.read_ok, reads=r.reads, event_at=mv(r.event_at),
+                    settled=r.settled,
                 )
             )  # fmt: skip
     bounds = [h.bound_s for h, _ in parts]
@@ -324,6 +335,16 @@ def merge(parts: Sequence[tuple[ObserveHeader, list[ObservedRow]]]) -> ObserveSu
         t0=min(h.t0 for h, _ in parts),
     )
     return summarize(header, rows)
+
+
+def knee_of(arrivals: Sequence[float], summary: ObserveSummary) -> float | None:
+    """The knee over buckets of the narrowest round width giving at most 30."""
+    from dispatcher.report.summary import choose_bucket
+
+    if not arrivals:
+        return None
+    width = float(choose_bucket(max(arrivals) - min(arrivals), 30))
+    return knee(arrivals, summary.points, width)[0]
 
 
 def write_sidecar(path: str, header: ObserveHeader, rows: Iterable[ObservedRow]) -> None:

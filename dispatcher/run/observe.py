@@ -247,6 +247,7 @@ class Observer:
                 self._apply(row, result)
             done = row.wait_failed or (row.wait_end is not None and row.instance_end is not None)
             if done or now > deadline:
+                row.settled = True
                 continue
             wait = min(MAX_REREAD_S, FIRST_READ_S * 2 ** min(row.reads, 8))
             # One last read just after the deadline settles "not consumed in time".
