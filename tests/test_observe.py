@@ -11,6 +11,7 @@ import itertools
 import os
 import statistics
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import aiohttp
 import anyio
 import orjson
 import pytest
+from factories import make_envelope
 
 from dispatcher.commands.cli import main
 from dispatcher.emulator import Emulator, EmulatorConfig
@@ -31,7 +33,7 @@ from dispatcher.report.observed import (
     sidecar_path,
     summarize,
 )
-from dispatcher.run.observe import ClockOffset, parse_iso
+from dispatcher.run.observe import ClockOffset, Observer, ObserveSettings, parse_iso
 
 TOKEN = "tok-observe-SECRET-7f31"
 
@@ -131,6 +133,21 @@ def test_knee_is_where_reaction_starts_to_climb() -> None:
     steady = [k / 50 for k in range(1000)]
     climbing = [(t, 200.0 + 50 * t) for t in steady]
     assert knee(steady, climbing, 1.0)[0] is None
+
+
+def test_the_sample_is_every_kth_first_event_of_an_instance() -> None:
+    settings = ObserveSettings(
+        target="api", base_url="http://127.0.0.1:9", account_id="acc", workflow="wf",
+        event_type="approval", headers={}, budget=10.0, sample=0.25,
+    )  # fmt: skip
+    observer = Observer(settings)
+    t0 = datetime(2026, 12, 7, tzinfo=UTC)
+    for k in range(40):
+        observer.offer(make_envelope(f"k{k}", t0, instance_id=f"i{k % 20}"))
+    observer.offer(make_envelope("bad", t0, instance_id="i99", ok=False, status=500))
+    # 20 instances' first events, every 4th of them; the second round are repeats.
+    assert [r.instance_id for r in observer.rows] == ["i3", "i7", "i11", "i15", "i19"]
+    assert observer.skipped_repeats == 20
 
 
 def test_parse_iso() -> None:
@@ -277,6 +294,10 @@ async def test_observed_reaction_matches_the_configured_one(tmp_path: Path) -> N
     assert code == 0
     assert "reaction   p50" in text
     assert "accept     p50" in text
+    code, md, _ = await run_cli("report", [str(results), "--format", "markdown"], {})
+    assert code == 0
+    assert "\n\n## Workflow reaction (load --observe)\n" in md
+    assert "| reaction |" in md
 
 
 async def test_a_reaction_threshold_breach_exits_4(tmp_path: Path) -> None:

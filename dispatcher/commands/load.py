@@ -597,6 +597,8 @@ def run(args: argparse.Namespace) -> int:
             if observed is not None:
                 knee_rate = observed_knee(result, observed)
                 accept = result.report.latency_accepted
+                if args.report_format == "markdown":
+                    print(file=out)  # a blank line before the section's heading
                 print(render_observed(observed, accept, args.report_format, knee_rate), file=out)
             print(_closing(result, settings), file=out, flush=True)
     except BrokenPipeError:

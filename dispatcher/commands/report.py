@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             knee_rate = obs.knee_of(arrivals, observed)
             section = obs.render(observed, report.latency_accepted, fmt, knee_rate)
-            text = f"{text}\n{section}"
+            text = f"{text}\n\n{section}" if fmt == "markdown" else f"{text}\n{section}"
     if verify.files:
         text = verify.append_to(text, fmt)
     print(text, flush=True)
