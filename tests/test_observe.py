@@ -150,6 +150,29 @@ def test_the_sample_is_every_kth_first_event_of_an_instance() -> None:
     assert observer.skipped_repeats == 20
 
 
+def test_a_budget_far_below_the_sample_is_warned_of() -> None:
+    from dispatcher.commands.load import observe_note
+    from dispatcher.run.loadtest import LoadProfile, LoadSettings
+
+    load = LoadSettings(
+        workflow="wf", event_type="e", instances=tuple(f"i{k}" for k in range(3000)),
+        profile=LoadProfile.constant(50, 60), target="wrangler-dev",
+        base_url="http://127.0.0.1:9",
+    )  # fmt: skip
+
+    def observe(budget: float, sample: float = 1.0) -> ObserveSettings:
+        return ObserveSettings(
+            target="wrangler-dev", base_url="http://127.0.0.1:9", account_id=None,
+            workflow="wf", event_type="e", headers={}, budget=budget, sample=sample,
+        )  # fmt: skip
+
+    note = observe_note(load, observe(10.0))  # 3000 events at 10/s: 300 s > 60 + 30
+    assert note is not None
+    assert "takes 300 s or more; --observe-sample 20%" in note
+    assert observe_note(load, observe(10.0, sample=0.2)) is None
+    assert observe_note(load, observe(60.0)) is None
+
+
 def test_parse_iso() -> None:
     assert parse_iso("1970-01-01T00:00:01.500Z") == 1.5
     assert parse_iso("soon") is None

@@ -430,6 +430,21 @@ def observe_settings(args: argparse.Namespace, settings: LoadSettings) -> Observ
     )
 
 
+def observe_note(settings: LoadSettings, observe: ObserveSettings) -> str | None:
+    """A warning when the reads' budget is far below what the sample needs."""
+    events = min(settings.profile.expected_arrivals, len(settings.instances)) * observe.sample
+    # At least one read per observed event; the reads run on after the arrivals.
+    seconds = events / observe.budget
+    if seconds <= settings.profile.seconds + observe.reaction_timeout:
+        return None
+    fit = (settings.profile.seconds * observe.budget) / max(events / observe.sample, 1)
+    return (
+        f"observing {events:,.0f} events at most {observe.budget:,.1f} reads/s takes "
+        f"{seconds:,.0f} s or more; --observe-sample {min(fit, 1):.0%} or a larger "
+        "--observe-budget would fit the run"
+    )
+
+
 async def _watch_signals(run: LoadRun, hard_stop: anyio.CancelScope) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
@@ -563,6 +578,10 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     observer = None if observe is None else Observer(observe)
+    if observe is not None and not quiet:
+        note = observe_note(settings, observe)
+        if note is not None:
+            print(f"load: {note}", file=sys.stderr, flush=True)
     try:
         _, result = anyio.run(_main, settings, quiet, observer, backend="asyncio")
     except KeyboardInterrupt:
