@@ -1,5 +1,8 @@
 """`dispatcher load`: an open-model load test of one workflow, judged by thresholds.
 
+With ``--observe`` the instances' steps are read after their events were accepted
+(:mod:`dispatcher.run.observe`) and the reaction figures stand beside the accept ones.
+
 Exit codes: 0 done and every ``--threshold`` held, 2 usage or config error, 3 stopped
 early (credentials rejected, nothing listens at the target), 4 a threshold was breached,
 130 interrupted, 141 stdout closed early (``--results - | head -1``; the ``--plot`` is
@@ -9,6 +12,7 @@ written all the same).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -18,10 +22,19 @@ import anyio
 import orjson
 
 from dispatcher.commands.cli import stdout_gone
+from dispatcher.emulator.units import parse_share
 from dispatcher.inputs.records import InputError, KeyDeriver, ReadOptions, read_batches
 from dispatcher.inputs.validation import MAX_BODY_BYTES, RuleViolation, check_path
 from dispatcher.model import Invalid
-from dispatcher.report.summary import Threshold, format_metric, parse_threshold, render
+from dispatcher.report.observed import ObserveSummary, sidecar_path, write_sidecar
+from dispatcher.report.observed import render as render_observed
+from dispatcher.report.summary import (
+    Threshold,
+    check_thresholds,
+    format_metric,
+    parse_threshold,
+    render,
+)
 from dispatcher.results.sinks import check_results_path
 from dispatcher.run.config import add_send_arguments, load_send_settings
 from dispatcher.run.loadtest import (
@@ -34,6 +47,12 @@ from dispatcher.run.loadtest import (
     live_view,
     parse_stage_rate,
 )
+from dispatcher.run.observe import (
+    DEFAULT_BUDGET,
+    DEFAULT_REACTION_TIMEOUT,
+    Observer,
+    ObserveSettings,
+)
 from dispatcher.run.settings import ConfigError, SendSettings, parse_duration
 
 EXIT_OK: Final = 0
@@ -41,6 +60,8 @@ EXIT_USAGE: Final = 2
 EXIT_STOPPED: Final = 3
 EXIT_THRESHOLD: Final = 4
 EXIT_INTERRUPTED: Final = 130
+DEFAULT_SAMPLE: Final = 1.0
+_OBSERVED_METRICS: Final = ("reaction_", "next_step_", "completion_", "unreacted")
 DEFAULT_DURATION: Final = "30s"
 _MAX_INVALID_SHOWN: Final = 5
 
@@ -146,6 +167,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="exit 4 unless it holds: p50/p90/p95/p99/max/mean<800ms (2xx answers; "
         "rejected_p99 etc. for the others, all_p99 etc. for all), error_rate<0.5%%, "
         "dropped<1%%, rate>=45/s; may be repeated",
+    )
+    watch = parser.add_argument_group("observing the workflow (docs/load.md)")
+    watch.add_argument(
+        "--observe",
+        action="store_true",
+        help="also read each observed instance's steps: reaction latency (accepted → "
+        "waitForEvent's end), next step's and instance's end, unreacted; written to "
+        "RESULTS.observe.jsonl",
+    )
+    watch.add_argument(
+        "--observe-sample",
+        default=None,
+        metavar="P",
+        help="share of the confirmed events to observe, every k-th (default: 100%%)",
+    )
+    watch.add_argument(
+        "--reaction-timeout",
+        default=None,
+        metavar="DURATION",
+        help="an event not consumed this long after it was accepted is unreacted "
+        f"(default: {DEFAULT_REACTION_TIMEOUT:g}s)",
+    )
+    watch.add_argument(
+        "--observe-budget",
+        default=None,
+        metavar="P|RATE",
+        help="the reads' own pace: a share of the peak arrival rate (20%%) or a rate "
+        f"(5/s) (default: {DEFAULT_BUDGET:.0%})",
     )
     judge.add_argument(
         "--plot", default=None, metavar="FILE", help="draw the run into FILE (.png or .html)"
@@ -322,6 +371,80 @@ def load_settings(args: argparse.Namespace, env: dict[str, str] | os._Environ[st
     )
 
 
+def observe_settings(args: argparse.Namespace, settings: LoadSettings) -> ObserveSettings | None:
+    """``--observe`` and its flags, checked; None without ``--observe``."""
+    observed = [t.text for t in settings.thresholds if t.metric.startswith(_OBSERVED_METRICS)]
+    if not args.observe:
+        for flag, value in (
+            ("--observe-sample", args.observe_sample),
+            ("--reaction-timeout", args.reaction_timeout),
+            ("--observe-budget", args.observe_budget),
+        ):
+            if value is not None:
+                raise _Usage(f"{flag} needs --observe")
+        if observed:
+            raise _Usage(f"--threshold {observed[0]} needs --observe")
+        return None
+    if settings.results == "-":
+        raise _Usage("--observe writes RESULTS.observe.jsonl beside the results: give --results")
+    sample = DEFAULT_SAMPLE
+    if args.observe_sample is not None:
+        try:
+            sample = parse_share(args.observe_sample, "share")
+        except ValueError as exc:
+            raise _Usage(f"--observe-sample: {exc}") from None
+        if sample <= 0:
+            raise _Usage("--observe-sample must be above 0")
+    timeout = DEFAULT_REACTION_TIMEOUT
+    if args.reaction_timeout is not None:
+        try:
+            timeout = parse_duration(args.reaction_timeout)
+        except ValueError as exc:
+            raise _Usage(f"--reaction-timeout: {exc}") from None
+        if timeout <= 0:
+            raise _Usage("--reaction-timeout must be above 0")
+    peak = max(max(st.start, st.end) for st in settings.profile.stages)
+    text = args.observe_budget if args.observe_budget is not None else f"{DEFAULT_BUDGET:.0%}"
+    try:
+        if "/" in text:
+            budget = parse_stage_rate(text)
+        else:
+            budget = parse_share(text, "share or rate (20% or 5/s)") * peak
+    except ValueError as exc:
+        raise _Usage(f"--observe-budget: {exc}") from None
+    if budget <= 0:
+        raise _Usage(f"--observe-budget {text}: gives no reads at all; give a share above 0")
+    return ObserveSettings(
+        target=settings.target,
+        base_url=settings.base_url,
+        account_id=settings.account_id,
+        workflow=settings.workflow,
+        event_type=settings.event_type,
+        headers=settings.credentials.headers()
+        if settings.credentials is not None and settings.target == "api"
+        else {},
+        budget=budget,
+        sample=sample,
+        reaction_timeout=timeout,
+        timeout=settings.timeout,
+    )
+
+
+def observe_note(settings: LoadSettings, observe: ObserveSettings) -> str | None:
+    """A warning when the reads' budget is far below what the sample needs."""
+    events = min(settings.profile.expected_arrivals, len(settings.instances)) * observe.sample
+    # At least one read per observed event; the reads run on after the arrivals.
+    seconds = events / observe.budget
+    if seconds <= settings.profile.seconds + observe.reaction_timeout:
+        return None
+    fit = (settings.profile.seconds * observe.budget) / max(events / observe.sample, 1)
+    return (
+        f"observing {events:,.0f} events at most {observe.budget:,.1f} reads/s takes "
+        f"{seconds:,.0f} s or more; --observe-sample {min(fit, 1):.0%} or a larger "
+        "--observe-budget would fit the run"
+    )
+
+
 async def _watch_signals(run: LoadRun, hard_stop: anyio.CancelScope) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
@@ -335,8 +458,10 @@ async def _watch_signals(run: LoadRun, hard_stop: anyio.CancelScope) -> None:
                 return
 
 
-async def _main(settings: LoadSettings, quiet: bool) -> tuple[LoadRun, LoadResult | None]:
-    run = LoadRun(settings)
+async def _main(
+    settings: LoadSettings, quiet: bool, observer: Observer | None = None
+) -> tuple[LoadRun, LoadResult | None]:
+    run = LoadRun(settings, on_envelope=None if observer is None else observer.offer)
     result: LoadResult | None = None
     async with anyio.create_task_group() as tg:
         hard_stop = anyio.CancelScope()
@@ -344,7 +469,23 @@ async def _main(settings: LoadSettings, quiet: bool) -> tuple[LoadRun, LoadResul
         if not quiet:
             tg.start_soon(lambda: live_view(run.stats, settings.profile, rich=sys.stderr.isatty()))
         with hard_stop:
-            result = await run.run()
+            # The observer reads on its own session at its own pace; the load's arrivals
+            # never wait for it. After the last arrival it reads on until every observed
+            # event is settled (consumed, or its reaction timeout passed).
+            async with anyio.create_task_group() as watching:
+                if observer is not None:
+                    watching.start_soon(observer.run)
+                result = await run.run()
+                if observer is not None:
+                    observer.t0 = run.stats.t0_epoch
+                    if not quiet:
+                        print(
+                            f"load: arrivals done; reading the last observed instances "
+                            f"(up to {observer.settings.reaction_timeout:g} s)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    observer.close()
         tg.cancel_scope.cancel()
     return run, result
 
@@ -375,6 +516,15 @@ def _closing(result: LoadResult, settings: LoadSettings) -> str:
     return "\n".join(lines)
 
 
+def observed_knee(result: LoadResult, observed: ObserveSummary) -> float | None:
+    """The knee of a ramp (dispatcher.report.observed.knee); None for a constant rate."""
+    if len({y for _, y in result.overlay.target}) < 2:
+        return None
+    from dispatcher.report.observed import knee_of
+
+    return knee_of(list(result.points.t), observed)
+
+
 def _load_dict(result: LoadResult, settings: LoadSettings) -> dict[str, object]:
     s = result.stats
     breached = {id(b.threshold) for b in result.breaches}
@@ -402,6 +552,7 @@ def _load_dict(result: LoadResult, settings: LoadSettings) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args, os.environ)
+        observe = observe_settings(args, settings)
         if args.plot is not None:
             from dispatcher.report.plot import PlotUnavailable, check_plot_path
 
@@ -426,14 +577,27 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+    observer = None if observe is None else Observer(observe)
+    if observe is not None and not quiet:
+        note = observe_note(settings, observe)
+        if note is not None:
+            print(f"load: {note}", file=sys.stderr, flush=True)
     try:
-        _, result = anyio.run(_main, settings, quiet, backend="asyncio")
+        _, result = anyio.run(_main, settings, quiet, observer, backend="asyncio")
     except KeyboardInterrupt:
         print("dispatcher load: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result is None:
         print("dispatcher load: stopped at once; results hold what had finished", file=sys.stderr)
         return EXIT_INTERRUPTED
+    observed: ObserveSummary | None = None
+    if observer is not None:
+        observed = observer.summary()
+        write_sidecar(sidecar_path(settings.results), observed.header, observer.rows)
+        result.metrics.update(observed.metrics())
+        result = dataclasses.replace(
+            result, breaches=check_thresholds(settings.thresholds, result.metrics)
+        )
     # The report is what a load test is run for: stdout, unless envelopes already go there.
     out: TextIO = sys.stderr if settings.results == "-" else sys.stdout
     # A reader that went away (`| head -1`) ends the run with 141, as SIGPIPE would, but
@@ -444,16 +608,26 @@ def run(args: argparse.Namespace) -> int:
             # One JSON document, so that `| jq` works: the report plus what only load knows.
             doc = result.report.as_dict()
             doc["load"] = _load_dict(result, settings)
+            if observed is not None:
+                doc["observe"] = observed.as_dict(result.report.latency_accepted)
             print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode(), file=out, flush=True)
         else:
             print(render(result.report, args.report_format), file=out)
+            if observed is not None:
+                knee_rate = observed_knee(result, observed)
+                accept = result.report.latency_accepted
+                if args.report_format == "markdown":
+                    print(file=out)  # a blank line before the section's heading
+                print(render_observed(observed, accept, args.report_format, knee_rate), file=out)
             print(_closing(result, settings), file=out, flush=True)
     except BrokenPipeError:
         gone = True
     if args.plot is not None:
         from dispatcher.report.plot import write_plot
 
-        write_plot(args.plot, result.report, result.points, overlay=result.overlay)
+        write_plot(
+            args.plot, result.report, result.points, overlay=result.overlay, observed=observed
+        )
         if not quiet:
             print(f"load: plot written to {args.plot}", file=sys.stderr)
     for breach in result.breaches:

@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Final
 
+import orjson
+
 from dispatcher.report.summary import (
     DEFAULT_TOP,
     FORMATS,
@@ -146,6 +148,15 @@ def run(args: argparse.Namespace) -> int:
     def torn(t: TornTail) -> None:
         builder.note(f"{t.path}:{t.line}: skipped a partial last line ({t.size} bytes)")
 
+    # load --observe left RESULTS.observe.jsonl beside a results file: the reaction section.
+    from dispatcher.report import observed as obs
+
+    watched = {p for p in runs if os.path.exists(obs.sidecar_path(p))}
+    try:
+        parts = [obs.read_sidecar(obs.sidecar_path(p)) for p in runs if p in watched]
+    except ValueError as exc:
+        return _error(str(exc))
+    arrivals: list[float] = []  # send times of the observed runs' requests, for the knee
     try:
         for path in runs:
             builder.start_run(path)
@@ -153,10 +164,24 @@ def run(args: argparse.Namespace) -> int:
                 builder.add(env)
                 if points is not None:
                     points.add(env)
+                if path in watched and env.latency_ms is not None:
+                    arrivals.append(env.finished_at.timestamp() - env.latency_ms / 1000)
     except LedgerError as exc:
         return _error(str(exc))
     report = builder.build(bucket_s=bucket)
     text = render(report, fmt)
+    observed = obs.merge(parts) if parts else None
+    metrics = report.metrics()
+    if observed is not None:
+        metrics.update(observed.metrics())
+        if fmt == "json":
+            doc = orjson.loads(text)
+            doc["observe"] = observed.as_dict(report.latency_accepted)
+            text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
+        else:
+            knee_rate = obs.knee_of(arrivals, observed)
+            section = obs.render(observed, report.latency_accepted, fmt, knee_rate)
+            text = f"{text}\n\n{section}" if fmt == "markdown" else f"{text}\n{section}"
     if verify.files:
         text = verify.append_to(text, fmt)
     print(text, flush=True)
@@ -164,11 +189,11 @@ def run(args: argparse.Namespace) -> int:
         from dispatcher.report.plot import PlotUnavailable, write_plot
 
         try:
-            write_plot(args.plot, report, points)
+            write_plot(args.plot, report, points, observed=observed)
         except PlotUnavailable as exc:
             return _error(str(exc))
         print(f"dispatcher report: plot written to {args.plot}", file=sys.stderr)
-    breaches = check_thresholds(thresholds, report.metrics())
+    breaches = check_thresholds(thresholds, metrics)
     for breach in breaches:
         print(f"dispatcher report: threshold breached: {breach.describe()}", file=sys.stderr)
     return EXIT_THRESHOLD if breaches else EXIT_OK

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dispatcher.emulator.config import (
 )
 from dispatcher.emulator.faults import Faults, parse_fault, parse_latency
 from dispatcher.emulator.instances import InstanceModel
+from dispatcher.emulator.reaction import Spread
 from dispatcher.emulator.server import Emulator
 from dispatcher.emulator.units import format_seconds, parse_duration, parse_share
 
@@ -95,6 +97,19 @@ def _known_instances(text: str) -> frozenset[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {text!r}: {exc}") from None
     return frozenset(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+
+
+def _per_second(text: str) -> float:
+    """``40/s``, ``600/1m`` or ``40``: events per second, above 0."""
+    number, sep, per = text.strip().partition("/")
+    try:
+        value = float(number)
+        seconds = parse_duration(per if per[:1].isdigit() else f"1{per}") if sep else 1.0
+    except ValueError:
+        raise ValueError(f"{text!r} is not a rate (40/s, 600/1m)") from None
+    if not (math.isfinite(value) and value > 0 and seconds > 0):
+        raise ValueError(f"{text!r}: the rate must be above 0")
+    return value / seconds
 
 
 def _durations(text: str) -> tuple[float, ...]:
@@ -211,6 +226,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="share of instances that error in their last step, e.g. 5%% (default: 0)",
     )
     add(
+        "--reaction",
+        type=_flag_type(Spread.parse),
+        default=None,
+        metavar="DELAY",
+        help="how long a wait takes to consume its event: 200ms (fixed), 200ms±50ms "
+        "(uniform 150..250 ms; +- for ±) or 200ms~50ms (normal, sigma 50 ms) (default: at once)",
+    )
+    add(
+        "--step-jitter",
+        type=_flag_type(parse_duration),
+        default=0.0,
+        metavar="DURATION",
+        help="each step lasts its --steps duration ± this, uniform (default: 0s)",
+    )
+    add(
+        "--reaction-capacity",
+        type=_flag_type(_per_second),
+        default=None,
+        metavar="RATE",
+        help="the workflow consumes at most RATE events/s over all instances, one after "
+        "the other, e.g. 40/s: past it the reaction climbs (default: no limit)",
+    )
+    add(
+        "--never-consume",
+        type=_flag_type(parse_share),
+        default=0.0,
+        metavar="P",
+        help="share of instances whose wait never consumes its event, e.g. 1%% (default: 0)",
+    )
+    add(
         "--seed",
         type=_flag_type(_integer),
         default=0,
@@ -224,6 +269,15 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         faults = Faults.from_flags(args.fault, args.latency, args.faults_first)
     except ValueError as exc:
         raise ValueError(f"--fault: {exc}") from None
+    if args.instances is None:
+        for flag, value in (
+            ("--reaction", args.reaction is not None),
+            ("--step-jitter", args.step_jitter),
+            ("--never-consume", args.never_consume),
+            ("--reaction-capacity", args.reaction_capacity is not None),
+        ):
+            if value:
+                raise ValueError(f"{flag} models instances: give --instances EVENT_TYPE too")
     return EmulatorConfig(
         tokens=tuple(args.token),
         legacy_keys=tuple(args.legacy_key),
@@ -244,6 +298,10 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
             wait_after=args.wait_after,
             steps=args.steps,
             error_share=args.error_share,
+            reaction=args.reaction,
+            step_jitter=args.step_jitter,
+            never_consume=args.never_consume,
+            capacity=args.reaction_capacity,
         ),
     )
 
@@ -276,8 +334,23 @@ def describe(config: EmulatorConfig, emulator: Emulator) -> list[str]:
         + (
             "off (event-only)"
             if config.instances is None
-            else f"wait for {config.instances.event_type!r}, then "
-            f"{len(config.instances.steps)} step(s)"
+            else f"wait for {config.instances.event_type!r}"
+            + (
+                ""
+                if config.instances.reaction is None
+                else f", consumed after {config.instances.reaction}"
+            )
+            + f", then {len(config.instances.steps)} step(s)"
+            + (
+                f" (± {format_seconds(config.instances.step_jitter)} s)"
+                if config.instances.step_jitter
+                else ""
+            )
+            + (
+                f"; {config.instances.never_consume:.1%} never consume"
+                if config.instances.never_consume
+                else ""
+            )
         ),
         "Ctrl-C to stop.",
     ]

@@ -9,6 +9,16 @@ per entry of ``steps`` (seconds each), then ``complete``; an instance created wi
 params ``{"wait_for": T}`` waits for ``T`` instead of the model's type. An
 ``error_share`` of the instances (chosen from the id and the seed, so reproducible)
 errors in its last step. A wait that times out errors the instance.
+
+Reaction (issue 26): the wait consumes its event ``reaction`` after it could (a delay
+drawn per instance from a :class:`~dispatcher.emulator.reaction.Spread`), so the
+``waitForEvent`` step ends at max(event accepted, wait started) + that delay; each step
+lasts its duration ± ``step_jitter`` (uniform, cut at 0); a ``never_consume`` share of the
+instances never consumes its event (its wait times out). All drawn from the id and the
+seed, so every read of an instance sees the same times. With ``capacity`` (events/s) the
+workflow takes its events one by one from a queue shared by every instance, each after
+the one before by 1 / capacity: an arrival rate past it makes the reaction climb (the
+knee a ramp of ``load --observe`` shows).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import orjson
 
 from dispatcher.emulator import envelope
 from dispatcher.emulator.envelope import ApiError
+from dispatcher.emulator.reaction import Spread, unit_draw
 from dispatcher.inputs.validation import RuleViolation, check_path
 
 MAX_BATCH: Final = 100
@@ -53,6 +64,10 @@ class InstanceModel:
     wait_after: float = 0.0
     steps: tuple[float, ...] = ()
     error_share: float = 0.0
+    reaction: Spread | None = None  # None: the wait ends the moment its event is there
+    step_jitter: float = 0.0  # each step lasts its duration ± this (uniform), in seconds
+    never_consume: float = 0.0  # share of instances whose wait never takes its event
+    capacity: float | None = None  # events consumed per second at most, over all instances
 
     def __post_init__(self) -> None:
         if not isinstance(self.event_type, str) or not 1 <= len(self.event_type) <= 100:
@@ -67,10 +82,20 @@ class InstanceModel:
             raise ValueError("instances steps must be a tuple of durations >= 0")
         if not isinstance(self.error_share, int | float) or not 0 <= self.error_share <= 1:
             raise ValueError(f"instances error_share must be 0..1, got {self.error_share!r}")
+        if self.reaction is not None and not isinstance(self.reaction, Spread):
+            raise ValueError(f"instances reaction must be a Spread or None, got {self.reaction!r}")
+        if not isinstance(self.step_jitter, int | float) or not 0 <= self.step_jitter < math.inf:
+            raise ValueError(f"instances step_jitter must be seconds >= 0: {self.step_jitter!r}")
+        if self.capacity is not None and (
+            not isinstance(self.capacity, int | float) or not 0 < self.capacity < math.inf
+        ):
+            raise ValueError(f"instances capacity must be events/s > 0, got {self.capacity!r}")
+        if not isinstance(self.never_consume, int | float) or not 0 <= self.never_consume <= 1:
+            raise ValueError(f"instances never_consume must be 0..1, got {self.never_consume!r}")
 
 
 class Instance:
-    __slots__ = ("created", "events", "id", "params", "seq")
+    __slots__ = ("created", "events", "id", "params", "queued", "seq")
 
     def __init__(self, instance_id: str, params: Any, created: float, seq: int) -> None:
         self.id = instance_id
@@ -78,6 +103,7 @@ class Instance:
         self.created = created
         self.seq = seq
         self.events: dict[str, list[float]] = {}
+        self.queued: float | None = None  # with a capacity: when its turn in the queue came
 
 
 class Answer:
@@ -125,6 +151,7 @@ class InstanceStore:
         self._wall_offset = time.time() - clock()
         self._by_workflow: dict[str, dict[str, Instance]] = {}
         self._seq = 0
+        self._free_at = -math.inf  # with a capacity: when the queue takes its next event
         self.creations = creations  # (workflow, id) -> times created: the log's
 
     # -- time and state -----------------------------------------------------------------
@@ -153,12 +180,16 @@ class InstanceStore:
                     "output": None}  # fmt: skip
         # An instance created with params {"wait_for": T} waits for T instead (so that one
         # workflow holds instances waiting for different events, as tests need).
-        wait_type = m.event_type
-        if isinstance(inst.params, dict) and isinstance(inst.params.get("wait_for"), str):
-            wait_type = inst.params["wait_for"]
+        wait_type = self._wait_type(inst)
         arrivals = inst.events.get(wait_type, [])
+        if inst.queued is not None:
+            arrivals = [inst.queued]
+        if self._never(inst):
+            arrivals = []
         got = min(arrivals) if arrivals else None
         wait_end = None if got is None else max(got, wait_start)
+        if wait_end is not None and m.reaction is not None:
+            wait_end += m.reaction.draw(unit_draw(self._seed, inst.id, "reaction"))
         if wait_end is not None and wait_end > deadline:
             wait_end = None
         step: dict[str, Any] = {
@@ -180,10 +211,16 @@ class InstanceStore:
                     "output": None}  # fmt: skip
         step["end"] = self._iso(wait_end)
         step["finished"] = True
-        step["output"] = {"type": wait_type}
+        # As wrangler dev's step output has it: the event, with the time it was accepted.
+        sent_at = min(inst.events.get(wait_type) or [wait_end])
+        step["output"] = {"type": wait_type, "timestamp": self._iso(sent_at)}
         t = wait_end
         fails = self._errors(inst)
-        for i, duration in enumerate(m.steps):
+        for i, planned in enumerate(m.steps):
+            duration = planned
+            if m.step_jitter > 0:
+                u = unit_draw(self._seed, inst.id, f"step-{i}")
+                duration = max(0.0, planned + (2 * u - 1) * m.step_jitter)
             last = i == len(m.steps) - 1
             do: dict[str, Any] = {"type": "step", "name": f"step-{i + 1}",
                                   "start": self._iso(t), "end": None, "success": None,
@@ -224,12 +261,32 @@ class InstanceStore:
     def instance(self, workflow: str, instance_id: str) -> Instance | None:
         return self._by_workflow.get(workflow, {}).get(instance_id)
 
+    def _never(self, inst: Instance) -> bool:
+        share = self.model.never_consume
+        return share > 0 and unit_draw(self._seed, inst.id, "never") < share
+
+    def _wait_type(self, inst: Instance) -> str:
+        if isinstance(inst.params, dict) and isinstance(inst.params.get("wait_for"), str):
+            return str(inst.params["wait_for"])
+        return self.model.event_type
+
     def receive_event(self, workflow: str, instance_id: str, event_type: str, t: float) -> bool:
         """Keep an event for an instance; False when there is no such instance."""
         inst = self.instance(workflow, instance_id)
         if inst is None:
             return False
         inst.events.setdefault(event_type, []).append(t)
+        capacity = self.model.capacity
+        if (
+            capacity is not None
+            and inst.queued is None
+            and event_type == self._wait_type(inst)
+            and not self._never(inst)
+        ):
+            # Its turn in the one queue: when it could be taken, or after the one before.
+            turn = max(t, inst.created + self.model.wait_after, self._free_at)
+            self._free_at = turn + 1 / capacity
+            inst.queued = turn
         return True
 
     def _check_items(self, body: Any, *, single: bool) -> list[tuple[str | None, Any]] | Answer:

@@ -18,6 +18,13 @@ The three panels share one time axis, seconds since the run's start:
 3. the latency histogram with the report's p50/p90/p99 (HdrHistogram's) of the 2xx
    answers marked.
 
+With ``load --observe`` (a sidecar ``RESULTS.observe.jsonl``) two panels follow:
+
+4. reaction latency (accepted → the waitForEvent step's end) of each observed event by
+   its acceptance time, with the accept latency's p50 per bucket beside it for scale;
+5. reaction p50 per time bucket against the arrival rate of that bucket, which during a
+   ramp is the saturation curve, with the knee marked (dispatcher.report.observed.knee).
+
 The headline's latency figures are the 2xx answers' too (``p50 (2xx)``), as the load
 thresholds judge them; the other answers' p50 (429s first of all) is shown beside them.
 """
@@ -37,6 +44,8 @@ from dispatcher.report.summary import Report, choose_bucket
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+
+    from dispatcher.report.observed import ObserveSummary
 
 __all__ = [
     "MAX_POINTS",
@@ -359,25 +368,71 @@ def _title(report: Report) -> str:
 
 
 def write_plot(
-    path: str, report: Report, points: Points, *, overlay: LoadOverlay | None = None
+    path: str,
+    report: Report,
+    points: Points,
+    *,
+    overlay: LoadOverlay | None = None,
+    observed: ObserveSummary | None = None,
 ) -> None:
     """Draw ``points`` (with the ``report``'s percentiles) into ``path`` (.png or .html)."""
     suffix = _suffix(path)
     if suffix == ".png":
-        _png(path, report, points, overlay)
+        _png(path, report, points, overlay, observed)
     else:
-        _html(path, report, points, overlay)
+        _html(path, report, points, overlay, observed)
 
 
-def _png(path: str, report: Report, points: Points, overlay: LoadOverlay | None) -> None:
+@dataclass(frozen=True, slots=True)
+class _Reaction:
+    t: list[float]  # accepted, s since t0
+    ms: list[float]
+    curve: list[tuple[float, float]]  # (arrival rate, reaction p50 ms) per bucket
+    knee: float | None
+    width: float
+
+
+def _reaction(points: Points, overlay: LoadOverlay | None, observed: ObserveSummary) -> _Reaction:
+    from dispatcher.report.observed import knee
+
+    arrivals = list(points.t)
+    if overlay is not None:
+        t0 = overlay.t0
+    elif arrivals:
+        t0 = min(arrivals)
+    else:
+        t0 = observed.header.t0
+    span = (max(arrivals) - min(arrivals)) if arrivals else 0.0
+    width = float(choose_bucket(span, 30))
+    rate, curve = knee(arrivals, observed.points, width)
+    return _Reaction(
+        t=[a - t0 for a, _ in observed.points],
+        ms=[m for _, m in observed.points],
+        curve=curve,
+        knee=rate,
+        width=width,
+    )
+
+
+def _png(
+    path: str,
+    report: Report,
+    points: Points,
+    overlay: LoadOverlay | None,
+    observed: ObserveSummary | None = None,
+) -> None:
     plt = _import_matplotlib()
     import numpy as np
 
     s = _series(points, overlay)
-    fig, (ax_lat, ax_rate, ax_hist) = plt.subplots(
-        3, 1, figsize=(15, 11), gridspec_kw={"height_ratios": [3, 2, 2]}
+    rows, ratios = (5, [3, 2, 2, 2, 2]) if observed is not None else (3, [3, 2, 2])
+    fig, axes = plt.subplots(
+        rows, 1, figsize=(15, 11 if rows == 3 else 17), gridspec_kw={"height_ratios": ratios}
     )
+    ax_lat, ax_rate, ax_hist = axes[0], axes[1], axes[2]
     try:
+        if observed is not None:
+            _png_reaction(axes[3], axes[4], _reaction(points, overlay, observed), s, observed)
         fig.suptitle(_title(report), fontsize=14, fontweight="bold", x=0.01, ha="left")
         fig.text(0.01, 0.955, _headline(report, overlay, points), fontsize=10, ha="left")
 
@@ -493,7 +548,7 @@ def _png(path: str, report: Report, points: Points, overlay: LoadOverlay | None)
         ax_hist.set_title(
             "latency distribution (last attempt of each record)", loc="left", fontsize=11
         )
-        for ax in (ax_lat, ax_rate, ax_hist):
+        for ax in axes:
             ax.grid(True, alpha=0.3)
         fig.tight_layout(rect=(0, 0, 1, 0.95))
         fig.savefig(path, dpi=100)
@@ -501,21 +556,92 @@ def _png(path: str, report: Report, points: Points, overlay: LoadOverlay | None)
         plt.close(fig)
 
 
-def _html(path: str, report: Report, points: Points, overlay: LoadOverlay | None) -> None:
+def _png_reaction(
+    ax_time: Any, ax_curve: Any, r: _Reaction, s: _Series, observed: ObserveSummary
+) -> None:
+    ax_time.plot(
+        r.t, r.ms, linestyle="none", marker=".", markersize=3, alpha=0.5, color="#00897b",
+        label=f"reaction ({len(r.ms):,})", rasterized=True,
+    )  # fmt: skip
+    ax_time.plot(
+        s.centers, s.p50, color="#1b5e20", linewidth=1.5, drawstyle="steps-mid",
+        label=f"accept p50 (2xx) per {s.width:g} s",
+    )  # fmt: skip
+    lat = observed.reaction
+    if lat.p50_ms is not None:
+        ax_time.axhline(lat.p50_ms, color="#00897b", linestyle="--", linewidth=1,
+                        label=f"reaction p50 {lat.p50_ms:,.1f} ms")  # fmt: skip
+    ax_time.set_ylabel("ms")
+    ax_time.set_ylim(bottom=0)
+    ax_time.set_xlim(left=0)
+    ax_time.set_xlabel("seconds since start (acceptance)")
+    ax_time.set_title(
+        "reaction latency: accepted → waitForEvent step's end (load --observe)",
+        loc="left",
+        fontsize=11,
+    )
+    _legend(ax_time)
+    if r.curve:
+        xs, ys = zip(*r.curve, strict=True)
+        ax_curve.plot(xs, ys, marker="o", color="#00897b", label=f"reaction p50 per {r.width:g} s")
+    if r.knee is not None:
+        ax_curve.axvline(r.knee, color="#c62828", linestyle="--", linewidth=1.5,
+                         label=f"knee ≈ {r.knee:,.1f}/s")  # fmt: skip
+    ax_curve.set_xlabel("arrival rate (per second)")
+    ax_curve.set_ylabel("reaction p50 (ms)")
+    ax_curve.set_ylim(bottom=0)
+    ax_curve.set_title(
+        "reaction against arrival rate (knee: from where p50 stays above 1.5x its low-rate level)",
+        loc="left",
+        fontsize=11,
+    )
+    _legend(ax_curve)
+
+
+def _html(
+    path: str,
+    report: Report,
+    points: Points,
+    overlay: LoadOverlay | None,
+    observed: ObserveSummary | None = None,
+) -> None:
     go = _import_plotly()
     from plotly.subplots import make_subplots
 
     s = _series(points, overlay)
+    titles = [
+        "latency of each record's last attempt, by send time (ms)",
+        "requests per second by answer time, retries included",
+        "latency distribution, last attempt of each record (ms)",
+    ]
+    if observed is not None:
+        titles += [
+            "reaction latency: accepted → waitForEvent step's end (ms)",
+            "reaction p50 (ms) against arrival rate (/s), knee marked",
+        ]
     fig = make_subplots(
-        rows=3,
+        rows=len(titles),
         cols=1,
-        vertical_spacing=0.08,
-        subplot_titles=(
-            "latency of each record's last attempt, by send time (ms)",
-            "requests per second by answer time, retries included",
-            "latency distribution, last attempt of each record (ms)",
-        ),
+        vertical_spacing=0.06,
+        subplot_titles=tuple(titles),
     )
+    if observed is not None:
+        r = _reaction(points, overlay, observed)
+        fig.add_trace(
+            go.Scattergl(x=r.t, y=r.ms, mode="markers", name="reaction",
+                         marker={"color": "#00897b", "size": 4}),
+            row=4, col=1,
+        )  # fmt: skip
+        if r.curve:
+            xs, ys = zip(*r.curve, strict=True)
+            fig.add_trace(
+                go.Scatter(x=list(xs), y=list(ys), mode="lines+markers", name="reaction p50",
+                           line={"color": "#00897b"}),
+                row=5, col=1,
+            )  # fmt: skip
+        if r.knee is not None:
+            fig.add_vline(x=r.knee, line_dash="dash", line_color="#c62828", row=5, col=1,
+                          annotation_text=f"knee ≈ {r.knee:,.1f}/s")  # fmt: skip
     for k in (OK, RATE_LIMITED, HTTP_ERROR, NO_ANSWER):
         sel = s.shown[s.kind[s.shown] == k]
         if not len(sel):
@@ -617,7 +743,7 @@ def _html(path: str, report: Report, points: Points, overlay: LoadOverlay | None
             )
     fig.update_layout(
         barmode="stack",
-        height=1100,
+        height=1100 if observed is None else 1700,
         title={"text": f"{_title(report)}<br><sup>{_headline(report, overlay, points)}</sup>"},
         legend={"orientation": "h"},
         template="plotly_white",

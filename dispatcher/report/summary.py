@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_TOP",
     "FORMATS",
     "METRICS",
+    "OBSERVE_PREFIXES",
     "PERCENTILES",
     "AttemptStats",
     "Breach",
@@ -644,17 +645,22 @@ _OPS: Final[dict[str, Callable[[float, float], bool]]] = {
     "<": operator.lt,
     ">": operator.gt,
 }
-_FRACTION_METRICS: Final = ("error_rate", "dropped")
+_FRACTION_METRICS: Final = ("error_rate", "dropped", "unreacted")
 _RATE_METRICS: Final = ("rate",)
+# load --observe (dispatcher.report.observed): accepted → wait's end, → next step's end,
+# → the instance's end.
+OBSERVE_PREFIXES: Final = ("reaction_", "next_step_", "completion_")
+_LATENCY_PREFIXES: Final = ("", REJECTED_PREFIX, ALL_PREFIX, *OBSERVE_PREFIXES)
 METRICS: Final = (
-    *(prefix + m for prefix in ("", REJECTED_PREFIX, ALL_PREFIX) for m in _LATENCY_METRICS),
+    *(prefix + m for prefix in _LATENCY_PREFIXES for m in _LATENCY_METRICS),
     *_FRACTION_METRICS,
     *_RATE_METRICS,
 )
-_ALL_LATENCY_METRICS: Final = frozenset(METRICS[: 3 * len(_LATENCY_METRICS)])
+_ALL_LATENCY_METRICS: Final = frozenset(METRICS[: len(_LATENCY_PREFIXES) * len(_LATENCY_METRICS)])
 _METRIC_NAMES: Final = (
     f"{', '.join(_LATENCY_METRICS)} (2xx answers; rejected_p99 etc. for the others, "
-    f"all_p99 etc. for every answer), {', '.join((*_FRACTION_METRICS, *_RATE_METRICS))}"
+    f"all_p99 etc. for every answer; reaction_p99, next_step_p99, completion_p99 etc. "
+    f"with load --observe), {', '.join((*_FRACTION_METRICS, *_RATE_METRICS))}"
 )
 _THRESHOLD = re.compile(r"\s*(?P<metric>[a-z_0-9]+)\s*(?P<op><=|>=|<|>)\s*(?P<value>\S.*?)\s*")
 _LATENCY_VALUE = re.compile(r"(?P<n>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>us|µs|ms|s|m)?")

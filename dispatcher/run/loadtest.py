@@ -329,11 +329,17 @@ class _TeeSink:
     later envelopes go nowhere, and the report and the plot still get every one.
     """
 
-    __slots__ = ("_builder", "_gone", "_on_gone", "_points", "_sink")
+    __slots__ = ("_builder", "_gone", "_on_envelope", "_on_gone", "_points", "_sink")
 
     def __init__(
-        self, sink: Sink, builder: ReportBuilder, points: Points, on_gone: Callable[[], None]
+        self,
+        sink: Sink,
+        builder: ReportBuilder,
+        points: Points,
+        on_gone: Callable[[], None],
+        on_envelope: Callable[[Envelope], None] | None = None,
     ) -> None:
+        self._on_envelope = on_envelope
         self._sink = sink
         self._builder = builder
         self._points = points
@@ -345,6 +351,8 @@ class _TeeSink:
             self._sink.write(env)
         self._builder.add(env)
         self._points.add(env)
+        if self._on_envelope is not None:
+            self._on_envelope(env)  # load --observe: it queues a read, never waits
 
     def _closed(self) -> None:
         if not self._gone:
@@ -379,7 +387,9 @@ class LoadRun:
         sink: Sink | None = None,
         stats: LoadStats | None = None,
         top: int = 10,
+        on_envelope: Callable[[Envelope], None] | None = None,
     ) -> None:
+        self._on_envelope = on_envelope
         self.settings = settings
         self.stats = stats if stats is not None else LoadStats()
         self._transport = transport
@@ -416,7 +426,7 @@ class LoadRun:
             if self._sink is not None
             else open_sink(settings.results, truncate=settings.overwrite)
         )
-        tee = _TeeSink(sink, builder, points, self._stdout_closed)
+        tee = _TeeSink(sink, builder, points, self._stdout_closed, self._on_envelope)
         env_send, env_recv = anyio.create_memory_object_stream[Envelope](settings.concurrency * 4)
         # No buffer: send_nowait succeeds only if a worker is waiting, i.e. idle.
         work_send, work_recv = anyio.create_memory_object_stream[int](0)
