@@ -1,6 +1,7 @@
 """`dispatcher load`: an open-model load test of one workflow, judged by thresholds.
 
-Exit codes: 0 done and every ``--threshold`` held, 2 usage or config error, 3 stopped
+Exit codes: 0 done and every ``--threshold`` held, 2 usage or config error (a
+``--metrics-port`` that cannot be served included), 3 stopped
 early (credentials rejected, nothing listens at the target), 4 a threshold was breached,
 130 interrupted, 141 stdout closed early (``--results - | head -1``; the ``--plot`` is
 written all the same).
@@ -18,6 +19,8 @@ import anyio
 import orjson
 
 from dispatcher.commands.cli import stdout_gone
+from dispatcher.commands.metrics import LoadSource, add_metrics_arguments
+from dispatcher.commands.metrics import start as start_metrics
 from dispatcher.inputs.records import InputError, KeyDeriver, ReadOptions, read_batches
 from dispatcher.inputs.validation import MAX_BODY_BYTES, RuleViolation, check_path
 from dispatcher.model import Invalid
@@ -157,6 +160,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         dest="report_format",
         help="format of the closing report (default: text)",
     )
+    add_metrics_arguments(parser)
 
 
 class _Usage(Exception):
@@ -335,8 +339,12 @@ async def _watch_signals(run: LoadRun, hard_stop: anyio.CancelScope) -> None:
                 return
 
 
-async def _main(settings: LoadSettings, quiet: bool) -> tuple[LoadRun, LoadResult | None]:
+async def _main(
+    settings: LoadSettings, quiet: bool, metrics: LoadSource | None = None
+) -> tuple[LoadRun, LoadResult | None]:
     run = LoadRun(settings)
+    if metrics is not None:
+        metrics.stats = run.stats
     result: LoadResult | None = None
     async with anyio.create_task_group() as tg:
         hard_stop = anyio.CancelScope()
@@ -417,6 +425,9 @@ def run(args: argparse.Namespace) -> int:
     check_results_path(
         settings.results, resume=False, overwrite=settings.overwrite, can_resume=False
     )
+    # Before the first line of the run: a port that cannot be had is its one line.
+    source = LoadSource(settings.profile.rate_at)
+    metrics = start_metrics(args, source, prog="dispatcher load")
     quiet = bool(args.quiet)
     if not quiet:
         print(
@@ -427,10 +438,15 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     try:
-        _, result = anyio.run(_main, settings, quiet, backend="asyncio")
+        _, result = anyio.run(
+            _main, settings, quiet, source if metrics is not None else None, backend="asyncio"
+        )
     except KeyboardInterrupt:
         print("dispatcher load: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if metrics is not None:
+            metrics.close()
     if result is None:
         print("dispatcher load: stopped at once; results hold what had finished", file=sys.stderr)
         return EXIT_INTERRUPTED
