@@ -129,6 +129,22 @@ async def test_send_serves_live_metrics(tmp_path: Path) -> None:
     assert TOKEN not in err
 
 
+async def test_send_with_processes_serves_the_merged_counters(tmp_path: Path) -> None:
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"inst-{k}\n" for k in range(160)))
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "dispatcher", "send", str(ids), "--workflow", "wf",
+        "--event-type", "go", "--rate", "40/s", "--processes", "2",
+        "--results", str(tmp_path / "r.jsonl"), "--metrics-port", str(port),
+    ]  # fmt: skip
+    async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
+        code, err, scrapes = await run_scraping(cmd, env_for(emu), port, tmp_path)
+    assert code == 0, err
+    check_scrapes(scrapes, "send", 'dispatcher_records_total{delivery="confirmed"}')
+    assert samples(scrapes[-1])["dispatcher_attempts_total"] > 0
+
+
 async def test_load_serves_live_metrics(tmp_path: Path) -> None:
     port = free_port()
     cmd = [
