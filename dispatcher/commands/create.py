@@ -15,6 +15,9 @@ its ``POST /status``) and ``wrangler-dev`` (the local explorer API: one ``POST â
 per instance, as it has no batch route; read back with its ``GET``). A 429 from any of them
 is waited out (``Retry-After``, at least 1 s) and the same request sent again.
 
+``--metrics-port PORT`` serves the counts live as Prometheus text (docs/metrics.md); one
+that cannot be served exits 2 before anything is sent.
+
 Pacing: batches go one at a time, spaced to the creation limit (``--creation-rate``,
 default 100/s per workflow, counted per instance) and to the REST budget (``--rate``,
 default 1200/5m, counted per request: creations and read-backs alike).
@@ -25,9 +28,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -42,11 +47,15 @@ from dispatcher.clients.targets import (
     WRANGLER_DEV_API_PATH,
     WRANGLER_DEV_BASE_URL,
 )
+from dispatcher.commands.metrics import add_metrics_arguments
+from dispatcher.commands.metrics import start as start_metrics
+from dispatcher.commands.metrics_snapshot import Snapshot
 from dispatcher.inputs.validation import RuleViolation, check_path
 from dispatcher.model import UserError
 from dispatcher.results import lock as results_lock
 from dispatcher.results.ledger import repair_jsonl_tail
 from dispatcher.run.settings import parse_rate
+from dispatcher.sending.stats import LatencyBuckets
 
 PROG: Final = "dispatcher create"
 MAX_BATCH: Final = 100
@@ -221,6 +230,10 @@ class Pacer:
         self._rate = rate
         self._next = 0.0
 
+    @property
+    def rate(self) -> float:
+        return self._rate
+
     async def wait(self, units: int) -> None:
         now = time.monotonic()
         start = max(self._next, now)
@@ -286,6 +299,17 @@ class Http:
         self._secret = secret
         self.requests = 0
         self.rate_limited = 0
+        # For --metrics-port: re-sends (429, refused connection), answers by status (0:
+        # none), the request in flight, latencies.
+        self.retries = 0
+        self.in_flight = 0
+        self.answers: Counter[int] = Counter()
+        self.latency = LatencyBuckets()
+
+    @property
+    def rate(self) -> float | None:
+        rate = self._pacer.rate
+        return rate if math.isfinite(rate) else None
 
     def redact(self, text: str) -> str:
         return text.replace(self._secret, "<redacted>") if self._secret else text
@@ -295,14 +319,19 @@ class Http:
         attempt = unreached = 0
         while True:
             await self._pacer.wait(1)
+            if attempt or unreached:
+                self.retries += 1
             self.requests += 1
+            self.in_flight += 1
+            t0 = time.perf_counter()
+            answered = 0
             try:
                 async with self._session.request(
                     method, url, json=body, allow_redirects=False
                 ) as resp:
                     raw = await resp.read()
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    status = resp.status
+                    status = answered = resp.status
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Could not connect: the request never left, so sending it again is safe.
                 unreached += 1
@@ -317,6 +346,10 @@ class Http:
                 continue
             except (aiohttp.ClientError, TimeoutError):
                 return 0, None
+            finally:
+                self.in_flight -= 1
+                self.answers[answered] += 1
+                self.latency.add((time.perf_counter() - t0) * 1000.0)
             attempt += 1
             try:
                 doc = orjson.loads(raw)
@@ -497,6 +530,7 @@ class Creator:
         self._creation = Pacer(_rate("--creation-rate", args.creation_rate))
         self._workflow = args.workflow
         self.counts: dict[str, int] = {}
+        self.started = time.monotonic()
 
     def write(self, instance_id: str, outcome: str, reason: str | None = None) -> None:
         doc: dict[str, Any] = {
@@ -598,6 +632,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--results", default=None, metavar="FILE", help="JSONL envelopes, one per instance")
     add("--resume", action="store_true", help="skip the ids the --results already settle")
     add("--overwrite", action="store_true", help="start --results afresh")
+    add_metrics_arguments(parser)
 
 
 def _relay_secret(args: argparse.Namespace) -> str:
@@ -660,6 +695,7 @@ async def _run(
     fd: int,
     headers: dict[str, str],
     secret: str | None,
+    watched: list[tuple[Creator, Http]],
 ) -> int:
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
@@ -672,6 +708,7 @@ async def _run(
         else:
             backend = ApiBackend(http, args.base_url, args.account_id, args.workflow)
         creator = Creator(args, backend, fd)
+        watched.append((creator, http))
         # Ids an earlier run left pending or unknown: read back, never re-created blind.
         doubtful = [item for item in items if state.get(item[0]) in {"pending", "unknown"}]
         if doubtful:
@@ -715,11 +752,34 @@ def run(args: argparse.Namespace) -> int:
             )
         state = load_state(results) if args.resume else {}
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if args.overwrite else 0)
+        watched: list[tuple[Creator, Http]] = []
+        metrics = start_metrics(args, lambda: _snapshot(watched), prog=PROG)
         fd = os.open(results, flags, 0o644)
         try:
-            return asyncio.run(_run(args, items, state, fd, headers, secret))
+            return asyncio.run(_run(args, items, state, fd, headers, secret, watched))
         finally:
             os.close(fd)
+            if metrics is not None:
+                metrics.close()
     finally:
         if held is not None:
             held.release()
+
+
+def _snapshot(watched: list[tuple[Creator, Http]]) -> Snapshot | None:
+    """What ``--metrics-port`` shows of the run, once it has begun."""
+    if not watched:
+        return None
+    creator, http = watched[0]
+    return Snapshot(
+        attempts=http.requests,
+        retries=http.retries,
+        rate_limited=http.rate_limited,
+        in_flight=http.in_flight,
+        answers=dict(http.answers),
+        latency_counts=list(http.latency.counts),
+        latency_sum_ms=http.latency.sum_ms,
+        gate_rate=http.rate,
+        instances=dict(creator.counts),
+        elapsed_s=time.monotonic() - creator.started,
+    )

@@ -3,7 +3,8 @@
 With ``--observe`` the instances' steps are read after their events were accepted
 (:mod:`dispatcher.run.observe`) and the reaction figures stand beside the accept ones.
 
-Exit codes: 0 done and every ``--threshold`` held, 2 usage or config error, 3 stopped
+Exit codes: 0 done and every ``--threshold`` held, 2 usage or config error (a
+``--metrics-port`` that cannot be served included), 3 stopped
 early (credentials rejected, nothing listens at the target), 4 a threshold was breached,
 130 interrupted, 141 stdout closed early (``--results - | head -1``; the ``--plot`` is
 written all the same).
@@ -22,6 +23,8 @@ import anyio
 import orjson
 
 from dispatcher.commands.cli import stdout_gone
+from dispatcher.commands.metrics import LoadSource, add_metrics_arguments
+from dispatcher.commands.metrics import start as start_metrics
 from dispatcher.emulator.units import parse_share
 from dispatcher.inputs.records import InputError, KeyDeriver, ReadOptions, read_batches
 from dispatcher.inputs.validation import MAX_BODY_BYTES, RuleViolation, check_path
@@ -206,6 +209,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         dest="report_format",
         help="format of the closing report (default: text)",
     )
+    add_metrics_arguments(parser)
 
 
 class _Usage(Exception):
@@ -459,9 +463,14 @@ async def _watch_signals(run: LoadRun, hard_stop: anyio.CancelScope) -> None:
 
 
 async def _main(
-    settings: LoadSettings, quiet: bool, observer: Observer | None = None
+    settings: LoadSettings,
+    quiet: bool,
+    observer: Observer | None = None,
+    metrics: LoadSource | None = None,
 ) -> tuple[LoadRun, LoadResult | None]:
     run = LoadRun(settings, on_envelope=None if observer is None else observer.offer)
+    if metrics is not None:
+        metrics.stats = run.stats
     result: LoadResult | None = None
     async with anyio.create_task_group() as tg:
         hard_stop = anyio.CancelScope()
@@ -568,6 +577,9 @@ def run(args: argparse.Namespace) -> int:
     check_results_path(
         settings.results, resume=False, overwrite=settings.overwrite, can_resume=False
     )
+    # Before the first line of the run: a port that cannot be had is its one line.
+    source = LoadSource(settings.profile.rate_at)
+    metrics = start_metrics(args, source, prog="dispatcher load")
     quiet = bool(args.quiet)
     if not quiet:
         print(
@@ -583,10 +595,20 @@ def run(args: argparse.Namespace) -> int:
         if note is not None:
             print(f"load: {note}", file=sys.stderr, flush=True)
     try:
-        _, result = anyio.run(_main, settings, quiet, observer, backend="asyncio")
+        _, result = anyio.run(
+            _main,
+            settings,
+            quiet,
+            observer,
+            source if metrics is not None else None,
+            backend="asyncio",
+        )
     except KeyboardInterrupt:
         print("dispatcher load: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if metrics is not None:
+            metrics.close()
     if result is None:
         print("dispatcher load: stopped at once; results hold what had finished", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -4,11 +4,11 @@ Exit codes: 0 every record confirmed (also when the inputs hold no record at all
 warning says so; with --instances-of --waiting-for, instances skipped as not waiting do
 not count against it), 1 some failed, 2 usage, input, config or results-path mistake
 (another run holding the same --results included, a --redis that cannot be used at
-start, an --instances-of listing refused on its first page: unknown workflow, bad
-credentials), 3 stopped early (a target where nothing listens included: one line says so;
-Redis unreachable for --redis-outage-timeout too; a later listing page refused), 5
-results could not be written (full disk, read-only folder: the run stopped sending,
---resume continues), 130 interrupted.
+start, a --metrics-port that cannot be served, an --instances-of listing refused on its
+first page: unknown workflow, bad credentials), 3 stopped early (a target where nothing
+listens included: one line says so; Redis unreachable for --redis-outage-timeout too; a
+later listing page refused), 5 results could not be written (full disk, read-only folder:
+the run stopped sending, --resume continues), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import orjson
 
 from dispatcher.commands.cli import user_error
 from dispatcher.commands.dryrun import add_dry_run_argument, dry_run, instances_dry_run
+from dispatcher.commands.metrics import RunSource, add_metrics_arguments
+from dispatcher.commands.metrics import start as start_metrics
 from dispatcher.commands.progress import ProgressMode, format_summary, resolve_mode, show_progress
 from dispatcher.coordination.urls import REDIS_SCHEMES, redact
 from dispatcher.model import Delivery, ErrorKind
@@ -36,7 +38,7 @@ from dispatcher.results.sinks import check_results_path
 from dispatcher.run import runner
 from dispatcher.run.config import add_send_arguments, load_send_settings
 from dispatcher.run.multiproc import run_parallel
-from dispatcher.run.settings import SendSettings
+from dispatcher.run.settings import Rate, SendSettings
 from dispatcher.run.signals import watch_signals
 from dispatcher.sending.engine import Engine
 from dispatcher.sending.stats import RunStats
@@ -52,6 +54,7 @@ EXIT_INTERRUPTED: Final = 130
 def configure(parser: argparse.ArgumentParser) -> None:
     add_send_arguments(parser)
     add_dry_run_argument(parser)
+    add_metrics_arguments(parser)
 
 
 def exit_code(stats: RunStats) -> int:
@@ -68,10 +71,14 @@ def exit_code(stats: RunStats) -> int:
     return EXIT_OK if failed == 0 and unsettled == 0 else EXIT_FAILED
 
 
-async def _main(settings: SendSettings) -> RunStats:
+async def _main(settings: SendSettings, metrics: RunSource | None = None) -> RunStats:
     mode = resolve_mode(settings.progress, settings.quiet, sys.stderr)
     if settings.processes > 1:
-        show = functools.partial(_show, mode=mode, inputs=settings.inputs)
+        if metrics is not None:
+            rate = settings.rate
+            per_s = rate.per_second if isinstance(rate, Rate) else None
+            metrics.gate_rate = lambda: per_s  # each process has its own gate: the setting
+        show = functools.partial(_show, mode=mode, inputs=settings.inputs, metrics=metrics)
         return await run_parallel(settings, show=show)
     engines: list[Engine] = []
     run_scope = anyio.CancelScope()
@@ -84,6 +91,10 @@ async def _main(settings: SendSettings) -> RunStats:
 
             def paused_for() -> float:
                 return gate.paused_until - anyio.current_time()
+
+            if metrics is not None and metrics.stats is None:
+                metrics.stats = engine.stats
+                metrics.gate_rate = lambda: gate.rate
 
             tg.start_soon(
                 show_progress, engine.stats, mode, sys.stderr, settings.inputs, paused_for
@@ -98,7 +109,15 @@ async def _main(settings: SendSettings) -> RunStats:
     return stats
 
 
-async def _show(stats: RunStats, *, mode: ProgressMode, inputs: tuple[str, ...]) -> None:
+async def _show(
+    stats: RunStats,
+    *,
+    mode: ProgressMode,
+    inputs: tuple[str, ...],
+    metrics: RunSource | None = None,
+) -> None:
+    if metrics is not None:
+        metrics.stats = stats  # the merged counters of every process
     await show_progress(stats, mode, sys.stderr, inputs)
 
 
@@ -145,9 +164,15 @@ def run(args: argparse.Namespace) -> int:
         overwrite=settings.overwrite,
     )
     finish = finish_command(getattr(args, "_argv", None), settings)
+    source = RunSource()
+    metrics = start_metrics(args, source, prog="dispatcher send")
     try:
         stats = anyio.run(
-            _main, settings, backend="asyncio", backend_options=runner.backend_options()
+            _main,
+            settings,
+            source if metrics is not None else None,
+            backend="asyncio",
+            backend_options=runner.backend_options(),
         )
     except KeyboardInterrupt:
         # Ctrl-C before the run had installed its own handler: nothing was sent yet.
@@ -169,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
         if finish is not None and mistake is None:
             print(f"dispatcher send: crashed; to finish the job: {finish}", file=sys.stderr)
         raise
+    finally:
+        if metrics is not None:
+            metrics.close()
     if _nothing_read(stats, settings):
         # Exit 0 all the same: nothing failed. A script can grep stderr for "no records".
         print(

@@ -28,7 +28,7 @@ import secrets
 import sys
 import time
 from array import array
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +47,7 @@ from dispatcher.results import envelopes
 from dispatcher.results.sinks import Sink, open_sink
 from dispatcher.run.runner import drain_to_sink, transport_for
 from dispatcher.run.settings import Credentials, HttpClient, Rate, parse_duration, parse_rate
+from dispatcher.sending.stats import LatencyBuckets
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -276,6 +277,10 @@ class LoadStats:
     # a fraction of a millisecond and would make a refusing server look fast).
     recent: deque[tuple[float, float]] = field(default_factory=deque)
     recent_rejected: deque[tuple[float, float]] = field(default_factory=deque)
+    # For --metrics-port: envelopes by delivery, answers by status (0: none), latencies.
+    deliveries: Counter[str] = field(default_factory=Counter)
+    answers: Counter[int] = field(default_factory=Counter)
+    latency: LatencyBuckets = field(default_factory=LatencyBuckets)
 
     @property
     def errors(self) -> int:
@@ -283,10 +288,14 @@ class LoadStats:
 
     def record(self, env: Envelope) -> None:
         self.answered += 1
+        self.deliveries[env.delivery] += 1
+        self.answers[env.status or 0] += 1
         if env.delivery is Delivery.CONFIRMED:
             self.confirmed += 1
         if env.status == 429:
             self.rate_limited += 1
+        if env.latency_ms is not None:
+            self.latency.add(env.latency_ms)
         if env.latency_ms is not None and env.status is not None:
             accepted = 200 <= env.status < 300
             (self.recent if accepted else self.recent_rejected).append(

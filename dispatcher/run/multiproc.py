@@ -106,6 +106,7 @@ def _stats_line(stats: RunStats) -> bytes:
                 "paused_s": stats.paused_s,
                 "disk_held_s": stats.disk_held_s,
                 "in_flight": stats.in_flight,
+                "answers": {str(k): v for k, v in stats.answers.items()},
                 "skipped": dict(stats.skipped),
                 "stop_reason": stats.stop_reason,
                 "unreachable": stats.unreachable,
@@ -313,8 +314,10 @@ class _Workers:
         stats.paused_s = max(c["paused_s"] for c in self.latest.values())
         stats.disk_held_s = max(c.get("disk_held_s", 0.0) for c in self.latest.values())
         stats.skipped.clear()
+        stats.answers.clear()
         for c in self.latest.values():
             stats.skipped.update(c["skipped"])
+            stats.answers.update({int(k): v for k, v in c.get("answers", {}).items()})
         if counters["interrupted"] and not self.stopping:
             # Signalled directly, not by this process (whose own stop, say after another
             # worker's 401, reaches the workers as a SIGINT too, and keeps its reason).

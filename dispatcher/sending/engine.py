@@ -435,6 +435,7 @@ class Engine:
                 finally:
                     stats.in_flight -= 1
                 active.in_flight = False
+                stats.answers[outcome.status or 0] += 1
                 history.add(outcome)
                 if self._pacer is not None:
                     self._pacer.observe(outcome, stats.in_flight)

@@ -24,6 +24,10 @@
  *   -> {"results": [{"instance_id", "outcome": "created" | "exists" | "invalid" | "failed", ...}]}
  *   one createBatch call; see handleCreate and README.md.
  * POST /status {"ids": [...]} -> {"results": [{"id", "status", "output"?, "error"?} | {"id", "code"}]}
+ * POST /watch {"ids": [...], "filter"?: [event types], "timeout_ms"?: N}
+ *   -> 200 NDJSON, streamed: each instance's subscribe() events as they come
+ *   ({instanceId, eventId, timestamp, type, stepName?, ...}), one {"instanceId", "end"}
+ *   line per instance, then {"done": true}; see handleWatch and README.md.
  *
  * Dedupe: a key whose event was delivered is remembered for DEDUPE_TTL_SECONDS with a
  * fingerprint of what was sent (SHA-256 over workflow, instance, type and the canonical
@@ -41,6 +45,14 @@ export interface WorkflowInstance {
   id?: string;
   sendEvent(event: { type: string; payload?: unknown }): Promise<void>;
   status(): Promise<{ status: string; error?: unknown; output?: unknown }>;
+  // The platform (changelog 2026-09-15) and wrangler dev (4.164: miniflare's Engine): the
+  // retained events, then new ones; ends after workflow_completed/errored/terminated.
+  subscribe?(options?: { filter?: string[]; cursor?: number }): Promise<WorkflowSubscription>;
+}
+
+export interface WorkflowSubscription {
+  next(): Promise<{ done: boolean; value?: Record<string, unknown> }>;
+  [Symbol.dispose]?(): void;
 }
 
 export type CreateOptions = { id: string; params?: unknown };
@@ -228,7 +240,7 @@ async function readBatch(
   env: Env,
   field: string,
   noun: string,
-): Promise<{ items: unknown[] } | { refused: Response }> {
+): Promise<{ items: unknown[]; doc: Record<string, unknown> } | { refused: Response }> {
   if (!env.RELAY_SECRET) {
     return { refused: fail(500, 10001, "the relay has no RELAY_SECRET; set it with wrangler secret put") };
   }
@@ -258,7 +270,7 @@ async function readBatch(
   if (items.length > maxBatch) {
     return tooLarge(`a batch holds at most ${maxBatch} ${noun} (MAX_BATCH), got ${items.length}`);
   }
-  return { items };
+  return { items, doc: doc as Record<string, unknown> };
 }
 
 export async function handleEvents(request: Request, env: Env): Promise<Response> {
@@ -512,6 +524,123 @@ export async function handleStatus(request: Request, env: Env): Promise<Response
   return json(200, { success: true, errors: [], messages: [], results });
 }
 
+const DEFAULT_WATCH_MS = 60_000;
+const MAX_WATCH_MS = 15 * 60_000;
+const MAX_FILTER = 32;
+
+/** How one instance's watch ended: the subscription ended (after the instance's own end),
+ * the request's timeout_ms passed, or it could not be watched. */
+export type WatchEnd = {
+  instanceId: string;
+  end: "ended" | "timeout" | "not_found" | "invalid" | "unsupported" | "failed";
+  message?: string;
+};
+
+/** Watches up to MAX_BATCH instances with one request: one subscribe() each, all at once,
+ * their events written back as NDJSON lines in the order they come. The stream ends once
+ * every instance's subscription has ended or timeout_ms has passed. A client that goes
+ * away ends every subscription. */
+export async function handleWatch(request: Request, env: Env): Promise<Response> {
+  const read = await readBatch(request, env, "ids", "ids");
+  if ("refused" in read) return read.refused;
+  const { filter, timeout_ms } = read.doc as { filter?: unknown; timeout_ms?: unknown };
+  if (
+    filter !== undefined &&
+    !(Array.isArray(filter) && filter.length <= MAX_FILTER && filter.every((t) => typeof t === "string"))
+  ) {
+    return fail(400, 10400, `filter must be a list of at most ${MAX_FILTER} event types`);
+  }
+  const timeoutMs = timeout_ms === undefined ? DEFAULT_WATCH_MS : Number(timeout_ms);
+  if (!Number.isInteger(timeoutMs) || timeoutMs < 1 || timeoutMs > MAX_WATCH_MS) {
+    return fail(400, 10400, `timeout_ms must be an integer of 1..${MAX_WATCH_MS}`);
+  }
+  const { readable, writable } = new TransformStream<Uint8Array, Uint8Array>();
+  const writer = writable.getWriter();
+  const encoder = new TextEncoder();
+  let gone = false;
+  let writing: Promise<void> = Promise.resolve();
+  // Lines are written one after another; once the client is gone, nothing more is.
+  const line = (doc: unknown): Promise<void> => {
+    writing = writing.then(async () => {
+      if (gone) return;
+      try {
+        await writer.write(encoder.encode(JSON.stringify(doc) + "\n"));
+      } catch {
+        gone = true;
+      }
+    });
+    return writing;
+  };
+  const deadline = Date.now() + timeoutMs;
+  const options = filter === undefined ? {} : { filter: filter as string[] };
+  const watchOne = async (id: unknown): Promise<void> => {
+    const end = (doc: Omit<WatchEnd, "instanceId">) => line({ instanceId: typeof id === "string" ? id : "", ...doc });
+    if (!validId(id)) {
+      await end({ end: "invalid", message: `an id must be 1..${MAX_ID_LEN} characters matching ${ID_PATTERN.source}` });
+      return;
+    }
+    let sub: WorkflowSubscription | undefined;
+    try {
+      const instance = await env.WORKFLOW.get(id);
+      if (typeof instance.subscribe !== "function") {
+        await end({ end: "unsupported", message: "this runtime's Workflow binding has no subscribe()" });
+        return;
+      }
+      sub = await instance.subscribe(options);
+    } catch (err) {
+      await end({ end: isNotFound(err) ? "not_found" : "failed", message: describe(err) });
+      return;
+    }
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      while (!gone) {
+        const left = deadline - Date.now();
+        const next = left <= 0 ? null : await Promise.race([
+          sub.next(),
+          new Promise<null>((resolve) => {
+            timer = setTimeout(() => resolve(null), left);
+          }),
+        ]);
+        clearTimeout(timer);
+        if (next === null) {
+          await end({ end: "timeout" });
+          return;
+        }
+        if (next.done) {
+          await end({ end: "ended" });
+          return;
+        }
+        await line(next.value);
+      }
+    } catch (err) {
+      await end({ end: "failed", message: describe(err) });
+    } finally {
+      clearTimeout(timer);
+      try {
+        sub[Symbol.dispose]?.();
+      } catch {
+        // already closed
+      }
+    }
+  };
+  const work = (async () => {
+    await Promise.all(read.items.map(watchOne));
+    await line({ done: true, watched: read.items.length });
+    await writing;
+    try {
+      await writer.close();
+    } catch {
+      // the client went away
+    }
+  })();
+  // The stream's work outlives this handler's return: keep the request alive until it ends.
+  void work;
+  return new Response(readable, {
+    status: 200,
+    headers: { "Content-Type": "application/x-ndjson", "Cache-Control": "no-store" },
+  });
+}
+
 function describe(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
@@ -644,12 +773,13 @@ export default {
       "/events": handleEvents,
       "/create": handleCreate,
       "/status": handleStatus,
+      "/watch": handleWatch,
     };
     const route = Object.hasOwn(routes, url.pathname) ? routes[url.pathname] : undefined;
     if (route !== undefined) {
       if (request.method !== "POST") return fail(405, 10405, `use POST ${url.pathname}`);
       return route(request, env);
     }
-    return fail(404, 10404, "not found; the relay answers POST /events, /create and /status");
+    return fail(404, 10404, "not found; the relay answers POST /events, /create, /status and /watch");
   },
 };
