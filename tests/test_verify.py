@@ -375,7 +375,7 @@ async def test_send_verify_exit_1_when_some_instance_waits_for_another_type(
     emulator: Emulator, tmp_path: Path
 ) -> None:
     """Every event is confirmed (send alone exits 0), but 3 instances wait for another type."""
-    items = [{"instance_id": f"mix-{n}"} for n in range(7)]
+    items: list[dict[str, Any]] = [{"instance_id": f"mix-{n}"} for n in range(7)]
     items += [{"instance_id": f"other-{n}", "params": {"wait_for": "refund"}} for n in range(3)]
     await create_with(emulator, items)
     id_file = tmp_path / "ids.txt"
