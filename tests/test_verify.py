@@ -285,8 +285,31 @@ def wait_step(end: str | None, **extra: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("result", "cls", "needle"),
     [
-        # The public SDK's step has no event_type: matched by timing, and said so.
-        ({"status": "running", "steps": [wait_step("2026-12-01T12:00:01Z")]}, "consumed", ""),
+        # No event_type on the step (wrangler dev's explorer): its output's type decides.
+        (
+            {
+                "status": "running",
+                "steps": [wait_step("2026-12-01T12:00:01Z", output={"type": "e", "payload": 1})],
+            },
+            "consumed",
+            "",
+        ),
+        (
+            {
+                "status": "running",
+                "steps": [wait_step("2026-12-01T12:00:01Z", output={"type": "go", "payload": 1})],
+            },
+            "no_waiter",
+            "no waitForEvent step waits for 'e'",
+        ),
+        # Finished after the send, and nothing names its type: never claimed as consumed.
+        (
+            {"status": "running", "steps": [wait_step("2026-12-01T12:00:01Z")]},
+            "unknown",
+            "cannot be told",
+        ),
+        # Unfinished and untyped: it may wait for ours.
+        ({"status": "running", "steps": [wait_step(None, output=None)]}, "waiting", "not finished"),
         # A wait that timed out got no event, though it ended after the send.
         (
             {
@@ -310,7 +333,7 @@ def test_classify_edges(result: dict[str, Any], cls: str, needle: str) -> None:
     verdict = classify(result, "e", SENT)
     assert verdict.cls == cls
     assert needle in verdict.reason
-    if cls == "consumed":
+    if cls in {"consumed", "waiting"}:
         assert verdict.typed is False
 
 

@@ -34,6 +34,7 @@ from dispatcher.clients.targets import WRANGLER_DEV_API_PATH, Target
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.validation import RuleViolation, check_path
 from dispatcher.model import Event, Invalid, Record, UserError
+from dispatcher.results.verify import step_event_type
 from dispatcher.run.settings import Rate, SendSettings
 from dispatcher.sending.gate import Gate, RateGate
 from dispatcher.sending.stats import RunStats
@@ -87,7 +88,8 @@ class Verdict:
 
 
 def verdict(status: str, steps: list[Any] | None, waiting_for: str) -> Verdict:
-    """Send only when an unfinished ``waitForEvent`` of ``waiting_for`` is among ``steps``."""
+    """Send only when an unfinished ``waitForEvent`` of ``waiting_for`` is among ``steps``
+    (or an unfinished one that names no type: it may be waiting for ``waiting_for``)."""
     if status in ENDED:
         return Verdict(send=False, rule="ended", reason=f"the instance ended ({status})")
     others: list[str] = []
@@ -95,7 +97,11 @@ def verdict(status: str, steps: list[Any] | None, waiting_for: str) -> Verdict:
     for step in steps or []:
         if not isinstance(step, dict) or step.get("type") != "waitForEvent":
             continue
-        kind = step.get("event_type")
+        kind = step_event_type(step)
+        if kind is None and not step.get("finished"):
+            # An unfinished wait that names no type (wrangler dev's explorer gives none)
+            # may be the one: sent to, and verify says what came of it.
+            return Verdict(send=True)
         if kind == waiting_for:
             if not step.get("finished"):
                 return Verdict(send=True)
