@@ -42,7 +42,8 @@ WORKFLOW: Final = "order-pipeline"
 EVENT_TYPE: Final = "payment-received"
 OTHER_TYPE: Final = "address-confirmed"
 ACCOUNT: Final = "demo-account"
-# The emulator creates as fast as it is asked; the platform allows 100/s per workflow.
+# The emulator creates as fast as it is asked; the platform allows 100/s per workflow
+# and 300/s per account.
 CREATION_RATE: Final = "2000/s"
 
 
@@ -84,7 +85,8 @@ async def _create(emu: Emulator, token: str, source: Path, results: Path, rate: 
     create.configure(parser)
     args = parser.parse_args(
         [str(source), "--workflow", WORKFLOW, "--target", "api", "--base-url", emu.base_url,
-         "--account-id", ACCOUNT, "--creation-rate", CREATION_RATE, "--rate", rate,
+         "--account-id", ACCOUNT, "--creation-rate", CREATION_RATE,
+         "--account-creation-rate", CREATION_RATE, "--rate", rate,
          "--results", str(results), "--overwrite"]
     )  # fmt: skip
     items = create.read_items(args)
