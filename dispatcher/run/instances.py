@@ -372,6 +372,18 @@ async def instance_records(
     def needs_read(iid: str) -> bool:
         return "\0" in iid or not settled(key(iid))
 
+    def invalid(k: str, line: int, iid: str, rule: str, message: str) -> Invalid:
+        return Invalid(
+            key=k,
+            source=source,
+            line=line,
+            rule=rule,
+            message=message,
+            workflow=workflow,
+            instance_id=iid,
+            event_type=event_type,
+        )
+
     async for judged in select(reader, selection, needs_read):
         batch: list[Record] = []
         for iid, _status, v in judged:
@@ -379,19 +391,8 @@ async def instance_records(
             try:
                 check_path(workflow, iid, event_type, strict_ids=strict_ids)
             except RuleViolation as exc:
-                batch.append(
-                    Invalid(
-                        key=cached.pop(iid, "")
-                        or keys.key_for_raw(None, f"{workflow}\0{iid}".encode()),
-                        source=source,
-                        line=line,
-                        rule=exc.rule,
-                        message=f"instance {iid!r}: {exc.message}",
-                        workflow=workflow,
-                        instance_id=iid,
-                        event_type=event_type,
-                    )
-                )
+                k = cached.pop(iid, "") or keys.key_for_raw(None, f"{workflow}\0{iid}".encode())
+                batch.append(invalid(k, line, iid, exc.rule, f"instance {iid!r}: {exc.message}"))
                 continue
             k = key(iid)
             if v.send:
@@ -409,18 +410,7 @@ async def instance_records(
             else:
                 assert v.rule is not None
                 assert v.reason is not None
-                batch.append(
-                    Invalid(
-                        key=k,
-                        source=source,
-                        line=line,
-                        rule=v.rule,
-                        message=f"instance {iid!r} skipped: {v.reason}",
-                        workflow=workflow,
-                        instance_id=iid,
-                        event_type=event_type,
-                    )
-                )
+                batch.append(invalid(k, line, iid, v.rule, f"instance {iid!r} skipped: {v.reason}"))
         cached.clear()
         if batch:
             yield batch
