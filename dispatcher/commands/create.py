@@ -37,7 +37,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from dispatcher.clients.headers import parse_retry_after
+from dispatcher.clients.answer import read_answer
 from dispatcher.clients.targets import (
     RELAY_SECRET_ENV,
     WRANGLER_DEV_API_PATH,
@@ -336,9 +336,7 @@ class Http:
                 async with self._session.request(
                     method, url, json=body, allow_redirects=False
                 ) as resp:
-                    raw = await resp.read()
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    status = resp.status
+                    answer = await read_answer(resp)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Could not connect: the request never left, so sending it again is safe.
                 unreached += 1
@@ -354,12 +352,7 @@ class Http:
             except (aiohttp.ClientError, TimeoutError):
                 return 0, None
             attempt += 1
-            try:
-                doc = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                doc = None
-            if not isinstance(doc, dict):
-                doc = None
+            status, doc, retry_after = answer.status, answer.doc, answer.retry_after
             if status != 429 or attempt >= MAX_429:
                 return status, doc
             # Refused before anything was done: wait as told (at least 1 s: a 0 or a missing

@@ -29,6 +29,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from dispatcher.clients.answer import read_answer
 from dispatcher.clients.targets import WRANGLER_DEV_API_PATH, WRANGLER_DEV_BASE_URL
 from dispatcher.inputs.validation import RuleViolation, check_path
 from dispatcher.model import Delivery, Envelope, UserError
@@ -105,15 +106,10 @@ class InstanceReader:
             retry_after: float | None = None
             try:
                 async with self._session.get(url, allow_redirects=False) as resp:
-                    raw = await resp.read()
-                    status = resp.status
-                    retry_after = _retry_after(resp.headers.get("Retry-After"))
+                    answer = await read_answer(resp)
+                status, doc, retry_after = answer.status, answer.doc, answer.retry_after
             except (aiohttp.ClientError, TimeoutError):
-                status, raw = 0, b""
-            try:
-                doc = orjson.loads(raw) if raw else None
-            except orjson.JSONDecodeError:
-                doc = None
+                status, doc = 0, None
             if status == 429:
                 self.gate.pause_for(min(retry_after or 60.0, MAX_RETRY_AFTER_S))
                 continue
@@ -123,16 +119,6 @@ class InstanceReader:
                 continue
             return status, doc
         return status, doc
-
-
-def _retry_after(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value >= 0 else None
 
 
 @dataclass(slots=True)

@@ -27,8 +27,8 @@ from urllib.parse import quote
 
 import aiohttp
 import anyio
-import orjson
 
+from dispatcher.clients.answer import read_answer
 from dispatcher.clients.base import Redactor, short
 from dispatcher.clients.targets import WRANGLER_DEV_API_PATH, Target
 from dispatcher.inputs.keys import KeyDeriver
@@ -181,19 +181,8 @@ class InstanceReader:
             retry_after: float | None = None
             try:
                 async with self._session.get(url, params=params, allow_redirects=False) as resp:
-                    status = resp.status
-                    raw = await resp.read()
-                    header = resp.headers.get("Retry-After")
-                    if header is not None:
-                        try:
-                            retry_after = float(header)
-                        except ValueError:
-                            retry_after = None
-                try:
-                    parsed = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    parsed = None
-                doc = parsed if isinstance(parsed, dict) else None
+                    answer = await read_answer(resp)
+                status, doc, retry_after = answer.status, answer.doc, answer.retry_after
             except (aiohttp.ClientError, TimeoutError):
                 status, doc = 0, None
             if status == 429:
