@@ -2,7 +2,8 @@
 
 Exit codes: 0 every record confirmed (also when the inputs hold no record at all: a
 warning says so; with --instances-of --waiting-for, instances skipped as not waiting do
-not count against it), 1 some failed, 2 usage, input, config or results-path mistake
+not count against it), 1 some failed (with --verify: or a confirmed record was not
+consumed), 2 usage, input, config or results-path mistake
 (another run holding the same --results included, a --redis that cannot be used at
 start, an --instances-of listing refused on its first page: unknown workflow, bad
 credentials), 3 stopped early (a target where nothing listens included: one line says so;
