@@ -63,7 +63,7 @@ test: lint typecheck pytest ## lint, typecheck and the test suite (what CI runs)
 test-latest: | $(UV) ## lint, typecheck and tests against the newest releases (a warning, not a failure)
 	@UV=$(UV) PYTHON=$(PYTHON) bash tools/test-latest.sh
 
-demo: $(STAMP) ## send 10,000 events through the embedded emulator (no credentials)
+demo: $(STAMP) ## create 1,000 instances, send to the waiting ones, verify: embedded emulator, no credentials
 	$(BIN)/dispatcher demo
 
 emulate: $(STAMP) ## run the emulator on 127.0.0.1

@@ -85,7 +85,7 @@ CASES: list[tuple[list[str], str]] = [
         [*LOAD, "--results", "earlier.jsonl"],
         "pass --overwrite to replace it",
     ),
-    (["demo", "--events", "0"], "--events must be at least 1"),
+    (["demo", "--instances", "0"], "--instances must be at least 1"),
     (["sen", "x"], "did you mean send?"),
     (["emulate", "--fault", "nonsense"], "nonsense"),
     (["emulate", "--port", "99999"], "'99999' is not a port"),

@@ -78,6 +78,7 @@ async def test_jsonl_input_and_existing_ids(emulator: Emulator, tmp_path: Path) 
         (["--count", "3", "--params", "{nope"], "--params"),
         (["--count", "3", "--id-prefix", "a/b"], "--id-prefix"),
         (["--count", "3", "--creation-rate", "fast"], "--creation-rate"),
+        (["--count", "3", "--account-creation-rate", "unlimited"], "--account-creation-rate"),
     ],
 )
 @pytest.mark.parametrize("emulator", [EmulatorConfig(limit=None, instances=MODEL)], indirect=True)
@@ -272,3 +273,37 @@ async def test_a_target_that_cannot_be_reached_stops_with_exit_3(tmp_path: Path)
     assert {obj["outcome"] for obj in map(orjson.loads, results.read_bytes().splitlines())} == {
         "pending"
     }
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.t += seconds
+
+
+@pytest.mark.parametrize(
+    ("per_workflow", "per_account", "seconds"),
+    [
+        (100.0, 300.0, 9.0),  # the defaults: the workflow's 100/s sets the pace
+        (1000.0, 300.0, 3.0),  # a faster workflow rate: the account's 300/s holds
+        (1000.0, 50.0, 18.0),  # an account shared with other runs: its share holds
+    ],
+)
+async def test_creation_waits_for_both_limits_the_slower_sets_the_pace(
+    per_workflow: float, per_account: float, seconds: float
+) -> None:
+    from dispatcher.commands.create import CreationPacer
+
+    clock = FakeClock()
+    pacer = CreationPacer(per_workflow, per_account, clock=clock, sleep=clock.sleep)
+    for _ in range(10):  # ten batches of 100 instances, each started when both allow
+        await pacer.wait(100)
+    # The tenth batch starts after nine batches' worth of the slower rate.
+    assert clock.t - 100.0 == pytest.approx(seconds)

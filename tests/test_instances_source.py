@@ -462,3 +462,15 @@ async def test_a_later_page_that_fails_stops_the_run_for_resume(tmp_path: Path) 
     assert "Traceback" not in err
     assert sorted(fake.events) == sorted(f"w{n}" for n in range(100))  # page 1's, once
     assert len(envelopes(results)) == 100
+
+
+def test_a_wait_that_names_no_type_may_be_the_one() -> None:
+    """wrangler dev's explorer gives waitForEvent steps without event_type: an unfinished
+    one is sent to; a finished one is told apart by the type of the event it returned."""
+    open_wait = {"type": "waitForEvent", "name": "wait for go-1", "finished": False}
+    assert verdict("running", [open_wait], "go").send
+    took_other = dict(open_wait, finished=True, end="2026-12-07T15:50:52.480Z",
+                      output={"type": "stop", "payload": {}})  # fmt: skip
+    v = verdict("running", [took_other], "go")
+    assert not v.send
+    assert v.rule == "not_waiting"

@@ -285,8 +285,31 @@ def wait_step(end: str | None, **extra: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("result", "cls", "needle"),
     [
-        # The public SDK's step has no event_type: matched by timing, and said so.
-        ({"status": "running", "steps": [wait_step("2026-12-01T12:00:01Z")]}, "consumed", ""),
+        # No event_type on the step (wrangler dev's explorer): its output's type decides.
+        (
+            {
+                "status": "running",
+                "steps": [wait_step("2026-12-01T12:00:01Z", output={"type": "e", "payload": 1})],
+            },
+            "consumed",
+            "",
+        ),
+        (
+            {
+                "status": "running",
+                "steps": [wait_step("2026-12-01T12:00:01Z", output={"type": "go", "payload": 1})],
+            },
+            "no_waiter",
+            "no waitForEvent step waits for 'e'",
+        ),
+        # Finished after the send, and nothing names its type: never claimed as consumed.
+        (
+            {"status": "running", "steps": [wait_step("2026-12-01T12:00:01Z")]},
+            "unknown",
+            "cannot be told",
+        ),
+        # Unfinished and untyped: it may wait for ours.
+        ({"status": "running", "steps": [wait_step(None, output=None)]}, "waiting", "not finished"),
         # A wait that timed out got no event, though it ended after the send.
         (
             {
@@ -310,7 +333,7 @@ def test_classify_edges(result: dict[str, Any], cls: str, needle: str) -> None:
     verdict = classify(result, "e", SENT)
     assert verdict.cls == cls
     assert needle in verdict.reason
-    if cls == "consumed":
+    if cls in {"consumed", "waiting"}:
         assert verdict.typed is False
 
 
@@ -325,3 +348,97 @@ def test_wrangler_dev_reads_the_local_explorer() -> None:
     assert reader.url("wf", "a b") == (
         "http://127.0.0.1:8787/cdn-cgi/local/explorer/api/workflows/wf/instances/a%20b"
     )
+
+
+# -- send --verify -------------------------------------------------------------------------
+
+
+async def create_with(emu: Emulator, items: list[dict[str, Any]]) -> None:
+    url = f"{emu.base_url}/accounts/acc/workflows/wf/instances/batch"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(headers=headers) as s, s.post(url, json=items) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+def table(text: str) -> dict[str, int]:
+    """The verify summary's rows, class -> records, from what the terminal shows."""
+    rows: dict[str, int] = {}
+    for row in text.splitlines():
+        parts = row.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            rows[parts[0]] = int(parts[1])
+    return rows
+
+
+@pytest.mark.parametrize("emulator", [EmulatorConfig(limit=None, instances=WAITS)], indirect=True)
+async def test_send_verify_prints_verify_summary_and_exit_0_when_all_consumed(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    ids = [f"sv-{n}" for n in range(10)]
+    await create(emulator, ids)
+    id_file = tmp_path / "ids.txt"
+    id_file.write_text("".join(f"{i}\n" for i in ids))
+    results = tmp_path / "sv.jsonl"
+    code, out, err = await cli(
+        emulator, "send", str(id_file), "--workflow", "wf", "--event-type", "approval",
+        "--rate", "unlimited", "--results", str(results), "--verify",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "dispatcher send --verify: 10 record(s), 10 confirmed, on 10 instance(s)" in err
+    assert table(err)["consumed"] == 10
+    assert table(err)["total"] == 10
+    got = lines(tmp_path / "sv.verify.jsonl")
+    assert {g["class"] for g in got} == {"consumed"}
+    assert {g["instance_id"] for g in got} == set(ids)
+    assert TOKEN not in out + err
+
+
+@pytest.mark.parametrize("emulator", [EmulatorConfig(limit=None, instances=WAITS)], indirect=True)
+async def test_send_verify_exit_1_when_some_instance_waits_for_another_type(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Every event is confirmed (send alone exits 0), but 3 instances wait for another type."""
+    items: list[dict[str, Any]] = [{"instance_id": f"mix-{n}"} for n in range(7)]
+    items += [{"instance_id": f"other-{n}", "params": {"wait_for": "refund"}} for n in range(3)]
+    await create_with(emulator, items)
+    id_file = tmp_path / "ids.txt"
+    id_file.write_text("".join(f"{i['instance_id']}\n" for i in items))
+    results = tmp_path / "mix.jsonl"
+    args = ["send", str(id_file), "--workflow", "wf", "--event-type", "approval",
+            "--rate", "unlimited", "--results", str(results)]  # fmt: skip
+    code, _, err = await cli(emulator, *args, "--verify", "--wait-up-to", "0s")
+    assert code == 1, err
+    assert "confirmed: 10" in err  # the API confirmed all ten: send alone would exit 0
+    rows = table(err)
+    assert rows["consumed"] == 7
+    assert rows["no_waiter"] == 3
+    by_id = {g["instance_id"]: g for g in lines(tmp_path / "mix.verify.jsonl")}
+    assert all("'refund'" in by_id[f"other-{n}"]["reason"] for n in range(3))
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--verify", "--target", "relay", "--base-url", "http://127.0.0.1:9", "SECRET"], "relay"),
+        (["--verify", "--wait-up-to", "soon"], "--wait-up-to"),
+        (["--wait-up-to", "5m"], "--wait-up-to: only with --verify"),
+    ],
+)
+async def test_send_verify_mistakes_exit_2_in_one_line_before_sending(
+    emulator: Emulator, tmp_path: Path, extra: list[str], needle: str
+) -> None:
+    id_file = tmp_path / "ids.txt"
+    id_file.write_text("one\n")
+    secret = tmp_path / "relay-secret"
+    secret.write_text("relay-secret-value\n")
+    if "SECRET" in extra:  # the relay's secret is there, so --verify is what is refused
+        extra = [*extra[:-1], "--relay-secret-file", str(secret)]
+    code, _, err = await cli(
+        emulator, "send", str(id_file), "--workflow", "wf", "--event-type", "approval",
+        "--results", str(tmp_path / "r.jsonl"), *extra,
+    )  # fmt: skip
+    assert code == 2, err
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    assert emulator.log.total_accepted() == 0

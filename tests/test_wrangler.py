@@ -539,3 +539,63 @@ def test_create_through_the_relay_with_a_wrong_secret_stops_at_once(
     assert missing_secret.returncode == 2
     assert "DISPATCHER_RELAY_SECRET" in missing_secret.stderr
     assert len(missing_secret.stderr.strip().splitlines()) == 1
+
+
+def verify_table(text: str) -> dict[str, int]:
+    """The verify summary's rows (class -> records) as the terminal shows them."""
+    rows: dict[str, int] = {}
+    for row in text.splitlines():
+        parts = row.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            rows[parts[0]] = int(parts[1])
+    return rows
+
+
+def test_loop_create_select_send_verify_then_a_wrong_type(tmp_path: Path) -> None:
+    """Issue 24's loop on a wrangler dev of its own (the module's one holds other tests'
+    instances, which a listing would select too): 200 created through the relay, the
+    waiting ones selected by dispatcher's own listing through wrangler dev, sent, verified
+    all consumed; then a wrong type to 20 new ones, verified not consumed, exit 1."""
+    with wrangler_dev(SECRET) as fresh:
+        relay = ["--target", "relay", "--relay-url", fresh.base_url, "--creation-rate", "1000/s"]
+        done = create([*relay, "--count", "200", "--id-prefix", "loop-"], tmp_path, secret=SECRET)
+        assert done.returncode == 0, done.stderr
+        ids = sorted(created(tmp_path))
+        assert len(ids) == 200
+        assert {e["outcome"] for e in created(tmp_path).values()} == {"created"}
+        fresh.wait_waiting(ids)  # each one is parked in its wait for "go"
+        where = ["--target", "wrangler-dev", "--base-url", fresh.base_url]
+        sent = send(
+            [*where, "--instances-of", WORKFLOW, "--waiting-for", "go", "--event-type", "go",
+             "--body", '{"tag": "loop"}', "--results", "loop.jsonl"],
+            tmp_path,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        confirmed = {e["instance_id"] for e in envelopes(tmp_path / "loop.jsonl")
+                     if e["delivery"] == "confirmed"}  # fmt: skip
+        assert confirmed == set(ids)
+        checked = send(["loop.jsonl", *where, "--wait-up-to", "60s"], tmp_path,
+                       command=("verify",))  # fmt: skip
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert verify_table(checked.stdout)["consumed"] == 200
+        lines = envelopes(tmp_path / "loop.verify.jsonl")
+        assert {line["instance_id"] for line in lines} == set(ids)
+        assert {line["class"] for line in lines} == {"consumed"}
+
+        # A wrong event type to 20 new instances: confirmed by the API, used by nobody.
+        other = tmp_path / "wrong"
+        other.mkdir()
+        done = create([*relay, "--count", "20", "--id-prefix", "wrong-"], other, secret=SECRET)
+        assert done.returncode == 0, done.stderr
+        wrong_ids = sorted(created(other))
+        assert len(wrong_ids) == 20
+        fresh.wait_waiting(wrong_ids)
+        write_events(other / "events.jsonl", wrong_ids, "wrong", event_type="stop")
+        sent = send([*where, "events.jsonl", "--results", "wrong.jsonl"], other)
+        assert sent.returncode == 0, sent.stderr
+        checked = send(["wrong.jsonl", *where], other, command=("verify",))
+        assert checked.returncode == 1, checked.stdout + checked.stderr
+        lines = envelopes(other / "wrong.verify.jsonl")
+        assert {line["instance_id"] for line in lines} == set(wrong_ids)
+        assert {line["class"] for line in lines} <= {"no_waiter", "waiting"}
+        assert verify_table(checked.stdout).get("consumed", 0) == 0

@@ -18,8 +18,9 @@ is waited out (``Retry-After``, at least 1 s) and the same request sent again.
 ``--metrics-port PORT`` serves the counts live as Prometheus text (docs/metrics.md); one
 that cannot be served exits 2 before anything is sent.
 
-Pacing: batches go one at a time, spaced to the creation limit (``--creation-rate``,
-default 100/s per workflow, counted per instance) and to the REST budget (``--rate``,
+Pacing: batches go one at a time, spaced to the creation limits (``--creation-rate``,
+default 100/s per workflow, and ``--account-creation-rate``, default 300/s per account,
+both counted per instance: the slower sets the pace) and to the REST budget (``--rate``,
 default 1200/5m, counted per request: creations and read-backs alike).
 """
 
@@ -33,7 +34,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,7 +42,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from dispatcher.clients.headers import parse_retry_after
+from dispatcher.clients.answer import read_answer
 from dispatcher.clients.targets import (
     RELAY_SECRET_ENV,
     WRANGLER_DEV_API_PATH,
@@ -61,6 +62,7 @@ PROG: Final = "dispatcher create"
 MAX_BATCH: Final = 100
 DEFAULT_BASE_URL: Final = "https://api.cloudflare.com/client/v4"
 DEFAULT_CREATION_RATE: Final = "100/s"
+DEFAULT_ACCOUNT_CREATION_RATE: Final = "300/s"
 DEFAULT_REST_RATE: Final = "1200/5m"
 CREATE_TARGETS: Final = ("api", "relay", "wrangler-dev")
 FINAL: Final = frozenset({"created", "exists", "rejected"})
@@ -222,24 +224,58 @@ def load_state(path: str) -> dict[str, str]:
 
 
 class Pacer:
-    """Spaces ``wait(n)`` calls so that at most ``rate`` units pass per second, no burst."""
+    """Spaces ``wait(n)`` calls so that at most ``rate`` units pass per second, no burst.
 
-    __slots__ = ("_next", "_rate")
+    ``clock`` and ``sleep`` are injected so that tests move time instead of waiting.
+    """
 
-    def __init__(self, rate: float) -> None:
+    __slots__ = ("_clock", "_next", "_rate", "_sleep")
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._rate = rate
         self._next = 0.0
+        self._clock = clock
+        self._sleep = sleep
 
     @property
     def rate(self) -> float:
         return self._rate
 
     async def wait(self, units: int) -> None:
-        now = time.monotonic()
+        now = self._clock()
         start = max(self._next, now)
         self._next = start + units / self._rate
         if start > now:
-            await asyncio.sleep(start - now)
+            await self._sleep(start - now)
+
+
+class CreationPacer:
+    """The creation limits: ``per_workflow`` and ``per_account`` instances a second, each
+    its own :class:`Pacer`; a batch waits for both, so the slower one sets the pace."""
+
+    __slots__ = ("_pacers",)
+
+    def __init__(
+        self,
+        per_workflow: float,
+        per_account: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._pacers = tuple(
+            Pacer(rate, clock=clock, sleep=sleep) for rate in (per_workflow, per_account)
+        )
+
+    async def wait(self, units: int) -> None:
+        for pacer in self._pacers:
+            await pacer.wait(units)
 
 
 # What a create call made of one instance: created, exists, rejected (with the reason) or
@@ -329,9 +365,8 @@ class Http:
                 async with self._session.request(
                     method, url, json=body, allow_redirects=False
                 ) as resp:
-                    raw = await resp.read()
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    status = answered = resp.status
+                    answer = await read_answer(resp)
+                    answered = answer.status
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Could not connect: the request never left, so sending it again is safe.
                 unreached += 1
@@ -351,12 +386,7 @@ class Http:
                 self.answers[answered] += 1
                 self.latency.add((time.perf_counter() - t0) * 1000.0)
             attempt += 1
-            try:
-                doc = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                doc = None
-            if not isinstance(doc, dict):
-                doc = None
+            status, doc, retry_after = answer.status, answer.doc, answer.retry_after
             if status != 429 or attempt >= MAX_429:
                 return status, doc
             # Refused before anything was done: wait as told (at least 1 s: a 0 or a missing
@@ -527,7 +557,10 @@ class Creator:
     def __init__(self, args: argparse.Namespace, backend: Backend, fd: int) -> None:
         self._backend = backend
         self._fd = fd
-        self._creation = Pacer(_rate("--creation-rate", args.creation_rate))
+        self._creation = CreationPacer(
+            _rate("--creation-rate", args.creation_rate),
+            _rate("--account-creation-rate", args.account_creation_rate),
+        )
         self._workflow = args.workflow
         self.counts: dict[str, int] = {}
         self.started = time.monotonic()
@@ -623,6 +656,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--creation-rate",
         default=DEFAULT_CREATION_RATE,
         help=f"instances per period, per workflow (default: {DEFAULT_CREATION_RATE})",
+    )
+    add(
+        "--account-creation-rate",
+        default=DEFAULT_ACCOUNT_CREATION_RATE,
+        help="instances per period for the whole account; lower it when other runs create "
+        f"in the same account (default: {DEFAULT_ACCOUNT_CREATION_RATE})",
     )
     add(
         "--rate",
@@ -735,6 +774,7 @@ def run(args: argparse.Namespace) -> int:
     except RuleViolation as exc:
         raise CreateInputError(f"--workflow: {exc.message}") from None
     _rate("--creation-rate", args.creation_rate)
+    _rate("--account-creation-rate", args.account_creation_rate)
     _request_rate(args)
     items = read_items(args)
     results = args.results

@@ -18,7 +18,7 @@ from dispatcher.clients.targets import event_url
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.records import InputError, detect_format, read_batches
 from dispatcher.model import Delivery, Event, Invalid
-from dispatcher.results.ledger import LedgerError, load_ledger
+from dispatcher.results.ledger import KeyState, LedgerError, load_ledger
 from dispatcher.run import runner
 from dispatcher.run.settings import DEFAULT_BASE_URL, DEFAULT_RATE, Rate, SendSettings
 
@@ -33,6 +33,18 @@ _MAX_BODY_SHOWN: Final = 400  # characters of a sample body; the rest is summari
 _REDACTED: Final = "<redacted>"
 # A guess for --rate unlimited, said out loud: the API answers in about this long.
 _ASSUMED_LATENCY_S: Final = 0.1
+
+
+def _resume_ledger(settings: SendSettings, out: TextIO) -> dict[str, KeyState] | None:
+    """The earlier results a ``--resume`` dry run counts against ({} without --resume);
+    None (the error printed on ``out``) when they cannot be read."""
+    if not settings.resume:
+        return {}
+    try:
+        return load_ledger(settings.results, on_torn=lambda torn: None)
+    except LedgerError as exc:
+        print(f"dispatcher send --dry-run: error: cannot resume: {exc}", file=out)
+        return None
 
 
 def add_dry_run_argument(parser: argparse.ArgumentParser) -> None:
@@ -132,13 +144,9 @@ def dry_run(
     skipped: Counter[str] = Counter()
     lines = 0
     formats: list[str] = []
-    ledger = {}
-    if settings.resume:
-        try:
-            ledger = load_ledger(settings.results, on_torn=lambda torn: None)
-        except LedgerError as exc:
-            print(f"dispatcher send --dry-run: error: cannot resume: {exc}", file=out)
-            return EXIT_USAGE
+    ledger = _resume_ledger(settings, out)
+    if ledger is None:
+        return EXIT_USAGE
     try:
         for path in settings.inputs:
             fmt = detect_format(path, settings.format)
@@ -230,10 +238,8 @@ def instances_dry_run(
         return EXIT_USAGE
     settled = None
     if settings.resume:
-        try:
-            ledger = load_ledger(settings.results, on_torn=lambda torn: None)
-        except LedgerError as exc:
-            print(f"dispatcher send --dry-run: error: cannot resume: {exc}", file=out)
+        ledger = _resume_ledger(settings, out)
+        if ledger is None:
             return EXIT_USAGE
 
         def settled(key: str) -> bool:

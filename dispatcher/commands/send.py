@@ -2,7 +2,8 @@
 
 Exit codes: 0 every record confirmed (also when the inputs hold no record at all: a
 warning says so; with --instances-of --waiting-for, instances skipped as not waiting do
-not count against it), 1 some failed, 2 usage, input, config or results-path mistake
+not count against it), 1 some failed (with --verify: or a confirmed record was not
+consumed), 2 usage, input, config or results-path mistake
 (another run holding the same --results included, a --redis that cannot be used at
 start, a --metrics-port that cannot be served, an --instances-of listing refused on its
 first page: unknown workflow, bad credentials), 3 stopped early (a target where nothing
@@ -30,6 +31,8 @@ from dispatcher.commands.dryrun import add_dry_run_argument, dry_run, instances_
 from dispatcher.commands.metrics import RunSource, add_metrics_arguments
 from dispatcher.commands.metrics import start as start_metrics
 from dispatcher.commands.progress import ProgressMode, format_summary, resolve_mode, show_progress
+from dispatcher.commands.verify import VerifyInputError, VerifyPlan, out_path_for, verify_file
+from dispatcher.commands.verify import exit_code as verify_exit_code
 from dispatcher.coordination.urls import REDIS_SCHEMES, redact
 from dispatcher.model import Delivery, ErrorKind
 from dispatcher.results.errors import ResultsWriteError
@@ -38,7 +41,7 @@ from dispatcher.results.sinks import check_results_path
 from dispatcher.run import runner
 from dispatcher.run.config import add_send_arguments, load_send_settings
 from dispatcher.run.multiproc import run_parallel
-from dispatcher.run.settings import Rate, SendSettings
+from dispatcher.run.settings import DEFAULT_RATE, Rate, SendSettings, parse_duration
 from dispatcher.run.signals import watch_signals
 from dispatcher.sending.engine import Engine
 from dispatcher.sending.stats import RunStats
@@ -55,6 +58,76 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_send_arguments(parser)
     add_dry_run_argument(parser)
     add_metrics_arguments(parser)
+    group = parser.add_argument_group("verify (after the send)")
+    group.add_argument(
+        "--verify",
+        action="store_true",
+        default=False,
+        help="when the send ends, read the instance of every confirmed record, as "
+        "`dispatcher verify RESULTS` does, print its summary, write RESULTS.verify.jsonl, and "
+        "exit 1 when a record is not consumed (api and wrangler-dev targets)",
+    )
+    group.add_argument(
+        "--wait-up-to",
+        default=None,
+        metavar="DURATION",
+        help="with --verify: read waiting records again until they move, for up to this long "
+        "(e.g. 5m; default 0s)",
+    )
+
+
+def verify_plan(args: argparse.Namespace, settings: SendSettings) -> VerifyPlan | None:
+    """The plan of ``--verify`` (None without it); raises VerifyInputError for a mistake."""
+    if not getattr(args, "verify", False):
+        if getattr(args, "wait_up_to", None) is not None:
+            raise VerifyInputError("--wait-up-to: only with --verify")
+        return None
+    try:
+        wait_up_to = parse_duration(args.wait_up_to or "0s")
+    except ValueError as exc:
+        raise VerifyInputError(f"--wait-up-to: {exc}") from None
+    if settings.target == "relay":
+        raise VerifyInputError(
+            "--verify: the relay cannot read an instance's steps; send with --target api or "
+            "wrangler-dev, or run `dispatcher verify RESULTS --target api` after the send"
+        )
+    if settings.results == "-":
+        raise VerifyInputError("--verify: needs --results FILE (not stdout) to read back")
+    rate = settings.rate
+    if isinstance(rate, Rate):
+        per_second: float | None = rate.per_second
+        rate_text = str(rate)
+    elif rate == "auto" and settings.target == "api":
+        per_second, rate_text = DEFAULT_RATE.per_second, str(DEFAULT_RATE)
+    else:
+        per_second, rate_text = None, "unlimited"
+    creds = settings.credentials
+    return VerifyPlan(
+        results=settings.results,
+        out=out_path_for(settings.results),
+        target=settings.target,
+        base_url=settings.base_url,
+        account_id=settings.account_id,
+        headers=creds.headers() if creds is not None and settings.target == "api" else {},
+        rate=per_second,
+        rate_text=rate_text,
+        wait_up_to=wait_up_to,
+        workflow=settings.workflow or settings.instances_of,
+        prog="dispatcher send --verify",
+    )
+
+
+def _verify_after(plan: VerifyPlan, send_code: int) -> int:
+    """Verify what the send wrote; the send's own failure code wins over verify's."""
+    if send_code not in (EXIT_OK, EXIT_FAILED):
+        print(
+            "dispatcher send --verify: skipped: the send did not finish; --resume it, then "
+            f"run dispatcher verify {shlex.quote(plan.results)}",
+            file=sys.stderr,
+        )
+        return send_code
+    summary = anyio.run(verify_file, plan, sys.stderr, backend="asyncio")
+    return send_code if send_code != EXIT_OK else verify_exit_code(summary)
 
 
 def exit_code(stats: RunStats) -> int:
@@ -148,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
     needs: list[str] | None = [] if args.dry_run else None
     settings = load_send_settings(args, os.environ, needs=needs)
     runner.check_inputs(settings)
+    plan = None if needs is not None else verify_plan(args, settings)
     if needs is not None:
         if _results_in_the_way(settings):
             print(
@@ -259,7 +333,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    return exit_code(stats)
+    code = exit_code(stats)
+    return code if plan is None else _verify_after(plan, code)
 
 
 # Answers that say nothing of the record itself: after fixing the cause (the token), the

@@ -18,16 +18,18 @@ import argparse
 import asyncio
 import math
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TextIO
 from urllib.parse import quote
 
 import aiohttp
 import orjson
 
+from dispatcher.clients.answer import read_answer
 from dispatcher.clients.targets import WRANGLER_DEV_API_PATH, WRANGLER_DEV_BASE_URL
 from dispatcher.inputs.validation import RuleViolation, check_path
 from dispatcher.model import Delivery, Envelope, UserError
@@ -37,7 +39,14 @@ from dispatcher.results.verify import Verdict, VerifyClass, classify, classify_f
 from dispatcher.run.settings import parse_duration, parse_rate
 from dispatcher.sending.gate import RateGate
 
-__all__ = ["InstanceReader", "VerifySummary", "verify_results"]
+__all__ = [
+    "InstanceReader",
+    "VerifyPlan",
+    "VerifySummary",
+    "exit_code",
+    "verify_file",
+    "verify_results",
+]
 
 PROG: Final = "dispatcher verify"
 DEFAULT_BASE_URL: Final = "https://api.cloudflare.com/client/v4"
@@ -49,6 +58,8 @@ MAX_RETRY_AFTER_S: Final = 600.0
 # The real API says 10400 for an unknown instance, wrangler dev 10501 (docs/instances.md).
 UNKNOWN_INSTANCE_CODES: Final = frozenset({10400, 10501})
 TARGETS: Final = ("api", "wrangler-dev")
+EXIT_ALL_CONSUMED: Final = 0
+EXIT_NOT_ALL_CONSUMED: Final = 1
 
 
 class VerifyInputError(UserError):
@@ -95,15 +106,10 @@ class InstanceReader:
             retry_after: float | None = None
             try:
                 async with self._session.get(url, allow_redirects=False) as resp:
-                    raw = await resp.read()
-                    status = resp.status
-                    retry_after = _retry_after(resp.headers.get("Retry-After"))
+                    answer = await read_answer(resp)
+                status, doc, retry_after = answer.status, answer.doc, answer.retry_after
             except (aiohttp.ClientError, TimeoutError):
-                status, raw = 0, b""
-            try:
-                doc = orjson.loads(raw) if raw else None
-            except orjson.JSONDecodeError:
-                doc = None
+                status, doc = 0, None
             if status == 429:
                 self.gate.pause_for(min(retry_after or 60.0, MAX_RETRY_AFTER_S))
                 continue
@@ -113,16 +119,6 @@ class InstanceReader:
                 continue
             return status, doc
         return status, doc
-
-
-def _retry_after(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value >= 0 else None
 
 
 @dataclass(slots=True)
@@ -362,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
             check_path(args.workflow, "i", "e")
         except RuleViolation as exc:
             raise VerifyInputError(f"--workflow: {exc.message}") from None
-    token: str | None = None
+    headers: dict[str, str] = {}
     if target == "api":
         base_url = args.base_url or os.environ.get("CLOUDFLARE_BASE_URL") or DEFAULT_BASE_URL
         if not args.account_id:
@@ -370,6 +366,7 @@ def run(args: argparse.Namespace) -> int:
         token = os.environ.get("CLOUDFLARE_API_TOKEN")
         if not token:
             raise VerifyInputError("CLOUDFLARE_API_TOKEN: not set")
+        headers = {"Authorization": f"Bearer {token}"}
     else:
         base_url = args.base_url or WRANGLER_DEV_BASE_URL
     if not base_url.startswith(("http://", "https://")):
@@ -377,58 +374,98 @@ def run(args: argparse.Namespace) -> int:
     results = args.results
     if results == "-" or not os.path.isfile(results):
         raise VerifyInputError(f"RESULTS {results}: no such results file")
-    envelopes = list(read_envelopes(results))  # LedgerError names the file and line
     out = args.results_out or out_path_for(results)
     if os.path.abspath(out) == os.path.abspath(results):
         raise VerifyInputError("--results-out: must not be RESULTS itself")
+    plan = VerifyPlan(
+        results=results,
+        out=out,
+        target=target,
+        base_url=base_url,
+        account_id=args.account_id,
+        headers=headers,
+        rate=rate,
+        rate_text=rate_text,
+        wait_up_to=wait_up_to,
+        workflow=args.workflow,
+    )
+    summary = asyncio.run(verify_file(plan, sys.stdout))
+    return exit_code(summary)
 
+
+def exit_code(summary: VerifySummary) -> int:
+    """0 when every confirmed record is ``consumed`` (and there is one), else 1."""
+    return EXIT_ALL_CONSUMED if summary.all_consumed else EXIT_NOT_ALL_CONSUMED
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyPlan:
+    """What to verify and how to read: the checked flags of ``verify`` (or ``send --verify``)."""
+
+    results: str
+    out: str
+    target: str
+    base_url: str
+    account_id: str | None
+    headers: Mapping[str, str] = field(repr=False)  # credentials: never in a repr
+    rate: float | None
+    rate_text: str
+    wait_up_to: float = 0.0
+    workflow: str | None = None
+    prog: str = PROG
+
+
+def cost_line(plan: VerifyPlan, envelopes: list[Envelope]) -> str:
+    """What verifying ``envelopes`` costs in requests (and minutes at the plan's rate)."""
     confirmed = [e for e in envelopes if e.delivery is Delivery.CONFIRMED]
-    instances = len({(e.workflow or args.workflow, e.instance_id) for e in confirmed})
-    cost = f"{PROG}: {len(envelopes)} record(s), {len(confirmed)} confirmed, on {instances} "
-    cost += f"instance(s): {instances} request(s), {_minutes(instances, rate, rate_text)}"
-    if wait_up_to > 0:
-        extra = "" if rate is None else f", at most {math.floor(rate * wait_up_to)} more"
+    instances = len({(e.workflow or plan.workflow, e.instance_id) for e in confirmed})
+    cost = f"{plan.prog}: {len(envelopes)} record(s), {len(confirmed)} confirmed, on "
+    cost += f"{instances} instance(s): {instances} request(s), "
+    cost += _minutes(instances, plan.rate, plan.rate_text)
+    if plan.wait_up_to > 0:
+        extra = (
+            "" if plan.rate is None else f", at most {math.floor(plan.rate * plan.wait_up_to)} more"
+        )
         cost += f"; --wait-up-to re-reads pending ones every {RECHECK_EVERY_S:g} s{extra}"
-    print(cost, flush=True)
+    return cost
 
-    held = results_lock.acquire(out)
+
+async def verify_file(plan: VerifyPlan, out: TextIO, gate: RateGate | None = None) -> VerifySummary:
+    """Verify every record of ``plan.results``: the cost line, then one JSONL line per record
+    in ``plan.out`` (locked meanwhile), then the table by class on ``out``.
+
+    ``gate`` (default: one at ``plan.rate``) paces the reads. Raises
+    :class:`~dispatcher.results.ledger.LedgerError` (naming the file and line) for a
+    results file that cannot be read.
+    """
+    envelopes = list(read_envelopes(plan.results))
+    print(cost_line(plan, envelopes), file=out, flush=True)
+    held = results_lock.acquire(plan.out)
     try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        fd = os.open(plan.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         try:
 
             def write(line: bytes) -> None:
                 os.write(fd, line)
 
-            summary = asyncio.run(
-                _main(envelopes, write, target, base_url, args, token, rate, wait_up_to)
-            )
+            timeout = aiohttp.ClientTimeout(total=60)
+            async with aiohttp.ClientSession(headers=plan.headers, timeout=timeout) as session:
+                reader = InstanceReader(
+                    session,
+                    gate if gate is not None else RateGate(plan.rate),
+                    target=plan.target,
+                    base_url=plan.base_url,
+                    account_id=plan.account_id,
+                )
+                summary = await verify_results(
+                    envelopes, reader, write, workflow=plan.workflow, wait_up_to=plan.wait_up_to
+                )
             os.fsync(fd)
         finally:
             os.close(fd)
     finally:
         if held is not None:
             held.release()
-    print(_summary_table(summary))
-    print(f"{PROG}: {summary.requests} request(s); lines in {out}")
-    return 0 if summary.all_consumed else 1
-
-
-async def _main(
-    envelopes: list[Envelope],
-    write: Callable[[bytes], None],
-    target: str,
-    base_url: str,
-    args: argparse.Namespace,
-    token: str | None,
-    rate: float | None,
-    wait_up_to: float,
-) -> VerifySummary:
-    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
-        reader = InstanceReader(
-            session, RateGate(rate), target=target, base_url=base_url, account_id=args.account_id
-        )
-        return await verify_results(
-            envelopes, reader, write, workflow=args.workflow, wait_up_to=wait_up_to
-        )
+    print(_summary_table(summary), file=out)
+    print(f"{plan.prog}: {summary.requests} request(s); lines in {plan.out}", file=out, flush=True)
+    return summary

@@ -6,7 +6,8 @@ that moment from the clock. The model: after ``wait_after`` seconds the instance
 ``step.waitForEvent(event_type, timeout)``; an event of that type that arrived earlier is
 kept and consumed as the wait starts (as the platform buffers it). Then one ``step.do``
 per entry of ``steps`` (seconds each), then ``complete``; an instance created with
-params ``{"wait_for": T}`` waits for ``T`` instead of the model's type. An
+params ``{"wait_for": T}`` waits for ``T`` instead of the model's type, one with
+``{"timeout": S}`` times out after ``S`` seconds instead of the model's timeout. An
 ``error_share`` of the instances (chosen from the id and the seed, so reproducible)
 errors in its last step. A wait that times out errors the instance.
 
@@ -174,7 +175,13 @@ class InstanceStore:
         m = self.model
         steps: list[dict[str, Any]] = []
         wait_start = inst.created + m.wait_after
-        deadline = wait_start + m.timeout
+        timeout = m.timeout
+        # params {"timeout": S} gives one instance its own wait timeout (the demo's
+        # instances whose payment window has passed).
+        own = inst.params.get("timeout") if isinstance(inst.params, dict) else None
+        if isinstance(own, int | float) and not isinstance(own, bool) and 0 <= own < math.inf:
+            timeout = float(own)
+        deadline = wait_start + timeout
         if now < wait_start:
             return {"status": "running", "steps": steps, "end": None, "error": None,
                     "output": None}  # fmt: skip

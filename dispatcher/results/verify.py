@@ -18,8 +18,10 @@ class           when
 
 Users report that an instance parked in ``waitForEvent`` lists as ``running``, so the
 class is read from the steps, never from ``status`` alone. A step without ``event_type``
-(the public SDK's type has none) matches every type by its timing only; the line says so
-(``typed: false``).
+(wrangler dev's local explorer gives none) is read by the ``type`` of the event its
+``output`` holds once it finished; an unfinished one may wait for any type, so it counts
+as ``waiting`` (``typed: false``), and one that finished after our send with no type
+anywhere is ``unknown``, never ``consumed``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "classify",
     "classify_failure",
     "read_verify_lines",
+    "step_event_type",
 ]
 
 ENDED_STATUSES: Final = frozenset({"complete", "errored", "terminated"})
@@ -97,7 +100,7 @@ def classify(result: Mapping[str, Any], event_type: str, sent_at: datetime) -> V
         for s in steps
         if isinstance(s, dict)
         and s.get("type") == "waitForEvent"
-        and s.get("event_type", event_type) == event_type
+        and step_event_type(s) in (None, event_type)
     ]
     since = sent_at - CLOCK_SKEW
     open_wait: dict[str, Any] | None = None
@@ -107,6 +110,19 @@ def classify(result: Mapping[str, Any], event_type: str, sent_at: datetime) -> V
         if step.get("finished") is True or end is not None:
             # A wait that ended with an error (it timed out) consumed no event.
             if end is not None and end >= since and not step.get("error"):
+                if step_event_type(step) is None:
+                    # Neither the step nor its output names a type: it took *an* event
+                    # after our send, maybe another type's. Never claimed as consumed.
+                    return Verdict(
+                        cls=VerifyClass.UNKNOWN,
+                        reason=f"waitForEvent {step.get('name')!r} finished at "
+                        f"{step.get('end')}, after our send, but names no event type: "
+                        "whether it took ours cannot be told",
+                        status=status,
+                        step=_name(step),
+                        step_end=step.get("end"),
+                        typed=False,
+                    )
                 return Verdict(
                     cls=VerifyClass.CONSUMED,
                     reason=f"waitForEvent {step.get('name')!r} finished at {step.get('end')}",
@@ -151,7 +167,8 @@ def classify(result: Mapping[str, Any], event_type: str, sent_at: datetime) -> V
             for s in steps
             if isinstance(s, dict)
             and s.get("type") == "waitForEvent"
-            and s.get("event_type", event_type) != event_type
+            and isinstance(s.get("event_type"), str)
+            and s["event_type"] != event_type
             and s.get("finished") is not True
         }
     )
@@ -166,6 +183,19 @@ def classify(result: Mapping[str, Any], event_type: str, sent_at: datetime) -> V
         status=status,
         pending=alive,
     )
+
+
+def step_event_type(step: Mapping[str, Any]) -> str | None:
+    """The event type of a ``waitForEvent`` step: its ``event_type``, else (once finished)
+    the ``type`` of the event it returned, as wrangler dev's explorer gives only that;
+    ``None`` when neither says (an unfinished wait there: it may wait for any type)."""
+    kind = step.get("event_type")
+    if isinstance(kind, str):
+        return kind
+    output = step.get("output")
+    if isinstance(output, dict) and isinstance(output.get("type"), str):
+        return str(output["type"])
+    return None
 
 
 def _name(step: Mapping[str, Any]) -> str | None:

@@ -27,13 +27,14 @@ from urllib.parse import quote
 
 import aiohttp
 import anyio
-import orjson
 
+from dispatcher.clients.answer import read_answer
 from dispatcher.clients.base import Redactor, short
 from dispatcher.clients.targets import WRANGLER_DEV_API_PATH, Target
 from dispatcher.inputs.keys import KeyDeriver
 from dispatcher.inputs.validation import RuleViolation, check_path
 from dispatcher.model import Event, Invalid, Record, UserError
+from dispatcher.results.verify import step_event_type
 from dispatcher.run.settings import Rate, SendSettings
 from dispatcher.sending.gate import Gate, RateGate
 from dispatcher.sending.stats import RunStats
@@ -87,7 +88,8 @@ class Verdict:
 
 
 def verdict(status: str, steps: list[Any] | None, waiting_for: str) -> Verdict:
-    """Send only when an unfinished ``waitForEvent`` of ``waiting_for`` is among ``steps``."""
+    """Send only when an unfinished ``waitForEvent`` of ``waiting_for`` is among ``steps``
+    (or an unfinished one that names no type: it may be waiting for ``waiting_for``)."""
     if status in ENDED:
         return Verdict(send=False, rule="ended", reason=f"the instance ended ({status})")
     others: list[str] = []
@@ -95,7 +97,11 @@ def verdict(status: str, steps: list[Any] | None, waiting_for: str) -> Verdict:
     for step in steps or []:
         if not isinstance(step, dict) or step.get("type") != "waitForEvent":
             continue
-        kind = step.get("event_type")
+        kind = step_event_type(step)
+        if kind is None and not step.get("finished"):
+            # An unfinished wait that names no type (wrangler dev's explorer gives none)
+            # may be the one: sent to, and verify says what came of it.
+            return Verdict(send=True)
         if kind == waiting_for:
             if not step.get("finished"):
                 return Verdict(send=True)
@@ -175,19 +181,8 @@ class InstanceReader:
             retry_after: float | None = None
             try:
                 async with self._session.get(url, params=params, allow_redirects=False) as resp:
-                    status = resp.status
-                    raw = await resp.read()
-                    header = resp.headers.get("Retry-After")
-                    if header is not None:
-                        try:
-                            retry_after = float(header)
-                        except ValueError:
-                            retry_after = None
-                try:
-                    parsed = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    parsed = None
-                doc = parsed if isinstance(parsed, dict) else None
+                    answer = await read_answer(resp)
+                status, doc, retry_after = answer.status, answer.doc, answer.retry_after
             except (aiohttp.ClientError, TimeoutError):
                 status, doc = 0, None
             if status == 429:
@@ -366,6 +361,18 @@ async def instance_records(
     def needs_read(iid: str) -> bool:
         return "\0" in iid or not settled(key(iid))
 
+    def invalid(k: str, line: int, iid: str, rule: str, message: str) -> Invalid:
+        return Invalid(
+            key=k,
+            source=source,
+            line=line,
+            rule=rule,
+            message=message,
+            workflow=workflow,
+            instance_id=iid,
+            event_type=event_type,
+        )
+
     async for judged in select(reader, selection, needs_read):
         batch: list[Record] = []
         for iid, _status, v in judged:
@@ -373,19 +380,8 @@ async def instance_records(
             try:
                 check_path(workflow, iid, event_type, strict_ids=strict_ids)
             except RuleViolation as exc:
-                batch.append(
-                    Invalid(
-                        key=cached.pop(iid, "")
-                        or keys.key_for_raw(None, f"{workflow}\0{iid}".encode()),
-                        source=source,
-                        line=line,
-                        rule=exc.rule,
-                        message=f"instance {iid!r}: {exc.message}",
-                        workflow=workflow,
-                        instance_id=iid,
-                        event_type=event_type,
-                    )
-                )
+                k = cached.pop(iid, "") or keys.key_for_raw(None, f"{workflow}\0{iid}".encode())
+                batch.append(invalid(k, line, iid, exc.rule, f"instance {iid!r}: {exc.message}"))
                 continue
             k = key(iid)
             if v.send:
@@ -403,18 +399,7 @@ async def instance_records(
             else:
                 assert v.rule is not None
                 assert v.reason is not None
-                batch.append(
-                    Invalid(
-                        key=k,
-                        source=source,
-                        line=line,
-                        rule=v.rule,
-                        message=f"instance {iid!r} skipped: {v.reason}",
-                        workflow=workflow,
-                        instance_id=iid,
-                        event_type=event_type,
-                    )
-                )
+                batch.append(invalid(k, line, iid, v.rule, f"instance {iid!r} skipped: {v.reason}"))
         cached.clear()
         if batch:
             yield batch
