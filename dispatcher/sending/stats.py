@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dispatcher.model import Delivery, Envelope
+from dispatcher.results.envelopes import STATUS_TEXT
 
 
 @dataclass(slots=True)
@@ -48,16 +49,23 @@ class RunStats:
     latency_count: int = 0
 
     def record(self, env: Envelope) -> None:
+        # Once per envelope: the status's text from a table built once, not str() each time.
         self.records += 1
         self.deliveries[env.delivery.value] += 1
-        self.statuses["none" if env.status is None else str(env.status)] += 1
-        if env.error is not None:
-            label = env.error.kind.value
-            if env.error.code is not None:
-                label = f"{label}/{env.error.code}"
-            self.errors[label] += 1
-        if env.latency_ms is not None:
-            self.latency_sum_ms += env.latency_ms
+        status = env.status
+        if status is None:
+            self.statuses["none"] += 1  # no answer
+        else:
+            self.statuses[STATUS_TEXT.get(status) or str(status)] += 1
+        error = env.error
+        if error is not None:
+            kind = error.kind.value
+            if error.code is not None:
+                kind = f"{kind}/{error.code}"
+            self.errors[kind] += 1
+        latency = env.latency_ms
+        if latency is not None:
+            self.latency_sum_ms += latency
             self.latency_count += 1
 
     def unrecord(self, env: Envelope) -> None:
