@@ -19,11 +19,10 @@ import asyncio
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import orjson
-from baseline_lean import Request, build_requests, loop_factory, parse_args, prefix_of
+from suite.baseline import Request, load_requests, parse_args, run_and_report
 
 
 async def worker(todo: Iterator[Request], client: httpx.AsyncClient) -> int:
@@ -53,11 +52,8 @@ async def send_all(args: argparse.Namespace, requests: list[Request]) -> int:
 
 def main() -> int:
     args = parse_args(__doc__.splitlines()[0])
-    requests = build_requests(Path(args.input).read_bytes(), prefix_of(args))
-    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-        ok = runner.run(send_all(args, requests))
-    Path(args.summary).write_bytes(orjson.dumps({"events": len(requests), "ok": ok}) + b"\n")
-    return 0 if ok == len(requests) else 1
+    requests = load_requests(args)
+    return run_and_report(args, len(requests), send_all(args, requests))
 
 
 if __name__ == "__main__":

@@ -21,26 +21,11 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import aiohttp
 import orjson
-
-Request = tuple[str, bytes]
-
-
-def build_requests(data: bytes, prefix: str) -> list[Request]:
-    """(URL, body bytes) per non-blank line of the JSONL input."""
-    requests: list[Request] = []
-    loads, dumps = orjson.loads, orjson.dumps
-    for line in data.splitlines():
-        if not line.strip():
-            continue
-        event = loads(line)
-        url = f"{prefix}/{event['instance_id']}/events/{event['event_type']}"
-        requests.append((url, dumps(event.get("body"))))
-    return requests
+from suite.baseline import Request, load_requests, parse_args, run_and_report
 
 
 async def worker(
@@ -71,41 +56,10 @@ async def send_all(args: argparse.Namespace, requests: list[Request]) -> int:
     return sum(counts)
 
 
-def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    if name == "uvloop":
-        import uvloop
-
-        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-        return factory
-    return None  # asyncio's default
-
-
-def parse_args(description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("input")
-    parser.add_argument("summary", help="where to write the one summary line")
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--account-id", required=True)
-    parser.add_argument("--workflow", required=True)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    return parser.parse_args()
-
-
-def prefix_of(args: argparse.Namespace) -> str:
-    return (
-        f"{args.base_url.rstrip('/')}/accounts/{args.account_id}"
-        f"/workflows/{args.workflow}/instances"
-    )
-
-
 def main() -> int:
     args = parse_args(__doc__.splitlines()[0])
-    requests = build_requests(Path(args.input).read_bytes(), prefix_of(args))
-    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-        ok = runner.run(send_all(args, requests))
-    Path(args.summary).write_bytes(orjson.dumps({"events": len(requests), "ok": ok}) + b"\n")
-    return 0 if ok == len(requests) else 1
+    requests = load_requests(args)
+    return run_and_report(args, len(requests), send_all(args, requests))
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ import functools
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
 import orjson
-from baseline_lean import build_requests, loop_factory, parse_args, prefix_of
+from suite.baseline import load_requests, parse_args, run_and_report
 
 
 class FloorConn(asyncio.Protocol):
@@ -99,7 +98,6 @@ def main() -> int:
         f"Host: {url.netloc}\r\nAuthorization: Bearer {token}\r\n"
         "Content-Type: application/json\r\nConnection: keep-alive\r\n"
     ).encode()
-    prefix = prefix_of(args)
     path_from = len(f"{url.scheme}://{url.netloc}")
     requests = [
         b"POST "
@@ -110,12 +108,9 @@ def main() -> int:
         + str(len(body)).encode()
         + b"\r\n\r\n"
         + body
-        for u, body in build_requests(Path(args.input).read_bytes(), prefix)
+        for u, body in load_requests(args)
     ]
-    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
-        ok = runner.run(send_all(host, port, args.concurrency, requests))
-    Path(args.summary).write_bytes(orjson.dumps({"events": len(requests), "ok": ok}) + b"\n")
-    return 0 if ok == len(requests) else 1
+    return run_and_report(args, len(requests), send_all(host, port, args.concurrency, requests))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from typing import Final, Protocol
 from urllib.parse import quote
 
 import orjson
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from dispatcher.clients.headers import parse_ratelimit, parse_retry_after
 from dispatcher.model import ErrorKind, Event, Outcome
@@ -75,10 +74,13 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
+_MAX_CACHED: Final = 1024
+
+
 class UrlBuilder:
     """Builds event URLs with the per-run prefix computed once and workflow parts cached."""
 
-    __slots__ = ("_prefix", "_workflow_parts")
+    __slots__ = ("_event_parts", "_prefix", "_workflow_parts")
 
     def __init__(self, base_url: str, account_id: str | None) -> None:
         # No account id: a target such as wrangler dev, whose base URL ends where
@@ -86,12 +88,18 @@ class UrlBuilder:
         account = "" if account_id is None else f"/accounts/{_seg(account_id)}"
         self._prefix = f"{base_url.rstrip('/')}{account}/workflows/"
         self._workflow_parts: dict[str, str] = {}
+        self._event_parts: dict[str, str] = {}  # a run has a few event types, cached
 
     def __call__(self, workflow: str, instance_id: str, event_type: str) -> str:
         part = self._workflow_parts.get(workflow)
         if part is None:
             part = self._workflow_parts[workflow] = f"{self._prefix}{_seg(workflow)}/instances/"
-        return f"{part}{_seg(instance_id)}/events/{_seg(event_type)}"
+        tail = self._event_parts.get(event_type)
+        if tail is None:
+            if len(self._event_parts) >= _MAX_CACHED:
+                self._event_parts.clear()  # bounded, whatever the input holds
+            tail = self._event_parts[event_type] = f"/events/{_seg(event_type)}"
+        return f"{part}{_seg(instance_id)}{tail}"
 
 
 def is_success_envelope(raw: bytes) -> bool:
@@ -338,7 +346,7 @@ def _redirect_message(status: int, location: str | None) -> str:
 def outcome_from_response(
     status: int,
     raw: bytes,
-    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+    headers: Mapping[str, str],
     latency_s: float,
     redact: Redactor = NO_SECRETS,
     *,
@@ -346,7 +354,10 @@ def outcome_from_response(
 ) -> Outcome:
     """Map one complete HTTP answer to an :class:`Outcome` (pure; the answer rule).
 
-    ``raw`` is the body as it came off the wire; its ``Content-Encoding`` is undone here
+    ``headers`` are looked up by lower-case name: a case-insensitive multidict (aiohttp's)
+    or a plain dict of lower-case names holding each header's first value (the fast
+    client's, which keeps only the few named here). ``raw`` is the body as it came off
+    the wire; its ``Content-Encoding`` is undone here
     (:func:`decode_body`), unless ``decoded`` says the caller's HTTP library already did.
     ``confirmed`` needs a 2xx and :func:`is_success_envelope` of the decoded body. A 2xx
     without the API's envelope, or whose body does not decode, is ``in_doubt``; anything
@@ -355,13 +366,13 @@ def outcome_from_response(
     undecodable: str | None = None
     if not decoded:
         try:
-            raw = decode_body(raw, headers.get("Content-Encoding"))
+            raw = decode_body(raw, headers.get("content-encoding"))
         except _Undecodable as exc:
-            undecodable = f"{headers.get('Content-Encoding')} body: {exc}"
+            undecodable = f"{headers.get('content-encoding')} body: {exc}"
             raw = b""
     ratelimit = None
-    rl = headers.get("Ratelimit")
-    rlp = headers.get("Ratelimit-Policy")
+    rl = headers.get("ratelimit")
+    rlp = headers.get("ratelimit-policy")
     if rl is not None or rlp is not None:
         ratelimit = parse_ratelimit(rl, rlp)
     ok_status = 200 <= status < 300
@@ -370,11 +381,11 @@ def outcome_from_response(
     refused, code, message = _error_from_body(raw)
     in_doubt = ok_status and not refused
     if 300 <= status < 400:
-        message = _redirect_message(status, headers.get("Location"))
+        message = _redirect_message(status, headers.get("location"))
     elif status == 101:
         message = "HTTP 101 Switching Protocols: the server left HTTP; not an API answer"
     elif in_doubt:
-        kind = headers.get("Content-Type") or "no content type"
+        kind = headers.get("content-type") or "no content type"
         what = f"{kind}: {message}" if message else f"{kind}, {len(raw)} bytes"
         if undecodable is not None:
             what = f"{kind}, {undecodable}"
@@ -395,7 +406,7 @@ def outcome_from_response(
         cf_code=code,
         message=short(" ".join(redact(message).split())),
         retry_after=(
-            parse_retry_after(headers.get("Retry-After")) if status in (429, 503) else None
+            parse_retry_after(headers.get("retry-after")) if status in (429, 503) else None
         ),
         ratelimit=ratelimit,
         in_doubt=in_doubt,

@@ -22,7 +22,6 @@ from typing import Final, NamedTuple, Self, cast
 from urllib.parse import urlsplit
 
 import httptools
-from multidict import CIMultiDict
 
 from dispatcher.clients.base import (
     MAX_BODY,
@@ -64,7 +63,7 @@ class _Disconnected(ConnectionError):
 
 class _Response(NamedTuple):
     status: int
-    headers: CIMultiDict[str]
+    headers: dict[str, str]  # lower-case name -> its first value, only those kept
     body: bytes
     keep_alive: bool
 
@@ -106,7 +105,9 @@ class _Conn(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
-        self._headers: CIMultiDict[str] = CIMultiDict()
+        # A plain dict, not a multidict: only the few headers the outcome reads are kept,
+        # by lower-case name, first value wins (as a multidict's get() gives).
+        self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_size = 0
         self._head_size = 0
@@ -192,15 +193,15 @@ class _Conn(asyncio.Protocol):
             raise _BadResponse(f"more than {MAX_HEADERS} headers")
         lower = name.lower()
         if lower in _KEPT or lower == _CONTENT_TYPE:
-            self._headers.add(lower.decode("latin-1"), value.decode("latin-1").strip())
+            self._headers.setdefault(lower.decode("latin-1"), value.decode("latin-1").strip())
         elif lower == _CONTENT_LENGTH:
             # llhttp has checked it is digits; refuse a body over the cap before reading it.
             if int(value) > MAX_BODY:
                 raise _BadResponse(f"answer body of {int(value)} bytes is over {MAX_BODY}")
             self._needs_eof = False
-            self._headers.add("content-length", "")
+            self._headers["content-length"] = ""
         elif lower == _TRANSFER_ENCODING:
-            self._headers.add("transfer-encoding", value.decode("latin-1"))
+            self._headers.setdefault("transfer-encoding", value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         self._head_done = True
@@ -291,17 +292,16 @@ class FastTransport:
     __slots__ = (
         "_config",
         "_conns",
+        "_head_empty",
+        "_head_json",
         "_host",
         "_idle",
         "_port",
-        "_pre",
         "_proxy",
         "_reached",
         "_redact",
         "_slots",
         "_ssl",
-        "_tail_empty",
-        "_tail_json",
         "_url",
     )
 
@@ -336,9 +336,13 @@ class FastTransport:
         common = f"Host: {host}\r\nUser-Agent: {USER_AGENT}\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in config.auth_headers.items()
         )
-        self._pre = b"POST "
-        self._tail_json = f" HTTP/1.1\r\n{common}Content-Type: application/json\r\nContent-Length: "
-        self._tail_empty = f" HTTP/1.1\r\n{common}Content-Length: 0\r\n\r\n".encode()
+        # The whole head as one bytes template, built once: per request, one %-format
+        # fills in the path, Content-Length and body (a "%" of a header value escaped).
+        head = f"POST %b HTTP/1.1\r\n{common}".replace("%", "%%").replace("%%b", "%b", 1)
+        self._head_json = (
+            f"{head}Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b".encode()
+        )
+        self._head_empty = f"{head}Content-Length: 0\r\n\r\n".encode()
         self._proxy = proxy_for(config.base_url)
         self._idle: list[_Conn] = []
         self._conns: set[_Conn] = set()
@@ -372,9 +376,8 @@ class FastTransport:
 
     def _head(self, path: str, body: bytes | None) -> bytes:
         if body is None:
-            return self._pre + path.encode("ascii") + self._tail_empty
-        tail = f"{path}{self._tail_json}{len(body)}\r\n\r\n".encode()
-        return self._pre + tail + body
+            return self._head_empty % path.encode("ascii")
+        return self._head_json % (path.encode("ascii"), len(body), body)
 
     async def _connect(self, deadline: float) -> _Conn:
         loop = asyncio.get_running_loop()

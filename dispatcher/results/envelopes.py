@@ -8,6 +8,7 @@ shows the same table (a test checks the two are one), and the tests run its exam
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +32,10 @@ class _Where(Protocol):
     def instance_id(self) -> str | None: ...
     @property
     def event_type(self) -> str | None: ...
+
+
+# An HTTP status as the envelopes and the summary count it ("200"), built once per run.
+STATUS_TEXT: Final[dict[int, str]] = {code: str(code) for code in range(100, 600)}
 
 
 class Seen(enum.StrEnum):
@@ -145,8 +150,12 @@ def rule_for(seen: frozenset[Seen], stopped: bool) -> Rule:
     raise AssertionError("the last rule matches everything")  # pragma: no cover
 
 
+@functools.cache
 def judge(seen: frozenset[Seen], stopped: bool) -> tuple[bool, Delivery | None]:
-    """``(ok, delivery)`` for a record whose attempts saw ``seen``; delivery None: no envelope."""
+    """``(ok, delivery)`` for a record whose attempts saw ``seen``; delivery None: no envelope.
+
+    Pure, over 64 possible arguments: cached, so a record pays a dict look-up, not a walk
+    of the table's rules."""
     rule = rule_for(seen, stopped)
     if rule.delivery is None and seen:
         # Stopped, nothing in doubt: what the attempts proved.
@@ -213,7 +222,10 @@ class History:
         self.last = outcome
         self.seen.add(seen_of(outcome))
         status = outcome.status
-        key = str(status) if status is not None else str(outcome.error_kind or ErrorKind.HTTP)
+        if status is not None:
+            key = STATUS_TEXT.get(status) or str(status)
+        else:
+            key = str(outcome.error_kind or ErrorKind.HTTP)
         statuses = self.statuses
         statuses[key] = statuses.get(key, 0) + 1
 
@@ -235,14 +247,14 @@ def for_history(
     arrived and counts as ``stopped`` in ``statuses``). ``gave_up`` overrides the error
     kind when the policy, not the answer, ended the record (``rate_limited``).
     """
-    seen = set(history.seen)
+    seen = frozenset(history.seen)
     statuses = history.statuses
     attempts = history.attempts
     if in_flight:
-        seen.add(Seen.NO_ANSWER)
+        seen = seen | {Seen.NO_ANSWER}
         statuses = {**statuses, str(ErrorKind.STOPPED): statuses.get(ErrorKind.STOPPED, 0) + 1}
         attempts += 1
-    ok, delivery = judge(frozenset(seen), stopped is not None)
+    ok, delivery = judge(seen, stopped is not None)
     if delivery is None:
         return None
     last = history.last

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from dispatcher.model import Delivery, Envelope
+from dispatcher.results.envelopes import STATUS_TEXT
 
 # Upper bounds (ms) of the latency buckets that --metrics-port serves as a Prometheus
 # histogram: prometheus_client's default buckets (5 ms to 10 s), one more for 30 s.
@@ -98,16 +99,23 @@ class RunStats:
     answers: Counter[int] = field(default_factory=Counter)
 
     def record(self, env: Envelope) -> None:
+        # Once per envelope: the status's text from a table built once, not str() each time.
         self.records += 1
         self.deliveries[env.delivery.value] += 1
-        self.statuses["none" if env.status is None else str(env.status)] += 1
-        if env.error is not None:
-            label = env.error.kind.value
-            if env.error.code is not None:
-                label = f"{label}/{env.error.code}"
-            self.errors[label] += 1
-        if env.latency_ms is not None:
-            self.latency_sum_ms += env.latency_ms
+        status = env.status
+        if status is None:
+            self.statuses["none"] += 1  # no answer
+        else:
+            self.statuses[STATUS_TEXT.get(status) or str(status)] += 1
+        error = env.error
+        if error is not None:
+            kind = error.kind.value
+            if error.code is not None:
+                kind = f"{kind}/{error.code}"
+            self.errors[kind] += 1
+        latency = env.latency_ms
+        if latency is not None:
+            self.latency_sum_ms += latency
             self.latency_count += 1
             self.latency.add(env.latency_ms)
 
