@@ -377,6 +377,7 @@ def test_load_observed_through_the_relay_subscription(wd: WranglerDev, tmp_path:
         f"offset {header.offset_s * 1000:+.1f} ms ±{header.bound_s * 1000:.1f} ms "
         f"({header.offset_how})"
     )
+    print(ran.stdout[ran.stdout.index("observe    source") :])
 
 
 def test_a_breached_threshold_on_the_relay_subscription_exits_4(
