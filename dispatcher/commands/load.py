@@ -176,7 +176,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     watch.add_argument(
         "--observe",
         action="store_true",
-        help="also read each observed instance's steps: reaction latency (accepted → "
+        help="also watch each observed instance (--target relay: the relay's POST /watch; "
+        "else its steps, read): reaction latency (accepted → "
         "waitForEvent's end), next step's and instance's end, unreacted; written to "
         "RESULTS.observe.jsonl",
     )
@@ -197,8 +198,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--observe-budget",
         default=None,
         metavar="P|RATE",
-        help="the reads' own pace: a share of the peak arrival rate (20%%) or a rate "
-        f"(5/s) (default: {DEFAULT_BUDGET:.0%})",
+        help="the reads' own pace (--target relay: POST /watch requests): a share of the "
+        f"peak arrival rate (20%%) or a rate (5/s) (default: {DEFAULT_BUDGET:.0%})",
     )
     judge.add_argument(
         "--plot", default=None, metavar="FILE", help="draw the run into FILE (.png or .html)"
