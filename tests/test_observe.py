@@ -425,18 +425,6 @@ async def test_observing_does_not_change_the_send_schedule(tmp_path: Path) -> No
         (["--threshold", "unreacted<1%"], "--threshold unreacted<1% needs --observe"),
         (["--threshold", "reaction_p99<fast"], "is not a latency"),
         (["--observe", "--results", "-"], "--observe writes RESULTS.observe.jsonl"),
-        (
-            [
-                "--observe",
-                "--target",
-                "relay",
-                "--relay-secret-file",
-                "SECRET",
-                "--base-url",
-                "http://127.0.0.1:9",
-            ],
-            "--observe: the relay cannot read",
-        ),
     ],
 )
 def test_bad_observe_flags_exit_2_with_one_line(
@@ -448,9 +436,6 @@ def test_bad_observe_flags_exit_2_with_one_line(
 ) -> None:
     monkeypatch.setenv("CLOUDFLARE_API_TOKEN", TOKEN)
     monkeypatch.setenv("CLOUDFLARE_ACCOUNT_ID", "acc")
-    secret = tmp_path / "secret"
-    secret.write_text("relay-secret-0123456789abcdef\n")
-    extra = [str(secret) if x == "SECRET" else x for x in extra]
     base = ["load", "--workflow", "wf", "--event-type", "e", "--instance-prefix", "i"]
     base += ["--instance-count", "2", "--rate", "10/s"]
     if "--results" not in extra:
@@ -543,3 +528,91 @@ def test_a_torn_or_bad_sidecar_is_named(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["report", str(results)]) == 2
     err = capsys.readouterr().err
     assert f"{results}.observe.jsonl:1: not an observation" in err
+
+
+# --- source 1: the relay's POST /watch (a stand-in relay; the real one: test_wrangler_reaction)
+
+
+async def test_relay_watch_events_become_the_same_observations() -> None:
+    """A /watch that streams as the relay does (relay/README.md): the wait's end, the next
+    step's (not the wait's own step_completed), the workflow's end; a wait that timed out is
+    unreacted, an instance the relay could not find is unread."""
+    from aiohttp import web
+
+    seen: list[tuple[str | None, dict[str, Any]]] = []
+    now_ms = datetime.now(UTC).timestamp() * 1000
+
+    async def watch(request: web.Request) -> web.StreamResponse:
+        doc = await request.json()
+        seen.append((request.headers.get("Authorization"), doc))
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        resp.headers["X-Relay-Now"] = str(datetime.now(UTC).timestamp() * 1000)
+        await resp.prepare(request)
+        t = now_ms
+
+        def ev(iid: str, dt: float, kind: str, **kw: object) -> bytes:
+            return orjson.dumps({"instanceId": iid, "eventId": 1, "timestamp": t + dt,
+                                 "type": kind, **kw}) + b"\n"  # fmt: skip
+
+        for iid in doc["ids"]:
+            if iid == "gone":
+                lines = [orjson.dumps({"instanceId": iid, "end": "not_found"}) + b"\n"]
+            elif iid == "late":
+                lines = [
+                    ev(iid, 0, "wait_started", stepName="wait for go-1", eventType="go"),
+                    ev(iid, 900, "wait_timed_out", stepName="wait for go-1"),
+                    orjson.dumps({"instanceId": iid, "end": "timeout"}) + b"\n",
+                ]
+            else:
+                lines = [
+                    ev(iid, -50, "step_completed", stepName="before-1"),
+                    ev(iid, 0, "wait_started", stepName="wait for go-1", eventType="go"),
+                    ev(iid, 120, "wait_completed", stepName="wait for go-1"),
+                    ev(iid, 121, "step_completed", stepName="wait for go-1"),
+                    ev(iid, 640, "step_completed", stepName="after go-1"),
+                    ev(iid, 650, "workflow_completed"),
+                    orjson.dumps({"instanceId": iid, "end": "ended"}) + b"\n",
+                ]
+            for line in lines:
+                await resp.write(line)
+        await resp.write(orjson.dumps({"done": True, "watched": len(doc["ids"])}) + b"\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/watch", watch)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        settings = ObserveSettings(
+            target="relay", base_url=f"http://127.0.0.1:{port}", account_id=None,
+            workflow="wf", event_type="go", headers={"Authorization": "Bearer s3cret"},
+            budget=50.0, reaction_timeout=0.5,
+        )  # fmt: skip
+        observer = Observer(settings)
+        t0 = datetime.fromtimestamp(now_ms / 1000, UTC)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(observer.run)
+            for iid in ("a", "b", "late", "gone"):
+                observer.offer(make_envelope(iid, t0, instance_id=iid))
+            observer.close()
+    finally:
+        await runner.cleanup()
+    assert seen
+    assert all(auth == "Bearer s3cret" for auth, _ in seen)
+    assert sorted(i for _, doc in seen for i in doc["ids"]) == ["a", "b", "gone", "late"]
+    assert "wait_completed" in seen[0][1]["filter"]
+    rows = {r.instance_id: r for r in observer.rows}
+    start = now_ms / 1000
+    assert rows["a"].accepted == pytest.approx(start)  # the request's start, not its 2xx
+    assert rows["a"].wait_end == pytest.approx(start + 0.120)
+    assert rows["a"].next_end == pytest.approx(start + 0.640)
+    assert rows["a"].instance_end == pytest.approx(start + 0.650)
+    summary = observer.summary()
+    assert summary.counts == {"reacted": 2, "unreacted": 1, "stale": 0, "unread": 1}
+    assert summary.next_step.min_ms == pytest.approx(640, abs=1)
+    assert summary.header.source.startswith("relay subscription")
+    assert "X-Relay-Now" in summary.header.offset_how
+    assert "s3cret" not in repr(summary.header.as_dict())

@@ -9,6 +9,10 @@ printed table is what docs/load.md, "wrangler dev run", records.
 
 The relay's ``POST /watch`` holds one ``subscribe()`` per instance (wrangler 4.164 has it
 locally) and streams their events back as NDJSON: the same reactions, pushed.
+
+``dispatcher load --target relay --observe`` uses that route (source 1): a 30-s load at
+LOAD_RATE/s to instances with then_ms=500, whose printed figures docs/load.md records,
+and a threshold on the observed figures that is breached exits 4.
 """
 
 from __future__ import annotations
@@ -300,3 +304,89 @@ def test_watch_of_an_unknown_instance_ends_it_as_not_found(wd: WranglerDev) -> N
     assert lines[0]["instanceId"] == "nobody-here"
     assert lines[0]["end"] == "not_found", lines
     assert lines[-1] == {"done": True, "watched": 1}
+
+
+LOAD_RATE = 4  # arrivals/s: 120 instances over the issue's 30 s, a modest share of CI
+LOAD_SECONDS = 30
+STEP_TOLERANCE_S = 0.005  # sqlite stamps to the ms; both ends are the engine's own clock
+
+
+def load_instances(wd: WranglerDev, tmp: Path, prefix: str, count: int) -> Path:
+    """``count`` instances with then_ms=THEN_MS, made through the relay, parked in their
+    wait; their ids in a file for ``load --instances``."""
+    create = [
+        "create", "--workflow", WORKFLOW, "--target", "relay", "--relay-url", wd.base_url,
+        "--count", str(count), "--id-prefix", prefix, "--params", f'{{"then_ms": {THEN_MS}}}',
+        "--creation-rate", "1000/s", "--results", "created.jsonl",
+    ]  # fmt: skip
+    made = dispatcher(create, tmp)
+    assert made.returncode == 0, made.stderr
+    ids = created_ids(tmp)
+    assert len(ids) == count
+    wd.wait_waiting(ids, timeout=120)
+    path = tmp / "ids.txt"
+    path.write_text("".join(f"{i}\n" for i in ids))
+    return path
+
+
+def load_relay(wd: WranglerDev, tmp: Path, ids: Path, seconds: int, *extra: str) -> Any:
+    args = [
+        "load", "--workflow", WORKFLOW, "--event-type", "go", "--instances", str(ids),
+        "--body", "{}", "--target", "relay", "--base-url", wd.base_url,
+        "--rate", f"{LOAD_RATE}/s", "--duration", f"{seconds}s", "--quiet",
+        "--observe", "--reaction-timeout", "20s", "--results", "load.jsonl", *extra,
+    ]  # fmt: skip
+    return dispatcher(args, tmp)
+
+
+def test_load_observed_through_the_relay_subscription(wd: WranglerDev, tmp_path: Path) -> None:
+    from dispatcher.report.observed import read_sidecar, summarize
+
+    arrivals = LOAD_RATE * LOAD_SECONDS
+    ids = load_instances(wd, tmp_path, "lx-", arrivals)
+    ran = load_relay(wd, tmp_path, ids, LOAD_SECONDS)
+    assert ran.returncode == 0, ran.stderr
+    assert "source: relay subscription (source 1): POST /watch" in ran.stdout, ran.stdout
+    header, rows = read_sidecar(str(tmp_path / "load.jsonl.observe.jsonl"))
+    summary = summarize(header, rows)
+    counts = summary.counts
+    # Every event the load got a 2xx for was watched, and every one was consumed in time.
+    assert counts["reacted"] == len(rows) >= arrivals * 0.95, counts
+    assert counts["unreacted"] == counts["stale"] == counts["unread"] == 0, counts
+    for row in rows:
+        assert row.wait_end is not None, row
+        assert row.next_end is not None, row
+        assert row.next_end - row.wait_end >= THEN_MS / 1000 - STEP_TOLERANCE_S, row
+        assert row.instance_end is not None, row
+        assert row.instance_end >= row.next_end, row
+    # From the request's start the next step cannot end sooner than the step's own length
+    # (less the clock's rounding: the relay's X-Relay-Now and the engine share this host).
+    assert summary.next_step.min_ms is not None
+    assert summary.next_step.min_ms >= THEN_MS - CLOCK_TOLERANCE_S * 1000, summary.next_step
+    assert summary.completion.min_ms is not None
+    assert summary.completion.min_ms >= summary.next_step.min_ms
+    assert header.offset_s is not None, header
+    assert header.bound_s is not None, header
+    assert "X-Relay-Now" in header.offset_how
+    r, n, c = summary.reaction, summary.next_step, summary.completion
+    print(
+        f"\nload --target relay --observe, {LOAD_RATE}/s for {LOAD_SECONDS} s, then_ms="
+        f"{THEN_MS}: observed {len(rows)}, reacted {counts['reacted']}, unreacted "
+        f"{counts['unreacted']}; reaction p50 {r.p50_ms} p99 {r.p99_ms} max {r.max_ms} ms; "
+        f"next step p50 {n.p50_ms} min {n.min_ms} ms; completion p50 {c.p50_ms} ms; "
+        f"offset {header.offset_s * 1000:+.1f} ms ±{header.bound_s * 1000:.1f} ms "
+        f"({header.offset_how})"
+    )
+    print(ran.stdout[ran.stdout.index("observe    source") :])
+
+
+def test_a_breached_threshold_on_the_relay_subscription_exits_4(
+    wd: WranglerDev, tmp_path: Path
+) -> None:
+    seconds = 3
+    ids = load_instances(wd, tmp_path, "lb-", LOAD_RATE * seconds)
+    # The next step lasts THEN_MS: it cannot end within 100 ms of the send.
+    ran = load_relay(wd, tmp_path, ids, seconds, "--threshold", "next_step_p50<100ms")
+    assert ran.returncode == 4, (ran.stdout, ran.stderr)
+    assert "next_step_p50<100ms" in ran.stderr
+    assert "relay subscription" in ran.stdout

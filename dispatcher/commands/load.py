@@ -1,7 +1,8 @@
 """`dispatcher load`: an open-model load test of one workflow, judged by thresholds.
 
-With ``--observe`` the instances' steps are read after their events were accepted
-(:mod:`dispatcher.run.observe`) and the reaction figures stand beside the accept ones.
+With ``--observe`` the instances' steps are read after their events were accepted, or
+watched through the relay's ``POST /watch`` with ``--target relay``
+(:mod:`dispatcher.run.observe`), and the reaction figures stand beside the accept ones.
 
 Exit codes: 0 done and every ``--threshold`` held, 2 usage or config error (a
 ``--metrics-port`` that cannot be served included), 3 stopped
@@ -175,7 +176,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     watch.add_argument(
         "--observe",
         action="store_true",
-        help="also read each observed instance's steps: reaction latency (accepted → "
+        help="also watch each observed instance (--target relay: the relay's POST /watch; "
+        "else its steps, read): reaction latency (accepted → "
         "waitForEvent's end), next step's and instance's end, unreacted; written to "
         "RESULTS.observe.jsonl",
     )
@@ -196,8 +198,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--observe-budget",
         default=None,
         metavar="P|RATE",
-        help="the reads' own pace: a share of the peak arrival rate (20%%) or a rate "
-        f"(5/s) (default: {DEFAULT_BUDGET:.0%})",
+        help="the reads' own pace (--target relay: POST /watch requests): a share of the "
+        f"peak arrival rate (20%%) or a rate (5/s) (default: {DEFAULT_BUDGET:.0%})",
     )
     judge.add_argument(
         "--plot", default=None, metavar="FILE", help="draw the run into FILE (.png or .html)"
@@ -424,9 +426,7 @@ def observe_settings(args: argparse.Namespace, settings: LoadSettings) -> Observ
         account_id=settings.account_id,
         workflow=settings.workflow,
         event_type=settings.event_type,
-        headers=settings.credentials.headers()
-        if settings.credentials is not None and settings.target == "api"
-        else {},
+        headers=observe_headers(settings),
         budget=budget,
         sample=sample,
         reaction_timeout=timeout,
@@ -434,8 +434,19 @@ def observe_settings(args: argparse.Namespace, settings: LoadSettings) -> Observ
     )
 
 
+def observe_headers(settings: LoadSettings) -> dict[str, str]:
+    """The observer's auth: the API's credentials, the relay's secret, none for wrangler dev."""
+    if settings.target == "relay" and settings.relay_secret:
+        return {"Authorization": f"Bearer {settings.relay_secret}"}
+    if settings.credentials is not None and settings.target == "api":
+        return dict(settings.credentials.headers())
+    return {}
+
+
 def observe_note(settings: LoadSettings, observe: ObserveSettings) -> str | None:
     """A warning when the reads' budget is far below what the sample needs."""
+    if observe.target == "relay":
+        return None  # one /watch request holds up to 100 instances, not one read each
     events = min(settings.profile.expected_arrivals, len(settings.instances)) * observe.sample
     # At least one read per observed event; the reads run on after the arrivals.
     seconds = events / observe.budget

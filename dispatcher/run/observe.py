@@ -1,7 +1,9 @@
-"""`load --observe`: read each observed instance's steps after its event was accepted.
+"""`load --observe`: how each observed instance reacted to its event.
 
-This is source 2 of docs/load.md (steps read after the fact, through REST or wrangler
-dev's local explorer); a relay subscription (source 1) is not built here.
+Two sources of docs/load.md: with ``--target relay``, source 1, the relay's ``POST
+/watch`` (one streaming request per group of observed instances, holding each one's
+``instance.subscribe()``); with the other targets, source 2, the steps read after the fact
+through REST or wrangler dev's local explorer. Both fill the same :class:`ObservedRow`.
 
 The load hands every envelope to :meth:`Observer.offer`, which never waits: it takes a
 sample (``--observe-sample``, every k-th confirmed event, so the sample is even over the
@@ -60,6 +62,19 @@ DEFAULT_REACTION_TIMEOUT: Final = 30.0
 DEFAULT_BUDGET: Final = 0.2  # of the load's peak arrival rate
 DEFAULT_SAMPLE: Final = 1.0
 READERS: Final = 8
+WATCH_GROUP: Final = 100  # ids per POST /watch: the relay's default MAX_BATCH
+WATCH_GRACE_S: Final = 5.0  # past the last deadline, for the end of a slow next step
+# What /watch streams for us: the rest (attempts, sleeps, queued, ...) is not needed.
+WATCH_FILTER: Final = (
+    "wait_started",
+    "wait_completed",
+    "wait_timed_out",
+    "step_completed",
+    "workflow_completed",
+    "workflow_errored",
+    "workflow_terminated",
+)
+_WORKFLOW_END: Final = frozenset({"workflow_completed", "workflow_errored", "workflow_terminated"})
 FIRST_READ_S: Final = 0.25
 MAX_REREAD_S: Final = 2.0
 _ENDED: Final = frozenset({"complete", "errored", "terminated"})
@@ -78,12 +93,13 @@ def parse_iso(text: object) -> float | None:
 class ClockOffset:
     """The server clock minus ours, from ``Date`` headers (see the module docstring)."""
 
-    __slots__ = ("_hi", "_lo", "samples")
+    __slots__ = ("_hi", "_lo", "how", "samples")
 
     def __init__(self) -> None:
         self._lo = -math.inf
         self._hi = math.inf
         self.samples = 0
+        self.how = "Date headers"
 
     def add(self, sent: float, received: float, date: str | None) -> None:
         if date is None:
@@ -92,15 +108,22 @@ class ClockOffset:
             server = email.utils.parsedate_to_datetime(date).timestamp()
         except (TypeError, ValueError):
             return
-        self._lo = max(self._lo, server - received)
-        self._hi = min(self._hi, server + 1.0 - sent)
-        self.samples += 1
+        self.add_stamp(sent, received, server, 1.0)
 
-    def estimate(self) -> tuple[float | None, float | None, str]:
-        """(offset s, bound s, how); offset None: no Date header was seen."""
+    def add_stamp(self, sent: float, received: float, server: float, step: float) -> None:
+        """A server time taken between ``sent`` and ``received``, truncated to ``step`` s."""
+        self._lo = max(self._lo, server - received)
+        self._hi = min(self._hi, server + step - sent)
+        self.samples += 1
+        self.how = "Date headers" if step >= 1.0 else "the relay's X-Relay-Now stamps"
+
+    def estimate(
+        self, none: str = "no Date header in the reads"
+    ) -> tuple[float | None, float | None, str]:
+        """(offset s, bound s, how); offset None: no stamp was seen (``none`` says so)."""
         if not self.samples:
-            return None, None, "no Date header in the reads"
-        how = f"Date headers of {self.samples:,} reads"
+            return None, None, none
+        how = f"{self.how} of {self.samples:,} reads"
         lo, hi = self._lo, self._hi
         if lo > hi:
             # The intervals do not meet: a clock stepped during the run. Say so, wide.
@@ -124,11 +147,6 @@ class ObserveSettings:
     readers: int = READERS
 
     def __post_init__(self) -> None:
-        if self.target == "relay":
-            raise ValueError(
-                "--observe: the relay cannot read instances' steps yet (source 1, a relay "
-                "subscription, is not built); use --target api or wrangler-dev"
-            )
         if not 0 < self.sample <= 1:
             raise ValueError(f"--observe-sample must be above 0 and at most 100%: {self.sample}")
         if not 0 < self.budget < math.inf:
@@ -138,8 +156,16 @@ class ObserveSettings:
 
     @property
     def source(self) -> str:
+        if self.target == "relay":
+            return (
+                "relay subscription (source 1): POST /watch, instance.subscribe() events; "
+                "reaction from the request's start"
+            )
         where = "wrangler dev's local explorer" if self.target == "wrangler-dev" else "REST"
         return f"steps read after the fact (source 2): GET …/instances/{{id}} via {where}"
+
+    def watch_url(self) -> str:
+        return f"{self.base_url.rstrip('/')}/watch"
 
     def instance_url(self, instance_id: str) -> str:
         base = self.base_url.rstrip("/")
@@ -169,6 +195,9 @@ class Observer:
         self._seq = 0
         self._closed = False
         self._wake = anyio.Event()
+        self._relay = settings.target == "relay"
+        self._pending: list[ObservedRow] = []  # relay: offered, not watched yet
+        self.watch_ends: dict[str, int] = {}  # relay: how the instances' watches ended
 
     # -- fed by the load: never waits ------------------------------------------------------
 
@@ -187,9 +216,17 @@ class Observer:
         self._credit -= 1
         accepted = env.finished_at.timestamp()
         sent = env.started_at.timestamp() if env.started_at is not None else accepted
+        if self._relay:
+            # The relay answers a batch once, after its last event: an event can be
+            # consumed before its own 2xx is back, so its clock starts when the request left.
+            accepted = sent
         row = ObservedRow(key=env.key, instance_id=iid, sent=sent, accepted=accepted)
         self.rows.append(row)
-        self._push(accepted + FIRST_READ_S, row)
+        if self._relay:
+            self._pending.append(row)
+            self._notify()
+        else:
+            self._push(accepted + FIRST_READ_S, row)
 
     def close(self) -> None:
         self._closed = True
@@ -210,6 +247,9 @@ class Observer:
     async def run(self) -> None:
         s = self.settings
         limiter = AsyncLimiter(1, 1 / s.budget)  # burst-free: one read per 1/budget s
+        if self._relay:
+            await self._run_watches(limiter)
+            return
         timeout = aiohttp.ClientTimeout(total=s.timeout)
         connector = aiohttp.TCPConnector(limit=s.readers)
         async with (
@@ -307,10 +347,128 @@ class Observer:
         if result.get("status") in _ENDED:
             row.instance_end = parse_iso(result.get("end"))
 
+    # -- source 1: the relay's POST /watch -------------------------------------------------
+
+    async def _run_watches(self, limiter: AsyncLimiter) -> None:
+        """One /watch request per group: whatever was offered since the last one (at most
+        WATCH_GROUP), at most ``budget`` requests a second; each streams on by itself."""
+        s = self.settings
+        # The streams last as long as their instances take; the sends' pool is not this one.
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=s.timeout, sock_read=s.reaction_timeout + WATCH_GRACE_S + s.timeout
+        )
+        async with (
+            aiohttp.ClientSession(
+                headers=dict(s.headers), timeout=timeout, connector=connector
+            ) as session,
+            anyio.create_task_group() as tg,
+        ):
+            while True:
+                while not self._pending and not self._closed:
+                    await self._wake.wait()
+                if not self._pending:
+                    return
+                await limiter.acquire()
+                group, self._pending = self._pending[:WATCH_GROUP], self._pending[WATCH_GROUP:]
+                tg.start_soon(self._watch, session, group)
+
+    async def _watch(self, session: aiohttp.ClientSession, group: list[ObservedRow]) -> None:
+        s = self.settings
+        rows = {row.instance_id: row for row in group}
+        # Long enough for the last of the group to time out, and its next step to end.
+        last = max(row.accepted for row in group) + s.reaction_timeout + WATCH_GRACE_S
+        timeout_ms = min(900_000, max(1, math.ceil((last - time.time()) * 1000)))
+        body = {"ids": list(rows), "filter": list(WATCH_FILTER), "timeout_ms": timeout_ms}
+        waits: dict[str, str] = {}  # instance -> the name of the wait for our event type
+        sent = time.time()
+        self.reads += 1
+        try:
+            async with session.post(
+                s.watch_url(), data=orjson.dumps(body), allow_redirects=False,
+                headers={"Content-Type": "application/json"},
+            ) as resp:  # fmt: skip
+                received = time.time()
+                self._stamp(sent, received, resp.headers)
+                if not 200 <= resp.status < 300:
+                    self._ended(group, f"http {resp.status}")
+                    return
+                async for raw in resp.content:
+                    self._line(raw, rows, waits)
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        # Instances without an end line: the stream broke; read_ok stays as it was.
+        for row in rows.values():
+            if not row.settled:
+                self._ended([row], "stream cut")
+
+    def _stamp(self, sent: float, received: float, headers: Mapping[str, str]) -> None:
+        now = headers.get("X-Relay-Now")
+        if now is not None:
+            try:
+                self.offset.add_stamp(sent, received, float(now) / 1000, 0.001)
+                return
+            except ValueError:
+                pass
+        self.offset.add(sent, received, headers.get("Date"))
+
+    def _ended(self, rows: list[ObservedRow], how: str) -> None:
+        for row in rows:
+            row.settled = True
+            self.watch_ends[how] = self.watch_ends.get(how, 0) + 1
+
+    def _line(self, raw: bytes, rows: dict[str, ObservedRow], waits: dict[str, str]) -> None:
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(doc, dict):
+            return
+        row = rows.get(doc.get("instanceId"))  # type: ignore[arg-type]
+        if row is None:
+            return  # the done line, or an id not ours
+        end = doc.get("end")
+        if isinstance(end, str):
+            # ended / timeout: the subscription was held, so what it did not see did not
+            # happen in time; not_found, unsupported, failed: nothing was seen at all.
+            row.read_ok = row.read_ok or end in ("ended", "timeout")
+            self._ended([row], end)
+            return
+        row.read_ok = True
+        row.reads += 1
+        stamp = doc.get("timestamp")
+        if not isinstance(stamp, int | float):
+            return
+        at = float(stamp) / 1000  # the engine's clock, epoch ms
+        kind, name = doc.get("type"), doc.get("stepName")
+        iid = row.instance_id
+        if kind == "wait_started":
+            if (
+                doc.get("eventType") == self.settings.event_type
+                and iid not in waits
+                and isinstance(name, str)
+            ):
+                waits[iid] = name
+        elif kind in ("wait_completed", "wait_timed_out"):
+            mine = waits.get(iid)
+            if row.wait_end is None and (mine is None or mine == name):
+                row.wait_end = at
+                row.wait_failed = kind == "wait_timed_out"
+                waits[iid] = str(name)
+        elif kind == "step_completed":
+            if row.wait_end is not None and row.next_end is None and name != waits.get(iid):
+                row.next_end = at
+        elif kind in _WORKFLOW_END:
+            row.instance_end = at
+
     # -- the result --------------------------------------------------------------------------
 
     def header(self) -> ObserveHeader:
-        offset, bound, how = self.offset.estimate()
+        offset, bound, how = self.offset.estimate(
+            "no X-Relay-Now or Date header on the relay's /watch answers"
+            if self._relay
+            else "no Date header in the reads"
+        )
         s = self.settings
         return ObserveHeader(
             source=s.source,

@@ -635,9 +635,15 @@ export async function handleWatch(request: Request, env: Env): Promise<Response>
   })();
   // The stream's work outlives this handler's return: keep the request alive until it ends.
   void work;
+  // The relay's clock (epoch ms) as it answers, for the client's clock-offset estimate:
+  // the engine's timestamps come from the same Cloudflare clock (wrangler dev: this host's).
   return new Response(readable, {
     status: 200,
-    headers: { "Content-Type": "application/x-ndjson", "Cache-Control": "no-store" },
+    headers: {
+      "Content-Type": "application/x-ndjson",
+      "Cache-Control": "no-store",
+      "X-Relay-Now": String(Date.now()),
+    },
   });
 }
 
