@@ -14,10 +14,12 @@ strict-limit markers of that file (or appends it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -47,7 +49,37 @@ def row(limit: int, burst: int, label: str, m: Measured, before: str) -> str:
     )
 
 
-async def grid(limits: list[int], bursts: list[int], seconds: int, clients: list[str]) -> list[str]:
+@contextlib.contextmanager
+def round_trip(port: int, rtt_ms: int) -> Iterator[None]:
+    """Delay every packet to and from ``port`` on the loopback by half of ``rtt_ms``
+    (``tc netem`` in a band of its own: other loopback traffic is not delayed). Root only;
+    refuses when the loopback already has a queueing discipline of someone else's."""
+    if not rtt_ms:
+        yield
+        return
+    shown = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True)
+    if "noqueue" not in shown.stdout:
+        raise RuntimeError(f"lo already has a qdisc, not touching it: {shown.stdout.strip()}")
+    tc = ["tc"]
+    match = ["protocol", "ip", "parent", "1:0", "prio", "1", "u32", "match", "ip"]
+    netem = ["netem", "delay", f"{rtt_ms / 2:g}ms", "limit", "100000"]
+    steps = [
+        ["qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4"],
+        ["qdisc", "add", "dev", "lo", "parent", "1:4", "handle", "40:", *netem],
+        ["filter", "add", "dev", "lo", *match, "dport", str(port), "0xffff", "flowid", "1:4"],
+        ["filter", "add", "dev", "lo", *match, "sport", str(port), "0xffff", "flowid", "1:4"],
+    ]
+    try:
+        for step in steps:
+            subprocess.run(tc + step, check=True)
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
+
+
+async def grid(
+    limits: list[int], bursts: list[int], seconds: int, clients: list[str], rtt_ms: int
+) -> list[str]:
     rows = [
         "| R /s | burst | client | goodput | 429s | 429s / records | confirmed / records "
         "| wall s | goal met | load before | load after |",
@@ -58,7 +90,10 @@ async def grid(limits: list[int], bursts: list[int], seconds: int, clients: list
         for limit in limits:
             n = limit * seconds
             for burst in bursts:
-                with nginx(tmp, limit, nodelay=True, burst=burst) as (port, log):
+                with (
+                    nginx(tmp, limit, nodelay=True, burst=burst) as (port, log),
+                    round_trip(port, rtt_ms),
+                ):
                     for label, rate in (
                         ("told R", f"{limit}/s"),
                         ("told 0.95R", f"{0.95 * limit:g}/s"),
@@ -80,6 +115,7 @@ def main() -> None:
     parser.add_argument("--bursts", default="0,5,20")
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--clients", default="told R,auto", help=f"of {', '.join(GOALS)}")
+    parser.add_argument("--rtt", type=int, default=0, help="ms added to each round trip")
     parser.add_argument("--write", metavar="FILE")
     args = parser.parse_args()
     ensure_nginx()
@@ -90,12 +126,13 @@ def main() -> None:
     ).stdout.strip()
     t0, start_load = time.monotonic(), load()
     clients = [c.strip() for c in args.clients.split(",")]
-    rows = anyio.run(grid, limits, bursts, args.seconds, clients)
+    rows = anyio.run(grid, limits, bursts, args.seconds, clients, args.rtt)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = (
         f"{START}\n## Told and auto rates against nginx `limit_req` (issue 25)\n\n"
         f"Written by `make bench-rate` (`benchmarks/strict_limit.py --seconds {args.seconds} "
-        f"--limits {args.limits} --bursts {args.bursts} --clients '{args.clients}'`), "
+        f"--limits {args.limits} --bursts {args.bursts} --clients '{args.clients}' "
+        f"--rtt {args.rtt}`), "
         f"{when}, commit {commit or '?'}, "
         f"{(time.monotonic() - t0) / 60:.1f} min. Load average (1/5/15 min) {start_load} at "
         f"the start, {load()} at the end: 2 shared cores with other work running. "
