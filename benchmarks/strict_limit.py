@@ -1,7 +1,7 @@
 """Told and auto rates against nginx ``limit_req`` at bursts 0, 5 and 20 (issue 25).
 
-    python benchmarks/strict_limit.py [--limits 20,200] [--bursts 0,5,20] [--seconds 30]
-                                      [--write BENCHMARKS.md]
+    python benchmarks/strict_limit.py [--limits 5,20,200,500] [--bursts 0,5,20] [--seconds 30]
+                                      [--clients "told R,auto"] [--write BENCHMARKS.md]
 
 One ``dispatcher send --concurrency 64`` process per cell, ``seconds`` x R records, nginx
 ``limit_req rate=R burst=B nodelay`` (``burst=0``: nginx's default, no ``nodelay``),
@@ -14,10 +14,12 @@ strict-limit markers of that file (or appends it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -47,36 +49,73 @@ def row(limit: int, burst: int, label: str, m: Measured, before: str) -> str:
     )
 
 
-async def grid(limits: list[int], bursts: list[int], seconds: int) -> list[str]:
+@contextlib.contextmanager
+def round_trip(port: int, rtt_ms: int) -> Iterator[None]:
+    """Delay every packet to and from ``port`` on the loopback by half of ``rtt_ms``
+    (``tc netem`` in a band of its own: other loopback traffic is not delayed). Root only;
+    refuses when the loopback already has a queueing discipline of someone else's."""
+    if not rtt_ms:
+        yield
+        return
+    shown = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True)
+    if "noqueue" not in shown.stdout:
+        raise RuntimeError(f"lo already has a qdisc, not touching it: {shown.stdout.strip()}")
+    tc = ["tc"]
+    match = ["protocol", "ip", "parent", "1:0", "prio", "1", "u32", "match", "ip"]
+    netem = ["netem", "delay", f"{rtt_ms / 2:g}ms", "limit", "100000"]
+    steps = [
+        ["qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4"],
+        ["qdisc", "add", "dev", "lo", "parent", "1:4", "handle", "40:", *netem],
+        ["filter", "add", "dev", "lo", *match, "dport", str(port), "0xffff", "flowid", "1:4"],
+        ["filter", "add", "dev", "lo", *match, "sport", str(port), "0xffff", "flowid", "1:4"],
+    ]
+    try:
+        for step in steps:
+            subprocess.run(tc + step, check=True)
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
+
+
+async def grid(
+    limits: list[int], bursts: list[int], seconds: int, clients: list[str], rtt_ms: int
+) -> list[str]:
     rows = [
         "| R /s | burst | client | goodput | 429s | 429s / records | confirmed / records "
-        "| wall s | goal met | load before |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| wall s | goal met | load before | load after |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     with tempfile.TemporaryDirectory(prefix="bench-strict-") as d:
         tmp = Path(d)
         for limit in limits:
             n = limit * seconds
             for burst in bursts:
-                with nginx(tmp, limit, nodelay=True, burst=burst) as (port, log):
+                with (
+                    nginx(tmp, limit, nodelay=True, burst=burst) as (port, log),
+                    round_trip(port, rtt_ms),
+                ):
                     for label, rate in (
                         ("told R", f"{limit}/s"),
                         ("told 0.95R", f"{0.95 * limit:g}/s"),
                         ("auto", "auto"),
                     ):
+                        if label not in clients:
+                            continue
                         before = load()
                         case = Case("nginx", limit, label, rate, n)
                         m = await measure_nginx(case, tmp, port, log, fresh=True)
-                        rows.append(row(limit, burst, label, m, before))
+                        rows.append(row(limit, burst, label, m, before) + f" {load()} |")
                         print(rows[-1], flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limits", default="20,200")
+    parser.add_argument("--limits", default="5,20,200,500")
     parser.add_argument("--bursts", default="0,5,20")
     parser.add_argument("--seconds", type=int, default=30)
+    parser.add_argument("--clients", default="told R,auto", help=f"of {', '.join(GOALS)}")
+    parser.add_argument("--rtt", type=int, default=0, help="ms added to each round trip")
     parser.add_argument("--write", metavar="FILE")
     args = parser.parse_args()
     ensure_nginx()
@@ -86,12 +125,15 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     t0, start_load = time.monotonic(), load()
-    rows = anyio.run(grid, limits, bursts, args.seconds)
+    clients = [c.strip() for c in args.clients.split(",")]
+    rows = anyio.run(grid, limits, bursts, args.seconds, clients, args.rtt)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = (
         f"{START}\n## Told and auto rates against nginx `limit_req` (issue 25)\n\n"
         f"Written by `make bench-rate` (`benchmarks/strict_limit.py --seconds {args.seconds} "
-        f"--limits {args.limits} --bursts {args.bursts}`), {when}, commit {commit or '?'}, "
+        f"--limits {args.limits} --bursts {args.bursts} --clients '{args.clients}' "
+        f"--rtt {args.rtt}`), "
+        f"{when}, commit {commit or '?'}, "
         f"{(time.monotonic() - t0) / 60:.1f} min. Load average (1/5/15 min) {start_load} at "
         f"the start, {load()} at the end: 2 shared cores with other work running. "
         f"{args.seconds} s of records at R per cell, 64 in flight, nginx 429 with "

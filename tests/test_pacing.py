@@ -19,11 +19,13 @@ from dispatcher.run.settings import Credentials, SendSettings, parse_rate
 from dispatcher.sending.pacing import (
     AUTO_START,
     BACKOFF,
+    CLOUDFLARE_BUDGET,
     INTERVAL,
     RAMP,
     SAFETY,
     SHARE,
     Pacer,
+    guarded,
 )
 
 
@@ -533,8 +535,59 @@ def test_auto_starts_just_under_a_remembered_ceiling() -> None:
         account_id="acc",
         credentials=Credentials(token=TOKEN),
         rate=parse_rate("auto"),
+        base_url="http://127.0.0.1:8787/client/v4",  # not Cloudflare's API: auto probes
     )
     gate, _ = runner.gate_for(settings, remembered=200.0)
     assert gate.rate == pytest.approx(200.0 * SHARE)
     gate, _ = runner.gate_for(settings)
     assert gate.rate == AUTO_START
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://api.cloudflare.com/client/v4", True),
+        ("https://API.Cloudflare.com./client/v4", True),
+        ("http://127.0.0.1:8787/client/v4", False),
+        ("https://api.cloudflare.com.example.net/client/v4", False),
+    ],
+)
+def test_only_cloudflares_api_is_guarded(url: str, expected: bool) -> None:
+    assert guarded(url) is expected
+
+
+def test_auto_never_probes_past_the_budget_against_cloudflares_api() -> None:
+    # The default base URL is Cloudflare's API: there a 429 locks the account out for five
+    # minutes, so auto paces at the documented budget (1200 per 5 minutes), not slow start
+    # from 20/s, and neither clean answers nor a remembered ceiling take it higher.
+    settings = SendSettings(
+        inputs=("in.jsonl",),
+        workflow="wf",
+        account_id="acc",
+        credentials=Credentials(token=TOKEN),
+        rate=parse_rate("auto"),
+    )
+    gate, pacer = runner.gate_for(settings, remembered=200.0)
+    budget = SAFETY * CLOUDFLARE_BUDGET
+    assert gate.rate == pytest.approx(budget)
+    clock = Clock()
+    pacer = Pacer(gate, None, auto=True, clock=clock, guarded=True)
+    for _ in range(2000):  # 8 min of clean answers without rate headers
+        clock.now += 0.25
+        pacer.observe(answer(latency=0.05), in_flight=1)
+        assert gate.rate is not None
+        assert gate.rate <= budget + 1e-9
+    # A 429 with no policy: others spend the budget too. The rate steps down, and stays.
+    clock.now += 0.25
+    pacer.observe(answer(429, retry_after=300.0, latency=0.05), in_flight=1)
+    stepped = gate.rate
+    assert stepped is not None
+    assert stepped < budget
+    for _ in range(2000):
+        clock.now += 0.3
+        pacer.observe(answer(latency=0.05), in_flight=1)
+        assert gate.rate == stepped
+    # The policy header wins: the announced budget, never more.
+    pacer.observe(answer(r=599, t=300, q=600, w=300), in_flight=1)
+    assert gate.rate == pytest.approx(SAFETY * 600 / 300)
+    assert pacer.found is None  # nothing learnt by probing, nothing to remember

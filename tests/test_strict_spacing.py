@@ -199,3 +199,21 @@ def test_without_answers_reported_nothing_is_held() -> None:
 
     gaps = [b - a for a, b in itertools.pairwise(run(main))]
     assert gaps == pytest.approx([0.005] * len(gaps))
+
+
+@pytest.mark.parametrize("rate", [20.0, 200.0, 500.0])
+def test_a_told_rate_does_not_burst_at_the_start(rate: float) -> None:
+    # A told rate's bucket starts with room for one request, not for its whole size: with
+    # 64 workers starting together, the first second is spaced 1/rate, so a limiter without
+    # a burst (nginx's default) refuses none of it. (A full bucket let 2 to 4 out at once.)
+    async def main(loop: FakeTimeLoop) -> list[float]:
+        gate = RateGate(rate)
+        assert gate.burst is not None
+        assert gate.burst > 1
+        return await paced_times(gate, loop, workers=64, n=int(rate))
+
+    times = run(main)
+    # (The fake loop moves a timer set for "now" on by 1e-8 s, which aiolimiter's float
+    # residue then shows as a gap a hair under 1/rate.)
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 1 / rate - 1e-7
+    assert limit_req_refusals([t * (1 + 1e-5) for t in times], rate, 0) == 0

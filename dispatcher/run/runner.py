@@ -61,7 +61,7 @@ from dispatcher.results.sqlite_sink import is_sqlite_path
 from dispatcher.run.settings import ConfigError, Credentials, HttpClient, Rate, SendSettings
 from dispatcher.sending.engine import Engine, StopRules
 from dispatcher.sending.gate import RateGate
-from dispatcher.sending.pacing import Pacer
+from dispatcher.sending.pacing import Pacer, guarded
 from dispatcher.sending.policy import RetryPolicy
 from dispatcher.sending.stats import RunStats
 
@@ -106,6 +106,7 @@ def gate_for(
         clock=time.monotonic,
         share=share,
         remembered=remembered,
+        guarded=guarded(settings.base_url),
     )
     return gate, pacer
 

@@ -75,7 +75,7 @@ from dispatcher.results.ledger import envelope_from_json, load_ledger
 from dispatcher.results.sinks import JsonlSink, Sink, encode
 from dispatcher.run.settings import ConfigError, Rate, SendSettings
 from dispatcher.sending.gate import default_burst
-from dispatcher.sending.pacing import Pacer
+from dispatcher.sending.pacing import Pacer, guarded
 from dispatcher.sending.stats import RunStats
 
 __all__ = ["SHARD_RECORDS", "Coordinated", "coordinated"]
@@ -168,7 +168,12 @@ class Coordinated:
         self.gate = SharedGate(self.link, budget_key, requested, burst=burst)
         # The budget is the account's, shared in Redis: each process paces on all of it.
         self.pacer = Pacer(
-            self.gate, requested, auto=rate == "auto", clock=time.monotonic, share=1.0
+            self.gate,
+            requested,
+            auto=rate == "auto",
+            clock=time.monotonic,
+            share=1.0,
+            guarded=guarded(settings.base_url),
         )
         self.job = Job(self.link, settings.job) if settings.job is not None else None
         self._results_path = os.path.abspath(settings.results)

@@ -177,6 +177,7 @@ class RateGate:
         "_resumed_after",
         "_spans",
         "_spin",
+        "_started",
         "_strict",
         "_timer",
         "_turn",
@@ -211,6 +212,7 @@ class RateGate:
         self._pauses = 0
         self._paused_s = 0.0
         self._strict = strict
+        self._started = False  # whether the bucket has handed out its first slot
         self._timer = timer
         self._spin = spin
         self._last_sent = -math.inf  # timer reading when the last strict slot was taken
@@ -391,6 +393,10 @@ class RateGate:
                 if not await self._take_turn():
                     continue
             elif limiter is not None:
+                if not self._started:
+                    self._started = True
+                    if self._burst is None:  # a burst asked for is let out at once
+                        self._one_at_once(limiter)
                 if limiter.has_capacity():
                     # Room right now: aiolimiter's acquire returns without suspending.
                     await limiter.acquire()
@@ -425,9 +431,18 @@ class RateGate:
         if self._resumed_after == self._paused_until:
             return
         self._resumed_after = self._paused_until
-        limiter = self._limiter
-        if limiter is None:
-            return
+        if self._limiter is not None:
+            self._one_at_once(self._limiter)
+
+    @staticmethod
+    def _one_at_once(limiter: AsyncLimiter) -> None:
+        """Leave room in ``limiter`` for one request now; the rest follow at the pace.
+
+        Also for the run's first request: a bucket starts full, and 64 workers starting
+        together took all of it, 2 or 3 requests back to back at 20 to 200/s, which a
+        limiter without a burst refuses (nginx ``limit_req`` at 200/s, burst 0: 3 to 7 429s
+        in the first 10 ms of a told ``--rate 200/s``, and the run then turns strict).
+        """
         with contextlib.suppress(AttributeError, RuntimeError):
             limiter._leak()
             limiter._level = max(limiter._level, limiter.max_rate - 1)

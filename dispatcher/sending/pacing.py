@@ -47,6 +47,12 @@ provoked. The :class:`Pacer` watches every answer and sets the gate's rate:
    does from there, the told rate its ceiling (the user's number is a ceiling, not a promise
    the server agreed to).
 
+6. **Cloudflare's API** (``guarded``: see :func:`guarded`): a 429 there locks the whole
+   account out for five minutes, so ``--rate auto`` never probes. It paces at the documented
+   budget (1200 requests per 5 minutes, times :data:`SAFETY`) until the first
+   ``Ratelimit-Policy`` says the budget, then at the policy's rate; a 429 without a policy
+   only steps the rate down (:data:`BACKOFF`), never back up.
+
 All time comes from an injected clock, so this is tested without sleeping.
 """
 
@@ -56,10 +62,15 @@ import math
 from collections import deque
 from collections.abc import Callable
 from typing import Final, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from dispatcher.model import Outcome
 
 SAFETY: Final = 0.98
+# Cloudflare's API: the documented account-wide budget (requests per second, 1200 per 5
+# minutes), and the hosts where a 429 costs a five-minute lockout of the whole account.
+CLOUDFLARE_BUDGET: Final = 1200 / 300
+GUARDED_HOSTS: Final = frozenset({"api.cloudflare.com"})
 # requests/s before anything is known: the first answers tell a policy at once, and from
 # 4/s (the API's documented rate) slow start spent its first 0.5 s at under 20/s
 AUTO_START: Final = 20.0
@@ -128,6 +139,16 @@ class Answered(Protocol):
     def answered(self, latency_s: float) -> None: ...
 
 
+def guarded(base_url: str) -> bool:
+    """Whether ``base_url`` is Cloudflare's API, where ``--rate auto`` must never probe past
+    the announced budget (a 429 locks the account out for five minutes)."""
+    try:
+        host = urlsplit(base_url).hostname
+    except ValueError:
+        return False
+    return host is not None and host.rstrip(".").lower() in GUARDED_HOSTS
+
+
 def _close(rate: float | None, current: float | None) -> bool:
     if rate is None or current is None:
         return rate is current
@@ -165,6 +186,7 @@ class Pacer:
         "_excused",
         "_floor",
         "_gate",
+        "_guarded",
         "_held_since",
         "_high",
         "_last_remaining",
@@ -195,13 +217,17 @@ class Pacer:
         clock: Callable[[], float],
         share: float = 1.0,
         remembered: float | None = None,
+        guarded: bool = False,
     ) -> None:
         """``requested``: the rate asked for (``None``: unlimited); ignored when ``auto``.
 
         ``share``: this run's part of the account's budget (``1/N`` for each of
         ``--processes N``), applied to what the headers say. ``remembered``: the ceiling an
         earlier run found for this endpoint and account (see :attr:`found`); ``auto``
-        starts just under it instead of searching from :data:`AUTO_START`.
+        starts just under it instead of searching from :data:`AUTO_START`. ``guarded``
+        (Cloudflare's API: :func:`guarded`): ``auto`` never probes, it paces at the
+        documented budget until a policy header says the real one, and a 429 only slows
+        it; nothing is remembered for the next run.
         """
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share!r}")
@@ -213,7 +239,8 @@ class Pacer:
         self._auto = auto
         # Whether answers steer the rate: from the start under auto, from its first 429
         # for a told rate, which is then the ceiling (``_cap``) the search stays under.
-        self._search = auto
+        self._guarded = auto and guarded
+        self._search = auto and not self._guarded
         self._cap = None if auto else requested
         self._clock = clock
         self._policy_rate: float | None = None
@@ -242,7 +269,10 @@ class Pacer:
         self._last_remaining: int | None = None
         self._window_end: float | None = None
         self._target: float | None = AUTO_START if auto else requested
-        if auto and remembered is not None and math.isfinite(remembered) and remembered > 0:
+        if self._guarded:
+            self._target = SAFETY * share * CLOUDFLARE_BUDGET
+            self._slow_start = False
+        elif auto and remembered is not None and math.isfinite(remembered) and remembered > 0:
             self._estimate = remembered * share
             self._ceiling_rate = self._estimate
             self._top = TOP * self._estimate
@@ -277,7 +307,9 @@ class Pacer:
         """What auto learnt of the endpoint's limit, for the next run: the estimate from the
         last congestion episode, or the rate held clean since (whole-account rates, before
         ``share``). ``None`` when there is nothing to remember."""
-        if not self._auto or self._policy_rate is not None or self._slow_start:
+        if not self._auto or self._guarded or self._policy_rate is not None:
+            return None
+        if self._slow_start:
             return None
         rate = self._estimate if self._estimate is not None else self._target
         if rate is None or rate <= 0:
@@ -324,6 +356,8 @@ class Pacer:
             self._trouble = True
             if searching:
                 self._congestion(now, outcome)
+            elif self._guarded and self._policy_rate is None:
+                self._guarded_refused(now, outcome)
         elif searching:
             if outcome.ok:
                 sent = now - outcome.latency_s
@@ -384,6 +418,17 @@ class Pacer:
             if left < reset:
                 return max(0.0, left)  # at most until the latest the window can end
         return reset
+
+    def _guarded_refused(self, now: float, outcome: Outcome) -> None:
+        """A 429 from Cloudflare's API before any policy said the budget: others spend it
+        too. Once per episode, the rate steps down to :data:`BACKOFF` of itself; it never
+        climbs back (only a policy header raises it)."""
+        if now - outcome.latency_s <= self._decreased_at:
+            return  # sent before the last decrease: the same episode
+        rate = self._target if self._target is not None else SAFETY * CLOUDFLARE_BUDGET
+        self._target = max(AUTO_FLOOR, BACKOFF * rate)
+        self._moved = True
+        self._decreased_at = now
 
     def _told_refused(self) -> None:
         """A told rate drew a 429, and no policy says the budget: the server's limiter is at

@@ -117,7 +117,7 @@ class RunStats:
         if latency is not None:
             self.latency_sum_ms += latency
             self.latency_count += 1
-            self.latency.add(env.latency_ms)
+            self.latency.add(latency)
 
     def unrecord(self, env: Envelope) -> None:
         """Take back :meth:`record` of ``env``: its envelope is not written after all (a
