@@ -146,6 +146,16 @@ async def test_bad_flag_in_a_real_process_exits_2() -> None:
         (["--seed", "x"], "--seed"),
         (["--known-instances", "/no/such/file"], "--known-instances"),
         (["--legacy-key", "no-colon"], "--legacy-key"),
+        # the instance model's reaction flags (docs/load.md, --observe)
+        (
+            ["--instances", "e", "--reaction", "fast"],
+            "argument --reaction: 'fast': 'fast' is not a duration",
+        ),
+        (["--instances", "e", "--never-consume", "2"], "argument --never-consume"),
+        (["--instances", "e", "--step-jitter", "x"], "argument --step-jitter"),
+        (["--reaction", "200ms"], "--reaction models instances: give --instances"),
+        (["--instances", "e", "--reaction-capacity", "0/s"], "argument --reaction-capacity"),
+        (["--reaction-capacity", "5/s"], "--reaction-capacity models instances"),
     ],
 )
 def test_bad_flag_values_name_the_flag_and_exit_2(

@@ -290,6 +290,49 @@ async def test_rejected_credentials_stop_the_test(tmp_path: Path) -> None:
         (["--rate", "unlimited"], "a load test needs a number"),
         (["--rate", "10/s", "--threshold", "p99<soon"], "--threshold"),
         (["--rate", "10/s", "--concurrency", "0"], "--concurrency"),
+        # --observe and its thresholds (docs/load.md)
+        (
+            ["--rate", "10/s", "--observe", "--observe-sample", "0"],
+            "--observe-sample must be above 0",
+        ),
+        (
+            ["--rate", "10/s", "--observe", "--observe-sample", "lots"],
+            "--observe-sample: 'lots' is not a share",
+        ),
+        (
+            ["--rate", "10/s", "--observe", "--observe-sample", "150%"],
+            "--observe-sample: '150%' is not within",
+        ),
+        (
+            ["--rate", "10/s", "--observe", "--reaction-timeout", "soon"],
+            "--reaction-timeout: invalid duration 'soon'",
+        ),
+        (
+            ["--rate", "10/s", "--observe", "--reaction-timeout", "0s"],
+            "--reaction-timeout must be above 0",
+        ),
+        (
+            ["--rate", "10/s", "--observe", "--observe-budget", "plenty"],
+            "--observe-budget: 'plenty'",
+        ),
+        (
+            ["--rate", "10/s", "--observe", "--observe-budget", "0%"],
+            "--observe-budget 0%: gives no reads",
+        ),
+        (["--rate", "10/s", "--observe-sample", "5%"], "--observe-sample needs --observe"),
+        (
+            ["--rate", "10/s", "--threshold", "reaction_p99<2s"],
+            "--threshold reaction_p99<2s needs --observe",
+        ),
+        (
+            ["--rate", "10/s", "--threshold", "unreacted<1%"],
+            "--threshold unreacted<1% needs --observe",
+        ),
+        (["--rate", "10/s", "--threshold", "reaction_p99<fast"], "is not a latency"),
+        (
+            ["--rate", "10/s", "--observe", "--results", "-"],
+            "--observe writes RESULTS.observe.jsonl",
+        ),
     ],
 )
 def test_usage_errors_exit_2(
@@ -306,6 +349,7 @@ def test_usage_errors_exit_2(
     assert main([*base, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err
+    assert len(err.strip().splitlines()) == 1, err
     assert TOKEN not in err
 
 

@@ -404,47 +404,8 @@ async def test_observing_does_not_change_the_send_schedule(tmp_path: Path) -> No
     assert span_watched == pytest.approx(span_plain, abs=0.5)
 
 
-# --- bad input -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--observe", "--observe-sample", "0"], "--observe-sample must be above 0"),
-        (["--observe", "--observe-sample", "lots"], "--observe-sample: 'lots' is not a share"),
-        (["--observe", "--observe-sample", "150%"], "--observe-sample: '150%' is not within"),
-        (
-            ["--observe", "--reaction-timeout", "soon"],
-            "--reaction-timeout: invalid duration 'soon'",
-        ),
-        (["--observe", "--reaction-timeout", "0s"], "--reaction-timeout must be above 0"),
-        (["--observe", "--observe-budget", "plenty"], "--observe-budget: 'plenty'"),
-        (["--observe", "--observe-budget", "0%"], "--observe-budget 0%: gives no reads"),
-        (["--observe-sample", "5%"], "--observe-sample needs --observe"),
-        (["--threshold", "reaction_p99<2s"], "--threshold reaction_p99<2s needs --observe"),
-        (["--threshold", "unreacted<1%"], "--threshold unreacted<1% needs --observe"),
-        (["--threshold", "reaction_p99<fast"], "is not a latency"),
-        (["--observe", "--results", "-"], "--observe writes RESULTS.observe.jsonl"),
-    ],
-)
-def test_bad_observe_flags_exit_2_with_one_line(
-    extra: list[str],
-    message: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
-) -> None:
-    monkeypatch.setenv("CLOUDFLARE_API_TOKEN", TOKEN)
-    monkeypatch.setenv("CLOUDFLARE_ACCOUNT_ID", "acc")
-    base = ["load", "--workflow", "wf", "--event-type", "e", "--instance-prefix", "i"]
-    base += ["--instance-count", "2", "--rate", "10/s"]
-    if "--results" not in extra:
-        base += ["--results", str(tmp_path / "r.jsonl")]
-    assert main([*base, *extra]) == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert len(err.strip().splitlines()) == 1, err
-    assert TOKEN not in err
+# Bad --observe flags: tests/test_load.py's test_usage_errors_exit_2; the emulator's
+# reaction flags: tests/test_emulator_cli.py's test_bad_flag_values_name_the_flag_and_exit_2.
 
 
 async def test_emulator_capacity_queues_the_consumption() -> None:
@@ -493,32 +454,6 @@ async def test_a_ramp_past_the_capacity_marks_the_knee(tmp_path: Path) -> None:
     code, text, stderr = await run_cli("report", [str(results)], {})
     assert code == 0, stderr
     assert line.strip() in text
-
-
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (
-            ["--instances", "e", "--reaction", "fast"],
-            "argument --reaction: 'fast': 'fast' is not a duration",
-        ),
-        (["--instances", "e", "--never-consume", "2"], "argument --never-consume"),
-        (["--instances", "e", "--step-jitter", "x"], "argument --step-jitter"),
-        (["--reaction", "200ms"], "--reaction models instances: give --instances"),
-        (["--instances", "e", "--reaction-capacity", "0/s"], "argument --reaction-capacity"),
-        (["--reaction-capacity", "5/s"], "--reaction-capacity models instances"),
-    ],
-)
-def test_bad_emulator_reaction_flags_exit_2(
-    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    try:
-        code = main(["emulate", *flags])
-    except SystemExit as exit_:
-        code = exit_.code  # type: ignore[assignment]
-    assert code == 2
-    err = capsys.readouterr().err
-    assert message in err
 
 
 def test_a_torn_or_bad_sidecar_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

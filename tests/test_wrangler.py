@@ -15,28 +15,19 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from wrangler_dev import WORKFLOW, WranglerDev, missing, wrangler_dev
+from wrangler_dev import WORKFLOW, WranglerDev, require_wrangler, wrangler_dev, wrangler_fixture
 
 SECRET = "relay-test-secret-0123456789"
 N = 100  # instances per target: 200 in all, plus the probes
 LOAD_N = 40  # instances per load test
 
-if (reason := missing()) is not None:
-    if os.environ.get("CI"):
-        raise RuntimeError(reason)
-    pytest.skip(reason, allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def wd() -> Iterator[WranglerDev]:
-    with wrangler_dev(SECRET) as server:
-        yield server
+require_wrangler()
+wd = wrangler_fixture(SECRET)
 
 
 def send(

@@ -26,30 +26,21 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from wrangler_dev import WORKFLOW, WranglerDev, missing, wrangler_dev
+from wrangler_dev import WORKFLOW, WranglerDev, require_wrangler, wrangler_fixture
 
 SECRET = "relay-reaction-secret-0123456789"
 N = 20
 THEN_MS = 500
 CLOCK_TOLERANCE_S = 0.05  # same host clock; sqlite stamps to the ms, ours to the µs
 
-if (reason := missing()) is not None:
-    if os.environ.get("CI"):
-        raise RuntimeError(reason)
-    pytest.skip(reason, allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def wd() -> Iterator[WranglerDev]:
-    with wrangler_dev(SECRET) as server:
-        yield server
+require_wrangler()
+wd = wrangler_fixture(SECRET)
 
 
 def dispatcher(args: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:

@@ -58,6 +58,30 @@ def missing() -> str | None:
     return None
 
 
+def require_wrangler() -> None:
+    """At a test module's top: skip the module when wrangler dev cannot run here, but fail
+    under CI (which installs it), so a broken install is never a silent skip."""
+    import pytest  # only the tests call this; the benchmarks import the module too
+
+    if (reason := missing()) is not None:
+        if os.environ.get("CI"):
+            raise RuntimeError(reason)
+        pytest.skip(reason, allow_module_level=True)
+
+
+def wrangler_fixture(secret: str) -> Any:
+    """A module-scoped ``wd`` fixture: one wrangler dev, relay secret ``secret``, for the
+    module's tests (``wd = wrangler_fixture(SECRET)`` at the module's top)."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def wd() -> Iterator[WranglerDev]:
+        with wrangler_dev(secret) as server:
+            yield server
+
+    return wd
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
