@@ -45,3 +45,13 @@ def make_events(n: int) -> list[Record]:
         )
         for i in range(n)
     ]
+
+
+def verify_table(text: str) -> dict[str, int]:
+    """The verify summary's rows (class -> records) as the terminal shows them."""
+    rows: dict[str, int] = {}
+    for row in text.splitlines():
+        parts = row.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            rows[parts[0]] = int(parts[1])
+    return rows

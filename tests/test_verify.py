@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from factories import verify_table
 
 from dispatcher.commands.verify import InstanceReader, verify_results
 from dispatcher.emulator import Emulator, EmulatorConfig, InstanceModel, Limit
@@ -360,16 +361,6 @@ async def create_with(emu: Emulator, items: list[dict[str, Any]]) -> None:
         assert resp.status == 200, await resp.text()
 
 
-def table(text: str) -> dict[str, int]:
-    """The verify summary's rows, class -> records, from what the terminal shows."""
-    rows: dict[str, int] = {}
-    for row in text.splitlines():
-        parts = row.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            rows[parts[0]] = int(parts[1])
-    return rows
-
-
 @pytest.mark.parametrize("emulator", [EmulatorConfig(limit=None, instances=WAITS)], indirect=True)
 async def test_send_verify_prints_verify_summary_and_exit_0_when_all_consumed(
     emulator: Emulator, tmp_path: Path
@@ -385,8 +376,8 @@ async def test_send_verify_prints_verify_summary_and_exit_0_when_all_consumed(
     )  # fmt: skip
     assert code == 0, err
     assert "dispatcher send --verify: 10 record(s), 10 confirmed, on 10 instance(s)" in err
-    assert table(err)["consumed"] == 10
-    assert table(err)["total"] == 10
+    assert verify_table(err)["consumed"] == 10
+    assert verify_table(err)["total"] == 10
     got = lines(tmp_path / "sv.verify.jsonl")
     assert {g["class"] for g in got} == {"consumed"}
     assert {g["instance_id"] for g in got} == set(ids)
@@ -409,7 +400,7 @@ async def test_send_verify_exit_1_when_some_instance_waits_for_another_type(
     code, _, err = await cli(emulator, *args, "--verify", "--wait-up-to", "0s")
     assert code == 1, err
     assert "confirmed: 10" in err  # the API confirmed all ten: send alone would exit 0
-    rows = table(err)
+    rows = verify_table(err)
     assert rows["consumed"] == 7
     assert rows["no_waiter"] == 3
     by_id = {g["instance_id"]: g for g in lines(tmp_path / "mix.verify.jsonl")}

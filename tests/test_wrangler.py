@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 import pytest
+from factories import verify_table
 from wrangler_dev import WORKFLOW, WranglerDev, require_wrangler, wrangler_dev, wrangler_fixture
 
 SECRET = "relay-test-secret-0123456789"
@@ -530,16 +531,6 @@ def test_create_through_the_relay_with_a_wrong_secret_stops_at_once(
     assert missing_secret.returncode == 2
     assert "DISPATCHER_RELAY_SECRET" in missing_secret.stderr
     assert len(missing_secret.stderr.strip().splitlines()) == 1
-
-
-def verify_table(text: str) -> dict[str, int]:
-    """The verify summary's rows (class -> records) as the terminal shows them."""
-    rows: dict[str, int] = {}
-    for row in text.splitlines():
-        parts = row.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            rows[parts[0]] = int(parts[1])
-    return rows
 
 
 def test_loop_create_select_send_verify_then_a_wrong_type(tmp_path: Path) -> None:
