@@ -23,6 +23,7 @@ from dispatcher.coordination.connection import Link
 from dispatcher.coordination.job import Job
 from dispatcher.emulator import Emulator, EmulatorConfig
 from dispatcher.emulator.faults import Faults
+from dispatcher.inputs.keys import KeyDeriver
 
 pytestmark = needs_redis
 
@@ -570,3 +571,49 @@ async def test_a_full_disk_under_a_job_is_exit_5_and_a_rerun_finishes_it(
     assert len(per_key) == total
     assert set(per_key.values()) == {1}
     assert [k for k, n in accepted.items() if n > 1] == []
+
+
+async def test_an_announcement_outliving_a_dead_worker_of_this_host_is_judged_by_its_journal(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A worker of this host dies (here kill -9; in CI's flake, a run that left while
+    Redis was away and so could not release them) with records announced that its
+    journal never named: nothing of them left, so whoever takes its shard sends them, once,
+    instead of giving them `unknown`. What its journal does name stays in doubt."""
+    total = 40
+    source = write_input(tmp_path / "in.jsonl", total)
+    outs = [tmp_path / "out0.jsonl", tmp_path / "out1.jsonl"]
+    env = job_env(DISPATCHER_JOB_TIMEOUT="3")
+    async with Emulator(EmulatorConfig(tokens=(TOKEN,), limit=None)) as emu:
+        victim = await anyio.open_process(
+            job_command(source, outs[0], emu.base_url, redis_server.url, "5/s"), env=env
+        )
+        procs = [victim]
+        try:
+            with anyio.fail_after(30):
+                while emu.log.total_accepted() < 2:  # noqa: ASYNC110 (another process)
+                    await anyio.sleep(0.01)
+            victim.kill()
+            await victim.wait()
+            fields = redis_server.command("hgetall", "dispatcher:{job:nightly}:workers").split()
+            beats = [orjson.loads(v) for v in fields[1::2]]
+            assert len(beats) == 1, beats
+            assert "pid" in beats[0], beats
+            # The last record, announced by the victim and never journaled: as if it died
+            # between its announcement and its journal line.
+            last = KeyDeriver().key_for(None, "wf", f"j{total - 1}", "go", None)
+            redis_server.command("hset", "dispatcher:{job:nightly}:started", last, beats[0]["tag"])
+            procs.append(
+                await anyio.open_process(
+                    job_command(source, outs[1], emu.base_url, redis_server.url, "200/s"),
+                    env=env,
+                )
+            )
+            codes = await finish_job(procs, procs[1:], redis_server)
+        finally:
+            kill_left(procs)
+        accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
+    assert codes == [0]
+    unknown = each_once(outs, accepted, total)
+    assert f"j{total - 1}" not in unknown, "a record nothing had sent was given unknown"
+    assert accepted[f"j{total - 1}"] == 1

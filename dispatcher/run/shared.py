@@ -445,19 +445,33 @@ class Coordinated:
         assert job is not None
         wanted = {r.key: r for r in todo}
         now = time.time()
+        beats = [b for b in (await job.workers()).values() if b.get("tag") != job.tag]
+        dead = [b for b in beats if b.get("gone") or now - float(b.get("seen", 0)) > job.timeout]
+        # A worker of this host that no longer runs, whose journal we can read: the
+        # journal, written before each record's first request, says what it may have
+        # sent. (Not one that is only late with its heartbeat: stalled between its
+        # announcement and its journal line, it may send yet.)
+        readable = {
+            b.get("tag"): b
+            for b in dead
+            if b.get("host") == job.host
+            and isinstance(b.get("journal"), str)
+            and isinstance(b.get("results"), str)
+            and (b.get("gone") or not _runs(b.get("pid")))
+        }
         # Announced before their first request left (any host): in doubt, whoever it was
-        # (a worker that stalled past the timeout and came back may send it yet).
+        # (a worker that stalled past the timeout and came back may send it yet); but not
+        # when the announcer's own journal is at hand and does not name the record. Its
+        # announcement outlived it (it could not release it: Redis was away as it left)
+        # and nothing of the record left: it is sent now, not given `unknown`.
         announced = await job.announced(list(wanted))
-        doubt: set[str] = {k for k, tag in announced.items() if tag != job.tag}
-        for beat in (await job.workers()).values():
-            if beat.get("tag") == job.tag:
-                continue
-            if not beat.get("gone") and now - float(beat.get("seen", 0)) <= job.timeout:
-                continue  # alive: what it has in flight is its own to settle
+        doubt: set[str] = {
+            k for k, tag in announced.items() if tag != job.tag and tag not in readable
+        }
+        for beat in dead:
             doubt.update(k for k in beat.get("inflight") or () if k in wanted)
-            journal, results = beat.get("journal"), beat.get("results")
-            same_host = beat.get("host") == job.host
-            if same_host and isinstance(journal, str) and isinstance(results, str):
+            if beat.get("tag") in readable:
+                journal, results = beat["journal"], beat["results"]
                 found = await anyio.to_thread.run_sync(_journaled, [journal], results)
                 doubt.update(k for k in found if k in wanted)
         stamp = datetime.now(UTC)
@@ -676,6 +690,7 @@ class Coordinated:
             "results": self._results_path,
             # Known from the first beat: a process may die before its engine starts.
             "journal": self._journal_file,
+            "pid": os.getpid(),  # on its host: whether it still runs (see _dead_in_doubt)
             "inflight": [] if self._journal is None else self._journal.in_flight(),
             "trips": self.link.trips,
             "adopted": self.adopted,
@@ -1021,6 +1036,19 @@ def _settled_keys(path: str) -> list[str]:
         for key, state in ledger.items()
         if not (state.error_kind is ErrorKind.STOPPED and state.delivery is not Delivery.UNKNOWN)
     ]
+
+
+def _runs(pid: object) -> bool:
+    """Whether process ``pid`` of this host still runs (True when that cannot be told)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, another user's
+    return True
 
 
 def _journaled(journals: Iterable[str], results: str) -> set[str]:
