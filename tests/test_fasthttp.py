@@ -197,6 +197,25 @@ async def test_token_never_in_repr_or_messages() -> None:
 # -- against raw servers --------------------------------------------------------------------
 
 
+async def test_a_request_after_an_answered_one_still_times_out() -> None:
+    # One deadline timer serves every request: it first fires for the answered request's
+    # deadline and must then re-arm for the stalled one, which has to time out, not hang.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(ok_response())
+        await read_request(reader)
+        await asyncio.sleep(30)  # the second request is never answered
+
+    async with raw_server(handler) as (_, url), FastTransport(config(url, timeout=0.3)) as tx:
+        first = await tx.send(event("a"))
+        await asyncio.sleep(0.15)
+        second = await asyncio.wait_for(tx.send(event("b")), 10)
+    assert first.ok
+    assert second.error_kind is ErrorKind.TIMEOUT
+    assert second.sent is True
+    assert 0.25 <= second.latency_s < 5
+
+
 async def test_request_head_is_exact() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:

@@ -90,6 +90,7 @@ class _Conn(asyncio.Protocol):
         "_registry",
         "_waiter",
         "closed",
+        "deadline",
         "transport",
     )
 
@@ -98,6 +99,9 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._waiter: asyncio.Future[_Response] | None = None
+        # The loop time at which the request out now times out; read by FastTransport's
+        # one deadline timer, only while a waiter is set.
+        self.deadline = 0.0
         self._parser = httptools.HttpResponseParser(self)
         # The one leniency: a bare LF as a line end, which RFC 9112 2.2 lets a recipient
         # accept, and aiohttp does; nothing else is relaxed.
@@ -234,10 +238,11 @@ class _Conn(asyncio.Protocol):
 
     # -- used by FastTransport -------------------------------------------------------------
 
-    def request(self, data: bytes, future: asyncio.Future[_Response]) -> None:
+    def request(self, data: bytes, future: asyncio.Future[_Response], deadline: float) -> None:
         transport = self.transport
         assert transport is not None  # only pooled after connection_made
         self._waiter = future
+        self.deadline = deadline
         self._reset()
         transport.write(data)
 
@@ -302,6 +307,8 @@ class FastTransport:
         "_redact",
         "_slots",
         "_ssl",
+        "_timer",
+        "_timer_at",
         "_url",
     )
 
@@ -347,6 +354,10 @@ class FastTransport:
         self._idle: list[_Conn] = []
         self._conns: set[_Conn] = set()
         self._slots = asyncio.Semaphore(config.pool_size)
+        # One loop timer for every request out, armed at or before the earliest deadline
+        # among them (see _arm), in place of a call_at and a cancel per request.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         # Some connection of this run was accepted: a refusal after that is a restart to
         # retry, not a target that was never there (see refused_outcome).
         self._reached = False
@@ -367,12 +378,50 @@ class FastTransport:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._idle.clear()
         for conn in list(self._conns):
             conn.close()
         self._conns.clear()
         # One turn of the loop lets the transports finish closing before the loop may end.
         await asyncio.sleep(0)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Make sure the deadline timer fires no later than ``deadline``.
+
+        The invariant: while any request is out, the timer is armed at or before its
+        deadline. Requests start in order with the same timeout, so a new deadline is
+        almost never the earliest and this is one comparison.
+        """
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= deadline:
+                return
+            timer.cancel()
+        self._timer_at = deadline
+        self._timer = loop.call_at(deadline, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The timer fired: time out each request whose deadline has come, re-arm for the rest.
+
+        "Has come" is the loop's own judgement: the timer fired for ``_timer_at``, so every
+        deadline at or before it is due, exactly as its own ``call_at`` would have been.
+        """
+        due = self._timer_at
+        self._timer = None
+        earliest = None
+        for conn in list(self._conns):
+            waiter = conn._waiter
+            if waiter is None or waiter.done():
+                continue
+            if conn.deadline <= due:
+                _expire(waiter)
+            elif earliest is None or conn.deadline < earliest:
+                earliest = conn.deadline
+        if earliest is not None:
+            self._arm(loop, earliest)
 
     def _head(self, path: str, body: bytes | None) -> bytes:
         if body is None:
@@ -439,11 +488,10 @@ class FastTransport:
                 self._reached = True
             loop = asyncio.get_running_loop()
             future: asyncio.Future[_Response] = loop.create_future()
-            timer = loop.call_at(
-                loop.time() + timeout - (time.perf_counter() - started), _expire, future
-            )
+            deadline = loop.time() + timeout - (time.perf_counter() - started)
+            self._arm(loop, deadline)
             try:
-                conn.request(data, future)
+                conn.request(data, future, deadline)
                 response = await future
             except TimeoutError as exc:
                 conn.abort()
@@ -463,8 +511,6 @@ class FastTransport:
                 # can never be reused.
                 conn.abort()
                 raise
-            finally:
-                timer.cancel()
             if response.keep_alive and not conn.closed:
                 idle.append(conn)
             else:
