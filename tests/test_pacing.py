@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass
@@ -528,15 +529,20 @@ def test_the_ceiling_found_is_remembered_per_endpoint_and_account(tmp_path: Path
     assert load_ceiling(results, "http://a/client/v4", "acc") is None  # a hint, not a must
 
 
-def test_auto_starts_just_under_a_remembered_ceiling() -> None:
+def auto_settings(base_url: str | None = None) -> SendSettings:
+    """A ``--rate auto`` send's settings; ``base_url`` None: the default, Cloudflare's API."""
     settings = SendSettings(
         inputs=("in.jsonl",),
         workflow="wf",
         account_id="acc",
         credentials=Credentials(token=TOKEN),
         rate=parse_rate("auto"),
-        base_url="http://127.0.0.1:8787/client/v4",  # not Cloudflare's API: auto probes
     )
+    return settings if base_url is None else dataclasses.replace(settings, base_url=base_url)
+
+
+def test_auto_starts_just_under_a_remembered_ceiling() -> None:
+    settings = auto_settings("http://127.0.0.1:8787/client/v4")  # not Cloudflare's: it probes
     gate, _ = runner.gate_for(settings, remembered=200.0)
     assert gate.rate == pytest.approx(200.0 * SHARE)
     gate, _ = runner.gate_for(settings)
@@ -560,13 +566,7 @@ def test_auto_never_probes_past_the_budget_against_cloudflares_api() -> None:
     # The default base URL is Cloudflare's API: there a 429 locks the account out for five
     # minutes, so auto paces at the documented budget (1200 per 5 minutes), not slow start
     # from 20/s, and neither clean answers nor a remembered ceiling take it higher.
-    settings = SendSettings(
-        inputs=("in.jsonl",),
-        workflow="wf",
-        account_id="acc",
-        credentials=Credentials(token=TOKEN),
-        rate=parse_rate("auto"),
-    )
+    settings = auto_settings()
     gate, pacer = runner.gate_for(settings, remembered=200.0)
     budget = SAFETY * CLOUDFLARE_BUDGET
     assert gate.rate == pytest.approx(budget)
