@@ -17,27 +17,11 @@ provoked. The :class:`Pacer` watches every answer and sets the gate's rate:
    reset. For resets under 2 s only at ``R = 0``, and ``T`` (rounded up to whole seconds,
    so up to a whole window too long) is replaced by the end of the window as seen from
    here: one window after the answer that showed the budget refilled.
-4. **``--rate auto``** without a policy: a search that spends about one congestion episode.
-   Slow start doubles the rate every 0.1 s from 20/s while answers are clean (from 100/s
-   on, it grows by 100/s every 0.1 s: see :meth:`Pacer._tick`). A
-   429 starts an episode, and the answers so far tell the limit: a limiter admits at most
-   ``R * d + b + 1`` requests in any ``d`` seconds (nginx's ``limit_req``, any GCRA), so
-   with a burst ``b`` of at most :data:`FIT_BURST` the window of sends that admitted the
-   most bounds ``R`` from below, and one request more over that window from above. The
-   rate drops to 97% of the lower bound; once the ``Retry-After`` pause is over it creeps
-   towards a point between the bounds (their middle, or the upper one when they are
-   :data:`WIDE` apart: see :func:`_aim`) and holds there (:data:`HOLD` s) before probing
-   past it slowly; while the bounds are far apart, sends held clean raise the lower one,
-   and the creep aims higher (:meth:`Pacer._narrow`).
-   When only the limiter's burst got through (a slow limit, crossed at once), there is no
-   lower bound: the rate drops to 97% of the upper one.
-   429s answering requests sent before the drop are the same episode: they only
-   sharpen the estimate. A second episode, if the creep or a bigger burst draws one, has a
-   long window of sends behind it, so its estimate is tight. Once a run, a 429 in slow
-   start that came with answers far slower than usual, after a gap in the answers, is put
-   down to a stalled server (what queued meanwhile reached the limiter as one burst; a
-   limiter that queues answers late but without a gap): the search waits out the
-   pause and climbs on. A ceiling remembered from an earlier run starts the search there.
+4. **``--rate auto``** without a policy: :class:`~dispatcher.sending.search.Search`. Slow
+   start is a ramp from :data:`AUTO_START` (a step per answer); each 429 ends a run, and a
+   run's sends fit nginx's ``limit_req`` for every burst; a ramp's run and a steady run's
+   meet at the limiter's burst and rate, which the rate then holds just under. A limit that
+   came down is probed back up within seconds; one never seen higher after a minute.
    As soon as the server sends its policy, the rate jumps to the policy ceiling.
 5. **Strict spacing.** Auto asks the gate for strict spacing from the start (no two requests
    closer than 1/rate: see :meth:`~dispatcher.sending.gate.RateGate.set_strict`), so a
@@ -65,6 +49,7 @@ from typing import Final, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from dispatcher.model import Outcome
+from dispatcher.sending.search import Search
 
 SAFETY: Final = 0.98
 # Cloudflare's API: the documented account-wide budget (requests per second, 1200 per 5
@@ -176,6 +161,7 @@ class Pacer:
         "_answered",
         "_answers",
         "_auto",
+        "_auto_search",
         "_cap",
         "_ceiling_rate",
         "_climb",
@@ -269,18 +255,18 @@ class Pacer:
         self._last_remaining: int | None = None
         self._window_end: float | None = None
         self._target: float | None = AUTO_START if auto else requested
+        # Auto against a limiter that says nothing but 429 (see search.py).
+        self._auto_search: Search | None = None
         if self._guarded:
             self._target = SAFETY * share * CLOUDFLARE_BUDGET
             self._slow_start = False
-        elif auto and remembered is not None and math.isfinite(remembered) and remembered > 0:
-            self._estimate = remembered * share
-            self._ceiling_rate = self._estimate
-            self._top = TOP * self._estimate
-            self._target = max(AUTO_FLOOR, self._estimate * SHARE)
-            self._slow_start = False
-            # The earlier run held it clean: a 429 right at the start (the first requests
-            # of new connections reach the server together) costs 3%, not 15% for 30 s.
-            self._held_since = now - PROVEN
+        elif auto:
+            known = remembered is not None and math.isfinite(remembered) and remembered > 0
+            self._auto_search = Search(
+                now, remembered=remembered * share if known and remembered else None
+            )
+            self._target = self._auto_search.rate
+            self._slow_start = not known
         if auto:
             # A told rate keeps the gate's bucket until its first 429 (see _told_refused),
             # as issue 25 asks: it holds 500/s within 0.3%. Spaced strictly from the start,
@@ -309,6 +295,9 @@ class Pacer:
         ``share``). ``None`` when there is nothing to remember."""
         if not self._auto or self._guarded or self._policy_rate is not None:
             return None
+        if self._auto_search is not None:
+            found = self._auto_search.found
+            return None if found is None else found / self._share
         if self._slow_start:
             return None
         rate = self._estimate if self._estimate is not None else self._target
@@ -350,6 +339,17 @@ class Pacer:
         searching = self._search and self._policy_rate is None
         if outcome.sent and self._policy_rate is None and self._answered is not None:
             self._answered(outcome.latency_s)
+        search = self._auto_search
+        if search is not None and self._policy_rate is None:
+            if outcome.sent and (outcome.ok or outcome.status == 429):
+                if search.answered(now, now - outcome.latency_s, outcome.ok):
+                    self._target = search.rate
+                    self._moved = True
+                if outcome.status == 429 and outcome.retry_after is not None:
+                    search.pause_until(now + outcome.retry_after)
+            if outcome.status == 429:
+                self._trouble = True
+            searching = False
         if searching and outcome.sent:
             self._latencies.append((now, outcome.latency_s))
         if outcome.status == 429:
