@@ -131,15 +131,11 @@ def simulate(
             now, _, ok, sent_at = heapq.heappop(answers)
             gate.now = now
             in_flight -= 1
-            outcome = Outcome(
-                status=200 if ok else 429,
-                ok=ok,
-                sent=True,
-                latency_s=now - sent_at,
-                error_kind=None if ok else ErrorKind.HTTP,
-                retry_after=None if ok else retry_after,
+            status = 200 if ok else 429
+            pacer.observe(
+                answer(status, retry_after=None if ok else retry_after, latency=now - sent_at),
+                in_flight,
             )
-            pacer.observe(outcome, in_flight)
             if ok:
                 accepted.append(now)
             else:

@@ -10,8 +10,8 @@ import random
 from dataclasses import dataclass
 
 import pytest
+from test_pacing import answer
 
-from dispatcher.model import ErrorKind, Outcome
 from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.search import AUTO_START, Run, Search, crossing, excess, rate_for
 
@@ -95,15 +95,10 @@ def through_nginx(
             now, _, ok, sent_at = heapq.heappop(answers)
             gate.now = now
             in_flight -= 1
-            outcome = Outcome(
-                status=200 if ok else 429,
-                ok=ok,
-                sent=True,
-                latency_s=now - sent_at,
-                error_kind=None if ok else ErrorKind.HTTP,
-                retry_after=None if ok else 1.0,
+            status = 200 if ok else 429
+            pacer.observe(
+                answer(status, retry_after=None if ok else 1.0, latency=now - sent_at), in_flight
             )
-            pacer.observe(outcome, in_flight)
             if ok:
                 accepted.append(now)
             else:
