@@ -92,9 +92,12 @@ class SimGate:
         self.rate: float | None = None
         self.paused_until = -math.inf
         self.now = 0.0
+        self.rates: list[tuple[float, float]] = []  # (when, rate) each time it was set
 
     def set_rate(self, rate: float | None) -> None:
         self.rate = rate
+        if rate is not None:
+            self.rates.append((self.now, rate))
 
     def pause_for(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, self.now + seconds)

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 
 import pytest
-from test_pacing import answer
+from test_pacing import SimGate, answer
 
 from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.search import AUTO_START, Run, Search, crossing, excess, rate_for
@@ -44,24 +44,6 @@ class Ran:
     refused: int
     records: int
     rates: list[tuple[float, float]]  # (when, rate) each time the pacer set it
-
-
-class SimGate:
-    """A perfect strict pacer on simulated time: the rate and pause-until, nothing else."""
-
-    def __init__(self) -> None:
-        self.rate: float | None = None
-        self.paused_until = -math.inf
-        self.now = 0.0
-        self.rates: list[tuple[float, float]] = []
-
-    def set_rate(self, rate: float | None) -> None:
-        self.rate = rate
-        if rate is not None:
-            self.rates.append((self.now, rate))
-
-    def pause_for(self, seconds: float) -> None:
-        self.paused_until = max(self.paused_until, self.now + seconds)
 
 
 def through_nginx(
