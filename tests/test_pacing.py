@@ -18,7 +18,6 @@ from dispatcher.results.ledger import load_ceiling, save_ceiling
 from dispatcher.run import runner
 from dispatcher.run.settings import Credentials, SendSettings, parse_rate
 from dispatcher.sending.pacing import (
-    AUTO_START,
     CLOUDFLARE_BUDGET,
     INTERVAL,
     SAFETY,
@@ -26,7 +25,7 @@ from dispatcher.sending.pacing import (
     Pacer,
     guarded,
 )
-from dispatcher.sending.search import DOUBLING, FIRST_SHARE, STEP
+from dispatcher.sending.search import AUTO_START, DOUBLING, FIRST_SHARE, STEP
 
 
 class FakeGate:

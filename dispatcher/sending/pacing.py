@@ -49,17 +49,13 @@ from typing import Final, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from dispatcher.model import Outcome
-from dispatcher.sending.search import Search
+from dispatcher.sending.search import AUTO_FLOOR, AUTO_START, Search
 
 SAFETY: Final = 0.98
 # Cloudflare's API: the documented account-wide budget (requests per second, 1200 per 5
 # minutes), and the hosts where a 429 costs a five-minute lockout of the whole account.
 CLOUDFLARE_BUDGET: Final = 1200 / 300
 GUARDED_HOSTS: Final = frozenset({"api.cloudflare.com"})
-# requests/s before anything is known: the first answers tell a policy at once, and from
-# 4/s (the API's documented rate) slow start spent its first 0.5 s at under 20/s
-AUTO_START: Final = 20.0
-AUTO_FLOOR: Final = 0.2
 DOUBLING: Final = 0.1  # s per doubling in slow start, while answers are clean
 RAMP: Final = 1000.0  # requests/s per s at most in slow start (from 100/s on)
 SLOW_START_STEP: Final = 0.05  # s between steps at least (and one clean answer)
@@ -261,12 +257,9 @@ class Pacer:
             self._target = SAFETY * share * CLOUDFLARE_BUDGET
             self._slow_start = False
         elif auto:
-            known = remembered is not None and math.isfinite(remembered) and remembered > 0
-            self._auto_search = Search(
-                now, remembered=remembered * share if known and remembered else None
-            )
+            found = None if remembered is None else remembered * share
+            self._auto_search = Search(now, remembered=found)
             self._target = self._auto_search.rate
-            self._slow_start = not known
         if auto:
             # A told rate keeps the gate's bucket until its first 429 (see _told_refused),
             # as issue 25 asks: it holds 500/s within 0.3%. Spaced strictly from the start,
@@ -347,8 +340,6 @@ class Pacer:
                     self._moved = True
                 if outcome.status == 429 and outcome.retry_after is not None:
                     search.pause_until(now + outcome.retry_after)
-            if outcome.status == 429:
-                self._trouble = True
             searching = False
         if searching and outcome.sent:
             self._latencies.append((now, outcome.latency_s))
