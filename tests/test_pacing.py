@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,27 +103,26 @@ class SimGate:
         self.paused_until = max(self.paused_until, self.now + seconds)
 
 
-def simulate(
-    limit: float,
+@dataclass
+class Sent:
+    """What a simulated run did: when each 2xx came back, attempts, 429s, the last time."""
+
+    accepted: list[float]
+    attempts: int
+    refused: int
+    wall: float
+
+
+def send_all(
+    gate: SimGate,
+    pacer: Pacer,
     records: int,
-    *,
-    burst: int = 5,
-    delay: bool = False,
-    rtt: float = 0.002,
+    server: Callable[[float], tuple[bool, float]],
     retry_after: float = 1.0,
-    remembered: float | None = None,
-    stalls: tuple[float, float, float] | None = None,
-) -> SimRun:
-    """Send ``records`` with ``--rate auto`` through nginx's ``limit_req`` (a GCRA of
-    ``limit``/s with ``burst``; refused requests answer 429 with ``Retry-After``, and with
-    ``delay`` the ones within the burst wait for their turn instead of passing at once).
-    Every 429 pauses the run, as the engine does; the refused record is sent again.
-    ``stalls=(every, length, first)``: the server stops for ``length`` s every ``every`` s
-    from ``first`` on (a busy machine), and what arrived meanwhile reaches the limiter at
-    once, as a burst."""
-    gate = SimGate()
-    pacer = Pacer(gate, None, auto=True, clock=lambda: gate.now, remembered=remembered)
-    tat = 0.0  # the limiter's theoretical arrival time
+) -> Sent:
+    """Send ``records`` through ``pacer``'s ``gate`` on simulated time. ``server(sent at)``
+    says whether the request is admitted and when its answer comes back. Every 429 pauses
+    the run for ``retry_after``, as the engine does; the refused record is sent again."""
     pending, attempts, refused, in_flight, seq = records, 0, 0, 0, 0
     accepted: list[float] = []
     answers: list[tuple[float, int, bool, float]] = []  # (when, seq, ok, sent at)
@@ -149,6 +149,36 @@ def simulate(
         pending -= 1
         attempts += 1
         in_flight += 1
+        ok, done = server(now)
+        seq += 1
+        heapq.heappush(answers, (done, seq, ok, now))
+        next_send = now + (1 / gate.rate if gate.rate else 0.0)
+    return Sent(accepted, attempts, refused, now)
+
+
+def simulate(
+    limit: float,
+    records: int,
+    *,
+    burst: int = 5,
+    delay: bool = False,
+    rtt: float = 0.002,
+    retry_after: float = 1.0,
+    remembered: float | None = None,
+    stalls: tuple[float, float, float] | None = None,
+) -> SimRun:
+    """Send ``records`` with ``--rate auto`` through nginx's ``limit_req`` (a GCRA of
+    ``limit``/s with ``burst``; refused requests answer 429 with ``Retry-After``, and with
+    ``delay`` the ones within the burst wait for their turn instead of passing at once).
+    ``stalls=(every, length, first)``: the server stops for ``length`` s every ``every`` s
+    from ``first`` on (a busy machine), and what arrived meanwhile reaches the limiter at
+    once, as a burst."""
+    gate = SimGate()
+    pacer = Pacer(gate, None, auto=True, clock=lambda: gate.now, remembered=remembered)
+    tat = 0.0  # the limiter's theoretical arrival time
+
+    def server(now: float) -> tuple[bool, float]:
+        nonlocal tat
         arrive = now + rtt / 2
         if stalls is not None and arrive >= stalls[2]:
             phase = (arrive - stalls[2]) % stalls[0]
@@ -156,15 +186,18 @@ def simulate(
                 arrive += stalls[1] - phase
         tat = max(tat, arrive)
         if tat - arrive > burst / limit + 1e-12:
-            ok, done = False, arrive + rtt / 2
-        else:
-            ok, done = True, (tat if delay else arrive) + rtt / 2
-            tat += 1 / limit
-        seq += 1
-        heapq.heappush(answers, (done, seq, ok, now))
-        next_send = now + (1 / gate.rate if gate.rate else 0.0)
+            return False, arrive + rtt / 2
+        done = (tat if delay else arrive) + rtt / 2
+        tat += 1 / limit
+        return True, done
+
+    sent = send_all(gate, pacer, records, server, retry_after)
     return SimRun(
-        wall=now, attempts=attempts, refused=refused, accepted=accepted, found=pacer.found
+        wall=sent.wall,
+        attempts=sent.attempts,
+        refused=sent.refused,
+        accepted=sent.accepted,
+        found=pacer.found,
     )
 
 

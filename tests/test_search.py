@@ -4,13 +4,12 @@ on simulated time."""
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from dataclasses import dataclass
 
 import pytest
-from test_pacing import SimGate, answer
+from test_pacing import SimGate, send_all
 
 from dispatcher.sending.pacing import Pacer
 from dispatcher.sending.search import AUTO_START, Run, Search, crossing, excess, rate_for
@@ -67,39 +66,16 @@ def through_nginx(
     pacer = Pacer(gate, None, auto=True, clock=lambda: gate.now)
     nginx = Nginx(limit, burst)
     records = int(limit * seconds)
-    pending, refused, in_flight, seq = records, 0, 0, 0
-    accepted: list[float] = []
-    answers: list[tuple[float, int, bool, float]] = []
-    next_send = 0.0
-    while len(accepted) < records:
-        send_at = max(next_send, gate.paused_until) if pending else math.inf
-        if answers and answers[0][0] <= send_at:
-            now, _, ok, sent_at = heapq.heappop(answers)
-            gate.now = now
-            in_flight -= 1
-            status = 200 if ok else 429
-            pacer.observe(
-                answer(status, retry_after=None if ok else 1.0, latency=now - sent_at), in_flight
-            )
-            if ok:
-                accepted.append(now)
-            else:
-                refused += 1
-                gate.pause_for(1.0)
-                pending += 1
-            continue
-        now = gate.now = send_at
-        pending -= 1
-        in_flight += 1
+
+    def server(now: float) -> tuple[bool, float]:
         arrive = now + rtt / 2 + rnd.random() * jitter
         if stall is not None and stall[0] <= arrive < stall[0] + stall[1]:
             arrive = stall[0] + stall[1]
         nginx.rate = limit * next((f for at, f in reversed(changes) if arrive >= at), 1.0)
-        ok = nginx.admit(arrive)
-        seq += 1
-        heapq.heappush(answers, (arrive + rtt / 2, seq, ok, now))
-        next_send = now + (1 / gate.rate if gate.rate else 0.0)
-    return Ran(len(accepted) / accepted[-1] / limit, refused, records, gate.rates)
+        return nginx.admit(arrive), arrive + rtt / 2
+
+    sent = send_all(gate, pacer, records, server)
+    return Ran(len(sent.accepted) / sent.accepted[-1] / limit, sent.refused, records, gate.rates)
 
 
 def steady(rate: float, n: int, start: float = 0.0) -> list[float]:
