@@ -78,8 +78,9 @@ bench: $(STAMP) ## speed against hand-written clients, writes BENCHMARKS.md (~30
 bench-quick: $(STAMP) ## dispatcher / lean and / typical on both loops, one round (~2-4 min)
 	$(BIN)/python benchmarks/run.py --quick
 
-bench-rate: $(STAMP) ## told R and auto against nginx limit_req, R 5/20/200/500, bursts 0/5/20, 30-s runs (~20 min)
+bench-rate: $(STAMP) ## told R and auto against nginx limit_req, R 5/20/200/500, bursts 0/5/20, 30-s runs, and at 20/200 with a 50-ms round trip (~30 min)
 	$(BIN)/python benchmarks/strict_limit.py --seconds 30 --write BENCHMARKS.md
+	$(BIN)/python benchmarks/strict_limit.py --seconds 30 --limits 20,200 --rtt 50 --write BENCHMARKS.md
 
 bench-rate-discovery: $(STAMP) ## --rate auto against nginx limit_req and the emulator (~10 min)
 	$(BIN)/python benchmarks/rate_discovery.py --write BENCHMARKS.md

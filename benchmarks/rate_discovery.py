@@ -278,13 +278,17 @@ def steady_share(ok_times: list[float], limit: int) -> float | None:
     return (len(late) - 1) / (late[-1] - late[0]) / limit
 
 
-async def measure_nginx(case: Case, tmp: Path, port: int, log: Path, *, fresh: bool) -> Measured:
+async def measure_nginx(
+    case: Case, tmp: Path, port: int, log: Path, *, fresh: bool, via: int | None = None
+) -> Measured:
+    """One run of ``case`` against nginx on ``port`` (sent to ``via``, a relay in front of
+    it, when given), read off nginx's access ``log``."""
     inp, out = tmp / f"in-{case.records}.jsonl", tmp / f"out-{port}.jsonl"
     if not inp.exists():
         write_input(inp, case.records)
     log.write_bytes(b"")  # noqa: ASYNC240 (nginx appends: the log starts afresh)
     await anyio.sleep(1.2)  # the limiter's bucket refills between runs
-    base = f"http://127.0.0.1:{port}/client/v4"
+    base = f"http://127.0.0.1:{via or port}/client/v4"
     wall = await run_send(base, inp, out, case.rate, fresh=fresh)
     await anyio.sleep(0.2)
     lines = [line.split() for line in log.read_text().splitlines()]  # noqa: ASYNC240
@@ -369,11 +373,13 @@ def section(rows: list[Measured], took: float, quick: bool, load: str) -> str:
     return f"{START}\n{head}\n{table(rows)}\n{END}\n"
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, text: str, start: str = START, end: str = END) -> None:
+    """Put ``text`` (which begins with ``start`` and ends with ``end``) where the section
+    between those markers is in ``path``, or at its end when there is none."""
     old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        before, rest = old.split(START, 1)
-        after = rest.split(END, 1)[1].lstrip("\n")
+    if start in old and end in old:
+        before, rest = old.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
         new = before + text + ("\n" + after if after else "")
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + text

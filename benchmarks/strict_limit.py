@@ -1,33 +1,35 @@
 """Told and auto rates against nginx ``limit_req`` at bursts 0, 5 and 20 (issue 25).
 
     python benchmarks/strict_limit.py [--limits 5,20,200,500] [--bursts 0,5,20] [--seconds 30]
-                                      [--clients "told R,auto"] [--write BENCHMARKS.md]
+                                      [--clients "told R,auto"] [--rtt MS] [--write BENCHMARKS.md]
 
 One ``dispatcher send --concurrency 64`` process per cell, ``seconds`` x R records, nginx
 ``limit_req rate=R burst=B nodelay`` (``burst=0``: nginx's default, no ``nodelay``),
 429 with ``Retry-After: 1`` and no rate headers. Per cell: goodput (2xx per second from the
 first request nginx logged to its last 2xx, as a share of R), the 429 count and share of
-attempts, and confirmed / records. ``--write`` replaces the section between the
-strict-limit markers of that file (or appends it).
+attempts, and confirmed / records. ``--rtt``: each answer comes back that much later,
+through a relay in front of nginx (:func:`round_trip`). ``--write`` replaces the section
+between the strict-limit markers of that file (one section per round trip), or appends it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
 import anyio
 from rate_discovery import Case, Measured, ensure_nginx, measure_nginx, nginx, write_section
 
-START: Final = "<!-- strict-limit:start -->"
-END: Final = "<!-- strict-limit:end -->"
+START: Final = "<!-- strict-limit{}:start -->"  # with the round trip, when not 0 ms
+END: Final = "<!-- strict-limit{}:end -->"
 # The goal per client (issue 25): goodput share of R at least, 429s share of records at most.
 GOALS: Final = {"told R": (0.90, 0.01), "told 0.95R": (0.93, 0.002), "auto": (0.90, 0.02)}
 
@@ -49,32 +51,59 @@ def row(limit: int, burst: int, label: str, m: Measured, before: str) -> str:
     )
 
 
-@contextlib.contextmanager
-def round_trip(port: int, rtt_ms: int) -> Iterator[None]:
-    """Delay every packet to and from ``port`` on the loopback by half of ``rtt_ms``
-    (``tc netem`` in a band of its own: other loopback traffic is not delayed). Root only;
-    refuses when the loopback already has a queueing discipline of someone else's."""
+@contextlib.asynccontextmanager
+async def round_trip(port: int, rtt_ms: int) -> AsyncIterator[int]:
+    """A round trip of ``rtt_ms`` in front of nginx's ``port``: a TCP relay on 127.0.0.1
+    that passes each request on at once and holds each answer ``rtt_ms`` (``tc netem`` is
+    not on these machines). Holding only the answers keeps the spacing nginx sees exactly
+    the client's, as a steady path would; the client sees every answer, 429s included,
+    ``rtt_ms`` later. Yields the port to send to (``port`` itself at 0 ms)."""
     if not rtt_ms:
-        yield
+        yield port
         return
-    shown = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True)
-    if "noqueue" not in shown.stdout:
-        raise RuntimeError(f"lo already has a qdisc, not touching it: {shown.stdout.strip()}")
-    tc = ["tc"]
-    match = ["protocol", "ip", "parent", "1:0", "prio", "1", "u32", "match", "ip"]
-    netem = ["netem", "delay", f"{rtt_ms / 2:g}ms", "limit", "100000"]
-    steps = [
-        ["qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4"],
-        ["qdisc", "add", "dev", "lo", "parent", "1:4", "handle", "40:", *netem],
-        ["filter", "add", "dev", "lo", *match, "dport", str(port), "0xffff", "flowid", "1:4"],
-        ["filter", "add", "dev", "lo", *match, "sport", str(port), "0xffff", "flowid", "1:4"],
-    ]
+    loop = asyncio.get_running_loop()
+    hold = rtt_ms / 1000
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    break
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+
+        task = asyncio.create_task(deliver())
+        try:
+            while data := await reader.read(1 << 16):
+                queue.put_nowait((loop.time() + hold, data))
+        finally:
+            queue.put_nowait((loop.time() + hold, b""))
+            with contextlib.suppress(OSError):
+                await task
+            writer.close()
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(forward(client_r, up_w), held(up_r, client_w), return_exceptions=True)
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
     try:
-        for step in steps:
-            subprocess.run(tc + step, check=True)
-        yield
+        yield server.sockets[0].getsockname()[1]
     finally:
-        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
+        server.close()
 
 
 async def grid(
@@ -90,10 +119,7 @@ async def grid(
         for limit in limits:
             n = limit * seconds
             for burst in bursts:
-                with (
-                    nginx(tmp, limit, nodelay=True, burst=burst) as (port, log),
-                    round_trip(port, rtt_ms),
-                ):
+                with nginx(tmp, limit, nodelay=True, burst=burst) as (port, log):
                     for label, rate in (
                         ("told R", f"{limit}/s"),
                         ("told 0.95R", f"{0.95 * limit:g}/s"),
@@ -103,7 +129,8 @@ async def grid(
                             continue
                         before = load()
                         case = Case("nginx", limit, label, rate, n)
-                        m = await measure_nginx(case, tmp, port, log, fresh=True)
+                        async with round_trip(port, rtt_ms) as to:
+                            m = await measure_nginx(case, tmp, port, log, fresh=True, via=to)
                         rows.append(row(limit, burst, label, m, before) + f" {load()} |")
                         print(rows[-1], flush=True)
     return rows
@@ -128,8 +155,13 @@ def main() -> None:
     clients = [c.strip() for c in args.clients.split(",")]
     rows = anyio.run(grid, limits, bursts, args.seconds, clients, args.rtt)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    tag = f"-rtt{args.rtt}" if args.rtt else ""
+    start, end = START.format(tag), END.format(tag)
+    title = "Told and auto rates against nginx `limit_req` (issue 25)"
+    if args.rtt:
+        title += f", round trip {args.rtt} ms"
     text = (
-        f"{START}\n## Told and auto rates against nginx `limit_req` (issue 25)\n\n"
+        f"{start}\n## {title}\n\n"
         f"Written by `make bench-rate` (`benchmarks/strict_limit.py --seconds {args.seconds} "
         f"--limits {args.limits} --bursts {args.bursts} --clients '{args.clients}' "
         f"--rtt {args.rtt}`), "
@@ -140,11 +172,11 @@ def main() -> None:
         "`Retry-After: 1` and no rate headers. Goal (issue 25): told R >= 90% with 429s "
         "<= 1% of records; told 0.95R >= 93%, <= 0.2%; auto >= 90%, <= 2%; all confirmed.\n\n"
         + "\n".join(rows)
-        + f"\n{END}\n"
+        + f"\n{end}\n"
     )
     print(text)
     if args.write:
-        write_section(Path(args.write), text)
+        write_section(Path(args.write), text, start, end)
 
 
 if __name__ == "__main__":
