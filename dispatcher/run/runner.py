@@ -33,6 +33,7 @@ import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.clients.base import Transport
+from dispatcher.clients.fast import FastTransport
 from dispatcher.clients.targets import Target, build_transport, spec_of
 from dispatcher.inputs.records import KeyDeriver, ReadOptions, detect_format, read_batches
 from dispatcher.inputs.records import check_inputs as check_input_files
@@ -857,6 +858,7 @@ async def _run_locked(
 
     # A shard's sink is a pipe to its parent: durable only once the parent says so.
     commit = GroupCommit(out, journal, durable_on_flush=shard is None, on_error=write_failed)
+    held = journal is not None and _hold_journal(tx, journal, engine_stats=stats)
     if shared is not None:
         shared.attach(engine.stop)
     if engine_hook is not None:
@@ -951,6 +953,9 @@ async def _run_locked(
                 warning = journal.close(delete=shard is None and commit.error is None)
                 if warning is not None:
                     stats.warnings.append(warning)
+            if held:
+                assert isinstance(tx, FastTransport)
+                tx.hold_writes(None)  # a caller's transport, used again, writes at once
             if own_transport:
                 await tx.aclose()
         # Outside the shield: it ends the coordination's own task group (it shields what
@@ -1105,3 +1110,23 @@ def _marker(journal: Journal, *, engine_stats: RunStats) -> Callable[[Event], No
             raise
 
     return mark
+
+
+def _hold_journal(tx: Transport, journal: Journal, *, engine_stats: RunStats) -> bool:
+    """With the fast client, the journal lines of one loop turn's requests go out in one
+    ``write``, before any of those requests (``FastTransport.hold_writes``). False: the
+    transport cannot hold its writes, so each line is written as its record is marked."""
+    if not isinstance(tx, FastTransport):
+        return False
+
+    def flush() -> None:
+        try:
+            journal.flush()
+        except ResultsWriteError as exc:
+            if engine_stats.write_error is None:
+                engine_stats.write_error = str(exc)
+            raise
+
+    journal.hold()
+    tx.hold_writes(flush)
+    return True
