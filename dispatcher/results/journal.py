@@ -7,9 +7,9 @@ send them again unannounced.
 
 So, next to the results, ``<results>.inflight`` holds a header (when the run started) and
 one line per record, written straight to the OS before its first request leaves (with
-the fast client, :meth:`Journal.hold`: the lines of the records that start in one loop turn
-in one write, just before their requests are written). A write that fails or comes up
-short stops its records before their requests leave
+the fast client and ``--rate unlimited``, :meth:`Journal.hold`: the lines of the records
+that start in one loop turn in one write, just before their requests are written). A
+write that fails or comes up short stops its records before their requests leave
 (:class:`~dispatcher.results.errors.ResultsWriteError`), and the journal takes no more
 lines: a run never sends what it could not journal.
 
