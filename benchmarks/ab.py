@@ -4,7 +4,7 @@ to the hot path bought, in CPU per event and events/s, on both event loops.
     .venv/bin/python benchmarks/ab.py HEAD~1 --events 20000 --rounds 3
 
 The revision's ``dispatcher/`` is extracted with ``git archive`` into a temporary folder
-and put first on PYTHONPATH; the working tree's runs use the installed (editable) package.
+and put first on PYTHONPATH; the working tree's runs have the working tree there.
 Every round runs ``before`` and ``after`` on each loop, in an order that alternates, so a
 ratio compares runs seconds apart on the same (shared, noisy) machine. Prints medians and
 the after / before ratios; BENCHMARKS.md is not written.
@@ -94,7 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup = Setup(
                 tmp=tmp, nginx=nginx, env=child_env(nginx.port), concurrency=args.concurrency
             )
-            envs = {"before": {**setup.env, "PYTHONPATH": str(old)}, "after": setup.env}
+            # The working tree first too: in a git worktree the installed (editable)
+            # package may be another checkout's.
+            here = str(BENCH_DIR.parent)
+            envs = {
+                "before": {**setup.env, "PYTHONPATH": str(old)},
+                "after": {**setup.env, "PYTHONPATH": here},
+            }
             check_code(envs["before"], old)
             check_code(envs["after"], BENCH_DIR.parent)
             inp = tmp / "in.jsonl"

@@ -471,3 +471,34 @@ async def test_aclose_closes_every_connection() -> None:
         await tx.aclose()
         await asyncio.sleep(0.05)
         assert closed == raw.connections == 4
+
+
+async def test_held_writes_wait_for_the_barrier_and_a_failed_barrier_sends_nothing() -> None:
+    cfg = EmulatorConfig(limit=None)
+    calls: list[int] = []  # requests the server had when the barrier ran
+
+    async with Emulator(cfg) as emu, FastTransport(config(emu.base_url, pool_size=8)) as tx:
+
+        def barrier() -> None:
+            calls.append(emu.log.total_requests())
+
+        tx.hold_writes(barrier)
+        outcomes = await asyncio.gather(*(tx.send(event(f"h{k}")) for k in range(8)))
+        assert all(o.ok for o in outcomes)
+        # The 8 sends of one turn were written together, after one barrier call.
+        assert calls == [0]
+
+        def refuse() -> None:
+            raise OSError(28, "No space left on device")
+
+        tx.hold_writes(refuse)
+        results = await asyncio.gather(
+            *(tx.send(event(f"r{k}")) for k in range(8)), return_exceptions=True
+        )
+        assert all(isinstance(r, OSError) and r.errno == 28 for r in results)
+        assert emu.log.total_requests() == 8  # none of them left
+
+        tx.hold_writes(None)
+        again = await asyncio.gather(*(tx.send(event(f"a{k}")) for k in range(8)))
+        assert all(o.ok for o in again)
+        assert emu.log.total_requests() == 16

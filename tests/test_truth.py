@@ -9,11 +9,13 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 import pytest
 from multidict import CIMultiDict
 
 from dispatcher.clients.base import Redactor, is_success_envelope, outcome_from_response
-from dispatcher.model import Delivery, ErrorKind, Event, Outcome
+from dispatcher.model import Delivery, ErrorKind, Event, Invalid, Outcome
+from dispatcher.results import envelopes
 from dispatcher.results.envelopes import (
     TRUTH_TABLE,
     History,
@@ -24,6 +26,7 @@ from dispatcher.results.envelopes import (
     rule_for,
     seen_of,
 )
+from dispatcher.results.sinks import encode
 from dispatcher.sending.policy import Retry, RetryPolicy
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "results.md"
@@ -106,6 +109,8 @@ def test_every_example_gets_its_rows_envelope(
         assert env.error is not None
         assert env.error.kind is OUTCOMES[attempts[-1]].error_kind
     assert env.attempts == len(attempts) == sum(env.statuses.values())
+    # The results line is orjson's encoding of the envelope itself, field for field.
+    assert encode(env) == orjson.dumps(env, option=orjson.OPT_APPEND_NEWLINE)
     # Once any attempt may have arrived, never not_sent; an error after doubt stays unknown.
     if {Seen.NO_ANSWER, Seen.IN_DOUBT} & set(attempts) and Seen.SUCCESS not in attempts:
         assert env.delivery is Delivery.UNKNOWN
@@ -177,3 +182,32 @@ def test_no_part_of_a_secret_survives_whitespace_and_cuts() -> None:
     assert outcome.message is not None
     assert "S3cr3t" not in outcome.message
     assert outcome.message == "echo: <redacted> end"
+
+
+def test_every_kind_of_results_line_is_the_envelopes_own_encoding() -> None:
+    """Invalid, skipped and crashed records' envelopes, a Cloudflare code, a cut-off
+    request, odd text: the line written is what orjson makes of the envelope."""
+    now = datetime.now(UTC)
+    odd = Event(
+        key='k"\\\u2028é', source="dir/ïn.jsonl", line=10**12, workflow="wf-ü",
+        instance_id="i\n", event_type="e", body=None,
+    )  # fmt: skip
+    history = History()
+    history.leaving(now, 1.0)
+    history.add(
+        Outcome(status=404, ok=False, sent=True, latency_s=0.1234567, error_kind=ErrorKind.HTTP,
+                cf_code=10400, message="instance not found \"x\"")
+    )  # fmt: skip
+    history.add(OUTCOMES[Seen.NO_ANSWER])
+    envs = [
+        for_history(odd, history, finished_at=now, elapsed_s=1.5),
+        for_history(odd, history, finished_at=now, elapsed_s=0.0, stopped="stop", in_flight=True),
+        envelopes.for_invalid(Invalid(key="k", source="s", line=3, rule="not_waiting",
+                                      message="m"), now),
+        envelopes.for_invalid(Invalid(key="k", source="s", line=4, rule="bad_json",
+                                      message="m", instance_id="i"), now),
+        envelopes.for_crashed(EVENT, now),
+    ]  # fmt: skip
+    for env in envs:
+        assert env is not None
+        assert encode(env) == orjson.dumps(env, option=orjson.OPT_APPEND_NEWLINE)

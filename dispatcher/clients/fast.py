@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final, NamedTuple, Self, cast
 from urllib.parse import urlsplit
@@ -239,12 +240,20 @@ class _Conn(asyncio.Protocol):
     # -- used by FastTransport -------------------------------------------------------------
 
     def request(self, data: bytes, future: asyncio.Future[_Response], deadline: float) -> None:
+        self.expect(future, deadline)
         transport = self.transport
         assert transport is not None  # only pooled after connection_made
+        transport.write(data)
+
+    def expect(self, future: asyncio.Future[_Response], deadline: float) -> None:
+        """Wait for the answer of a request written next (by :meth:`request` or later)."""
         self._waiter = future
         self.deadline = deadline
         self._reset()
-        transport.write(data)
+
+    def unwritten(self, exc: Exception) -> None:
+        """Its request was never written (the barrier before it failed): fail the wait."""
+        self._fail(_Unwritten(exc))
 
     def abort(self) -> None:
         self.closed = True
@@ -273,6 +282,14 @@ class _Conn(asyncio.Protocol):
             waiter.set_result(_Response(status, self._headers, raw, keep_alive))
 
 
+class _Unwritten(Exception):
+    """A request held for the barrier was never written: the barrier raised ``cause``."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def _expire(future: asyncio.Future[_Response]) -> None:
     if not future.done():
         future.set_exception(TimeoutError("no complete answer within the timeout"))
@@ -295,6 +312,7 @@ class FastTransport:
     """
 
     __slots__ = (
+        "_barrier",
         "_config",
         "_conns",
         "_head_empty",
@@ -303,6 +321,7 @@ class FastTransport:
         "_idle",
         "_port",
         "_proxy",
+        "_queued",
         "_reached",
         "_redact",
         "_slots",
@@ -361,6 +380,41 @@ class FastTransport:
         # Some connection of this run was accepted: a refusal after that is a restart to
         # retry, not a target that was never there (see refused_outcome).
         self._reached = False
+        # hold_writes(): the requests of this loop turn, written after one barrier call.
+        self._barrier: Callable[[], None] | None = None
+        self._queued: list[tuple[_Conn, bytes]] = []
+
+    def hold_writes(self, barrier: Callable[[], None] | None) -> None:
+        """Write the requests of one loop turn together, each after one ``barrier()`` call.
+
+        The crash journal's hook: its lines for those requests reach the OS in one write,
+        and no request leaves before that write is done. A barrier that raises writes no
+        request of that turn; each of their :meth:`send` calls raises its exception.
+        ``None``: each request is written at once (the default).
+        """
+        self._barrier = barrier
+
+    def _hold(self, loop: asyncio.AbstractEventLoop, conn: _Conn, data: bytes) -> None:
+        queued = self._queued
+        if not queued:
+            loop.call_soon(self._write_held)
+        queued.append((conn, data))
+
+    def _write_held(self) -> None:
+        queued, self._queued = self._queued, []
+        barrier = self._barrier
+        if barrier is not None:
+            try:
+                barrier()
+            except Exception as exc:  # the journal could not be written: nothing leaves
+                for conn, _ in queued:
+                    conn.unwritten(exc)
+                return
+        for conn, data in queued:
+            transport = conn.transport
+            # Closed meanwhile (the server's close, a cancel): its send has its answer.
+            if not conn.closed and transport is not None:
+                transport.write(data)
 
     def __repr__(self) -> str:
         # The config's repr redacts the auth headers; nothing else here holds them.
@@ -491,8 +545,16 @@ class FastTransport:
             deadline = loop.time() + timeout - (time.perf_counter() - started)
             self._arm(loop, deadline)
             try:
-                conn.request(data, future, deadline)
+                if self._barrier is None:
+                    conn.request(data, future, deadline)
+                else:
+                    conn.expect(future, deadline)
+                    self._hold(loop, conn, data)
                 response = await future
+            except _Unwritten as exc:
+                # Nothing was written on it: the connection is as clean as before.
+                idle.append(conn)
+                raise exc.cause from None
             except TimeoutError as exc:
                 conn.abort()
                 return self._failure(ErrorKind.TIMEOUT, True, started, exc)

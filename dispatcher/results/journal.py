@@ -6,8 +6,10 @@ left but whose envelope never made it to disk. Without knowing them, a resumed r
 send them again unannounced.
 
 So, next to the results, ``<results>.inflight`` holds a header (when the run started) and
-one line per record, written straight to the OS just before its first request leaves. A
-write that fails or comes up short stops that record before its request leaves
+one line per record, written straight to the OS before its first request leaves (with
+the fast client and ``--rate unlimited``, :meth:`Journal.hold`: the lines of the records
+that start in one loop turn in one write, just before their requests are written). A
+write that fails or comes up short stops its records before their requests leave
 (:class:`~dispatcher.results.errors.ResultsWriteError`), and the journal takes no more
 lines: a run never sends what it could not journal.
 
@@ -78,7 +80,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class Journal:
-    """Appends one line per record with one ``write`` each, before its request leaves.
+    """Appends one line per record before its request leaves (one ``write`` each, or one
+    per loop turn once :meth:`hold` is called).
 
     The records whose envelope is not yet durable are kept in memory (a dict, small: the
     records in flight plus those awaiting the next commit), in the order the sink was
@@ -87,6 +90,7 @@ class Journal:
 
     __slots__ = (
         "_appended",
+        "_batch",
         "_broken",
         "_durable",
         "_entries",
@@ -115,6 +119,8 @@ class Journal:
         self._appended = 0
         self._broken: OSError | None = None
         self._size = 0
+        # hold(): lines marked and not yet written, their keys; None: each written at once.
+        self._batch: list[tuple[str, bytes]] | None = None
         try:
             self._fd = self._open(path, ())
         except OSError as exc:
@@ -125,13 +131,17 @@ class Journal:
         return self._path
 
     def in_flight(self) -> list[str]:
-        """The keys of the records journaled whose envelope is not durable yet."""
-        return list(self._entries)
+        """The keys of the records journaled whose envelope is not durable yet (with those
+        whose line :meth:`hold` has queued)."""
+        keys = list(self._entries)
+        if self._batch:
+            keys += [key for key, _ in self._batch]
+        return keys
 
     @property
     def pending(self) -> int:
-        """Records journaled whose envelope is not durable yet."""
-        return len(self._entries)
+        """Records journaled (or queued) whose envelope is not durable yet."""
+        return len(self._entries) + (len(self._batch) if self._batch else 0)
 
     async def freed(self) -> None:
         """Wait until some record's envelope becomes durable (:meth:`durable`)."""
@@ -158,17 +168,56 @@ class Journal:
         self._size = len(data)
         return fd
 
+    def hold(self) -> None:
+        """From now on :meth:`mark` only queues its line, and :meth:`flush` writes them.
+
+        For a transport that calls :meth:`flush` before it writes any request (the fast
+        client's :meth:`~dispatcher.clients.fast.FastTransport.hold_writes`): the lines of
+        one loop turn's requests reach the OS in one ``write``, still before any of them
+        leaves.
+        """
+        if self._batch is None:
+            self._batch = []
+
     def mark(self, event: Event) -> None:
         """Journal a record before its first request; raises if that cannot be done.
 
         After one failure every later call fails too, without writing: a line appended
-        after a torn one would fuse with it.
+        after a torn one would fuse with it. Held (:meth:`hold`), the line is queued for
+        the next :meth:`flush`, which must come before the record's request is written.
         """
         if self._broken is not None:
             raise ResultsWriteError(self._results, self._broken)
         line = _line(event)
+        batch = self._batch
+        if batch is not None:
+            batch.append((event.key, line))
+            return
+        self._write(line)
+        self._entries[event.key] = line
+        self._appended += 1
+
+    def flush(self) -> None:
+        """Write the lines :meth:`mark` queued, in one ``write``; raises if that fails.
+
+        On a failure none of them counts as written (a short write is cut off again), and
+        their records' requests must not leave.
+        """
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        if self._broken is not None:
+            raise ResultsWriteError(self._results, self._broken)
+        self._write(b"".join(line for _, line in batch))
+        entries = self._entries
+        for key, line in batch:
+            entries[key] = line
+        self._appended += len(batch)
+
+    def _write(self, data: bytes) -> None:
         try:
-            _write_all(self._fd, line)
+            _write_all(self._fd, data)
         except OSError as exc:
             self._broken = exc
             # Cut off what a short write left, so no torn line says "may have been sent"
@@ -176,9 +225,7 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._size)
             raise ResultsWriteError(self._results, exc) from exc
-        self._size += len(line)
-        self._entries[event.key] = line
-        self._appended += 1
+        self._size += len(data)
 
     def written(self, key: str) -> None:
         """The sink has been given this record's envelope (not durable yet)."""

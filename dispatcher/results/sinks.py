@@ -73,8 +73,38 @@ def check_results_path(
 
 
 def encode(env: Envelope) -> bytes:
-    """One JSONL line for an envelope (orjson handles dataclasses, enums, datetimes)."""
-    return orjson.dumps(env, option=orjson.OPT_APPEND_NEWLINE)
+    """One JSONL line for an envelope: the bytes orjson gives the dataclass itself.
+
+    Spelt out as a dict, field by field in the dataclass's order: orjson encodes a dict in
+    ~1.5 us and the same dataclass in ~2.3 us (its dataclass path looks each field up).
+    ``tests/test_truth.py`` checks the bytes are the dataclass's, for every kind of
+    envelope; a field added to :class:`Envelope` must be added here.
+    """
+    error = env.error
+    return orjson.dumps(
+        {
+            "key": env.key,
+            "source": env.source,
+            "line": env.line,
+            "workflow": env.workflow,
+            "instance_id": env.instance_id,
+            "event_type": env.event_type,
+            "ok": env.ok,
+            "status": env.status,
+            "attempts": env.attempts,
+            "delivery": env.delivery,
+            "error": None
+            if error is None
+            else {"kind": error.kind, "code": error.code, "message": error.message},
+            "started_at": env.started_at,
+            "finished_at": env.finished_at,
+            "latency_ms": env.latency_ms,
+            "elapsed_ms": env.elapsed_ms,
+            "waited_ms": env.waited_ms,
+            "statuses": env.statuses,
+        },
+        option=orjson.OPT_APPEND_NEWLINE,
+    )
 
 
 class Sink(Protocol):

@@ -33,6 +33,7 @@ import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from dispatcher.clients.base import Transport
+from dispatcher.clients.fast import FastTransport
 from dispatcher.clients.targets import Target, build_transport, spec_of
 from dispatcher.inputs.records import KeyDeriver, ReadOptions, detect_format, read_batches
 from dispatcher.inputs.records import check_inputs as check_input_files
@@ -58,7 +59,14 @@ from dispatcher.results.lock import ResultsLock
 from dispatcher.results.lock import acquire as lock_results
 from dispatcher.results.sinks import Sink, check_results_path, open_sink
 from dispatcher.results.sqlite_sink import is_sqlite_path
-from dispatcher.run.settings import ConfigError, Credentials, HttpClient, Rate, SendSettings
+from dispatcher.run.settings import (
+    ConfigError,
+    Credentials,
+    HttpClient,
+    Rate,
+    RateSetting,
+    SendSettings,
+)
 from dispatcher.sending.engine import Engine, StopRules
 from dispatcher.sending.gate import RateGate
 from dispatcher.sending.pacing import Pacer, guarded
@@ -857,6 +865,9 @@ async def _run_locked(
 
     # A shard's sink is a pipe to its parent: durable only once the parent says so.
     commit = GroupCommit(out, journal, durable_on_flush=shard is None, on_error=write_failed)
+    held = journal is not None and _hold_journal(
+        tx, journal, rate=settings.rate, engine_stats=stats
+    )
     if shared is not None:
         shared.attach(engine.stop)
     if engine_hook is not None:
@@ -951,6 +962,9 @@ async def _run_locked(
                 warning = journal.close(delete=shard is None and commit.error is None)
                 if warning is not None:
                     stats.warnings.append(warning)
+            if held:
+                assert isinstance(tx, FastTransport)
+                tx.hold_writes(None)  # a caller's transport, used again, writes at once
             if own_transport:
                 await tx.aclose()
         # Outside the shield: it ends the coordination's own task group (it shields what
@@ -1105,3 +1119,31 @@ def _marker(journal: Journal, *, engine_stats: RunStats) -> Callable[[Event], No
             raise
 
     return mark
+
+
+def _hold_journal(
+    tx: Transport, journal: Journal, *, rate: RateSetting, engine_stats: RunStats
+) -> bool:
+    """With the fast client and ``--rate unlimited``, the journal lines of one loop turn's
+    requests go out in one ``write``, before any of those requests
+    (``FastTransport.hold_writes``). False: each line is written as its record is marked,
+    and its request right after.
+
+    Only unpaced: a paced run lets one request out at a time, so there is nothing to
+    batch, and the gate times its spacing (and a server's stalls) from the moment it lets
+    a request out: held for a loop turn, four ``--redis`` runs sharing 50/s saw 54
+    requests in 0.9 s (``tests/test_redis_budget.py``)."""
+    if rate != "unlimited" or not isinstance(tx, FastTransport):
+        return False
+
+    def flush() -> None:
+        try:
+            journal.flush()
+        except ResultsWriteError as exc:
+            if engine_stats.write_error is None:
+                engine_stats.write_error = str(exc)
+            raise
+
+    journal.hold()
+    tx.hold_writes(flush)
+    return True

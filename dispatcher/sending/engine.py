@@ -432,6 +432,15 @@ class Engine:
                 active.in_flight = True
                 try:
                     outcome = await self._transport.send(event)
+                except ResultsWriteError as exc:
+                    # The journal's held lines could not be written, so the transport wrote
+                    # no request of theirs (hold_writes): this attempt never left.
+                    stats.attempts -= 1
+                    if history.attempts:
+                        stats.retries -= 1
+                    active.in_flight = False
+                    self.stop(str(exc))
+                    break
                 finally:
                     stats.in_flight -= 1
                 active.in_flight = False
