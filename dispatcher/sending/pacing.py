@@ -353,8 +353,10 @@ class Pacer:
             if outcome.ok:
                 sent = now - outcome.latency_s
                 self._sends.append((sent, True))
-                if sent <= self._decreased_at and now <= self._quiet_until:
-                    self._refine(sent)  # sent before the decrease, answered late: news
+                if self._auto and sent <= self._decreased_at and now <= self._quiet_until:
+                    # Sent before the decrease, answered late: news for auto's fit. A told
+                    # rate's step is its own (95% of it), whatever such answers say.
+                    self._refine(sent)
             self._answers += 1
             self._tick(now)
         elif outcome.ok and self._cap is not None and self._policy_rate is None:
