@@ -8,12 +8,13 @@ record was accepted twice unless its envelope said ``unknown`` at some point.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,34 @@ from dispatcher.emulator import Emulator
 from dispatcher.run.settings import Credentials, SendSettings
 
 TOKEN = "tok-crash-safety-5c1e"
+
+
+class FillingDisk:
+    """``os.write`` for a disk that fills up under the crash journal. Each write of journal
+    lines (not envelopes) asks ``cut(lines written so far, this write's lines)``: ``None``
+    lets it through; a byte count makes it come up short there, and every later write to
+    that file fails with ENOSPC. ``torn``: the instance ids of that write's records."""
+
+    def __init__(self, cut: Callable[[int, list[bytes]], int | None]) -> None:
+        self.real = os.write
+        self.cut = cut
+        self.lines = 0
+        self.torn: list[str] = []
+        self._full: set[int] = set()
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        if fd in self._full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raw = bytes(data)
+        if raw.startswith(b'{"key":"') and b'"ok":' not in raw:
+            records = raw.splitlines(keepends=True)
+            keep = self.cut(self.lines, records)
+            if keep is not None:
+                self.torn.extend(orjson.loads(r)["instance_id"] for r in records)
+                self._full.add(fd)
+                return self.real(fd, raw[:keep])
+            self.lines += len(records)
+        return self.real(fd, data)
 
 
 def env_for(emu: Emulator) -> dict[str, str]:

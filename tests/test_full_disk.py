@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 import anyio
-import orjson
 import pytest
 from crashkit import (
     TOKEN,
+    FillingDisk,
     accepted_counts,
     check_after_resume,
     cmd,
@@ -114,43 +114,29 @@ async def test_a_short_journal_write_stops_that_record_before_its_request(
     ids = [f"j{k}" for k in range(300)]
     src = write_input(tmp_path / "in.jsonl", ids)
     out = tmp_path / "out.jsonl"
-    real_write = os.write
-    lines = 0
-    cut: list[str] = []  # the records of the write that came up short
 
-    full: list[int] = []
+    def on_the_50th_line(lines: int, records: list[bytes]) -> int | None:
+        # The write holding the 50th journal line gets as far as half of that line. One
+        # write may hold the lines of several records (one loop turn's:
+        # tests/test_journal_batch.py).
+        if not lines < 50 <= lines + len(records):
+            return None
+        k = 50 - lines - 1  # the 50th line's place in this write
+        return sum(map(len, records[:k])) + len(records[k]) // 2
 
-    def short_on_the_50th_line(fd: int, data: bytes) -> int:
-        # What a disk filling up does: the write holding the 50th journal line gets as far
-        # as half of that line, the write for the rest fails. One write may hold the
-        # lines of several records (one loop turn's: tests/test_journal_batch.py).
-        nonlocal lines
-        if fd in full:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        raw = bytes(data)
-        if raw.startswith(b'{"key":"') and b'"ok":' not in raw:
-            records = raw.splitlines(keepends=True)
-            if lines < 50 <= lines + len(records):
-                cut.extend(orjson.loads(r)["instance_id"] for r in records)
-                full.append(fd)
-                k = 50 - lines - 1  # the 50th line's place in this write
-                lines = 50
-                torn = records[k][: len(records[k]) // 2]
-                return real_write(fd, b"".join(records[:k]) + torn)
-            lines += len(records)
-        return real_write(fd, data)
+    disk = FillingDisk(on_the_50th_line)
 
     cfg = EmulatorConfig(tokens=(TOKEN,), limit=None)
     async with Emulator(cfg) as emu:
-        monkeypatch.setattr(os, "write", short_on_the_50th_line)
+        monkeypatch.setattr(os, "write", disk)
         stats = await runner.run(settings_for(emu, src, out, concurrency=16))
-        monkeypatch.setattr(os, "write", real_write)
+        monkeypatch.setattr(os, "write", disk.real)
         assert stats.write_error is not None
         assert "No space left on device" in stats.write_error
         # No record of the torn write left, nor anything after them.
         assert emu.log.total_requests() <= 49
-        assert cut
-        assert not set(cut) & {r.instance_id for r in emu.log.requests}
+        assert disk.torn
+        assert not set(disk.torn) & {r.instance_id for r in emu.log.requests}
         assert stats.attempts == emu.log.total_requests()
         crashed = read_crashed(str(out) + ".inflight")
         assert crashed is not None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -19,22 +18,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
-from crashkit import final_by_instance, journals, write_input
+from crashkit import FillingDisk, final_by_instance, journals, write_input
+from hostile_server import JSON, SUCCESS_BODY, answer, read_request
 
 from dispatcher.results import journal as journal_module
 from dispatcher.results.journal import read_crashed
 from dispatcher.run import runner
 from dispatcher.run.settings import Credentials, SendSettings
 
-OK_BODY = b'{"success":true,"errors":[],"messages":[],"result":{}}'
-OK = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-    + str(len(OK_BODY)).encode()
-    + b"\r\n\r\n"
-    + OK_BODY
-)
+OK = answer("200 OK", [JSON], SUCCESS_BODY)
 
 
 class BurstServer:
@@ -57,14 +50,8 @@ class BurstServer:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                await reader.readexactly(length)
-                path = head.split(b" ", 2)[1].decode()
+                request = await read_request(reader)
+                path = request.split(b" ", 2)[1].decode()
                 instance = path.split("/instances/")[1].split("/")[0]
                 self.arrived[instance] += 1
                 said = self.journal.read_bytes() if self.journal.exists() else b""
@@ -154,31 +141,21 @@ async def test_a_short_write_of_several_lines_sends_none_of_them_and_resume_send
     src = write_input(tmp_path / "in.jsonl", ids)
     out = tmp_path / "out.jsonl"
     journal = Path(str(out) + ".inflight")
-    real_write = os.write
-    lines = 0
-    torn: list[str] = []  # the records of the write that came up short
-    full: list[int] = []
 
-    def short_mid_batch(fd: int, data: bytes) -> int:
-        # A disk filling up: the first write of 3 or more records' lines after the first
-        # 40 lines gets one whole line and half the next down; the rest fails.
-        nonlocal lines
-        if fd in full:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        raw = bytes(data)
-        if raw.startswith(b'{"key":"') and b'"ok":' not in raw:
-            records = raw.splitlines(keepends=True)
-            if lines >= 40 and len(records) >= 3 and not torn:
-                torn.extend(orjson.loads(r)["instance_id"] for r in records)
-                full.append(fd)
-                return real_write(fd, records[0] + records[1][: len(records[1]) // 2])
-            lines += len(records)
-        return real_write(fd, data)
+    def mid_batch(lines: int, records: list[bytes]) -> int | None:
+        # The first write of 3 or more records' lines after the first 40 lines gets one
+        # whole line and half the next down; the rest fails.
+        if lines < 40 or len(records) < 3:
+            return None
+        return len(records[0]) + len(records[1]) // 2
+
+    disk = FillingDisk(mid_batch)
+    torn = disk.torn
 
     async with burst_server(journal) as (server, base_url):
-        monkeypatch.setattr(os, "write", short_mid_batch)
+        monkeypatch.setattr(os, "write", disk)
         stats = await runner.run(settings(base_url, src, out))
-        monkeypatch.setattr(os, "write", real_write)
+        monkeypatch.setattr(os, "write", disk.real)
         assert torn, "no write held 3 records' lines"
         assert stats.write_error is not None
         assert "No space left on device" in stats.write_error
