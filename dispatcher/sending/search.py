@@ -261,14 +261,20 @@ class Search:
         if self._held_since is None:
             self._held_since = now
         held = now - self._held_since
+        if self._peak and self.rate >= self._peak and held >= RECHECK:
+            # Held clean for seconds back at the rate held before the limit came down: the
+            # limit is back.
+            self._estimate = max(self._estimate or 0.0, self._peak)
+            self._peak, self._recheck = 0.0, RECHECK
         below_peak = self._peak > (self._estimate or self.rate) * (1 + AGREE)
         if held >= HOLD or (below_peak and held >= self._recheck):
             self._peak = max(self._peak, self.rate)
-            # Probe: ramp on, slowly past a ceiling held long, at once back towards a rate
-            # held before the limit came down.
+            # Probe: ramp on, slowly past a ceiling held long, at once back to a rate held
+            # before the limit came down (and no further: were the limit back, a ramp past
+            # it would cost a pause to learn what the rate held before already says).
             self._ramp, self._last = True, now
             self._ramp_doubling = DOUBLING if below_peak else PROBE_DOUBLING
-            self._cap = math.inf
+            self._cap = self._peak if below_peak else math.inf
             if below_peak:
                 self._recheck *= 2.0
         return False
