@@ -205,7 +205,9 @@ async def test_a_record_sent_just_before_a_kill_on_another_host_is_not_sent_agai
     after its first requests left, before any heartbeat could list them. Its requests
     still reach the API (0.3 s each, and the server goes on without its client). The
     processes that take its shard over must not send those records again: they were
-    announced to Redis before they left, so they end `unknown`."""
+    announced to Redis before they left, so they end `unknown`. So does a record the kill
+    caught between its announcement and its request (announced, never sent): nobody can
+    tell it from one that left, and such records are few."""
     total = 400
     source = write_input(tmp_path / "in.jsonl", total)
     outs = [tmp_path / f"out{i}.jsonl" for i in range(3)]
@@ -222,7 +224,9 @@ async def test_a_record_sent_just_before_a_kill_on_another_host_is_not_sent_agai
                     await anyio.sleep(0.002)
             victim.send_signal(signal.SIGKILL)
             await victim.wait()
-            in_flight_then = emu.log.total_accepted()
+            # Its requests in flight end on the server (0.3 s) before anyone else sends.
+            await anyio.sleep(0.5)
+            delivered_by_victim = set(key[1] for key in emu.log.accepted)
             env = job_env(DISPATCHER_JOB_TIMEOUT="3")
             procs += [
                 await anyio.open_process(
@@ -236,12 +240,15 @@ async def test_a_record_sent_just_before_a_kill_on_another_host_is_not_sent_agai
             kill_left(procs)
         accepted = {key[1]: len(times) for key, times in emu.log.accepted.items()}
     assert codes == [0, 0]
-    assert in_flight_then >= 1
+    assert delivered_by_victim
     unknown = each_once(outs, accepted, total)
-    # The victim's other requests were in flight when it died: announced, never listed
-    # in a heartbeat, delivered all the same.
-    assert unknown, "nothing the victim had in flight was held in doubt"
-    assert unknown <= set(accepted)
+    # The victim's requests were in flight when it died: announced, never listed in a
+    # heartbeat, delivered all the same. None of them is sent again or called confirmed.
+    assert delivered_by_victim <= unknown
+    # In doubt but never delivered: only what the kill caught between announcement and
+    # request (a Redis round trip's worth of records at 100/s), not the victim's shard.
+    never_arrived = unknown - set(accepted)
+    assert len(never_arrived) <= 5, sorted(never_arrived)
 
 
 class KillAtClaimAnswer:
