@@ -226,7 +226,7 @@ async def test_a_record_sent_just_before_a_kill_on_another_host_is_not_sent_agai
             await victim.wait()
             # Its requests in flight end on the server (0.3 s) before anyone else sends.
             await anyio.sleep(0.5)
-            delivered_by_victim = set(key[1] for key in emu.log.accepted)
+            delivered_by_victim = {key[1] for key in emu.log.accepted}
             env = job_env(DISPATCHER_JOB_TIMEOUT="3")
             procs += [
                 await anyio.open_process(
